@@ -1,0 +1,31 @@
+"""rope-autotune's runtime: RoPE providers, the tuning-table reader and the selector.
+
+Stays light: imports torch and triton, never optuna.
+"""
+
+from ._spec import DTYPE_NAMES, RopeSpec, parse_dtype
+from .providers import (
+    Provider,
+    ProviderStatus,
+    get_provider,
+    list_providers,
+    provider_names,
+    register_provider,
+)
+from .reference import TOLERANCES, assert_rope_close, cos_sin_cache, rope_reference
+
+__all__ = [
+    "DTYPE_NAMES",
+    "TOLERANCES",
+    "Provider",
+    "ProviderStatus",
+    "RopeSpec",
+    "assert_rope_close",
+    "cos_sin_cache",
+    "get_provider",
+    "list_providers",
+    "parse_dtype",
+    "provider_names",
+    "register_provider",
+    "rope_reference",
+]

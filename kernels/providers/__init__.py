@@ -1,0 +1,35 @@
+"""RoPE providers behind one in-place contract, and their registry.
+
+Importing this package registers every built-in provider. Adding one is a module that
+subclasses :class:`Provider` and calls :func:`register_provider`, plus an import below.
+"""
+
+# Each module registers its provider on import; this order is the order of list_providers().
+from . import (
+    _flashinfer,  # noqa: F401
+    _torch,  # noqa: F401
+    _torch_compile,  # noqa: F401
+    _triton,  # noqa: F401
+    _vllm,  # noqa: F401
+)
+from ._base import (
+    Provider,
+    ProviderStatus,
+    RopeFn,
+    get_provider,
+    list_providers,
+    provider_names,
+    register_provider,
+)
+from ._triton import default_triton_config
+
+__all__ = [
+    "Provider",
+    "ProviderStatus",
+    "RopeFn",
+    "default_triton_config",
+    "get_provider",
+    "list_providers",
+    "provider_names",
+    "register_provider",
+]

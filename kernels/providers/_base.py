@@ -1,0 +1,202 @@
+"""What a RoPE provider is, and the registry that names them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+from .._checks import check_rope_args
+from .._spec import RopeSpec
+
+__all__ = [
+    "Provider",
+    "ProviderStatus",
+    "RopeFn",
+    "get_provider",
+    "list_providers",
+    "provider_names",
+    "register_provider",
+]
+
+# A provider bound to one spec and config: fn(positions, query, key, cos_sin_cache) -> None,
+# rotating query and key in place. It trusts its caller to have checked the spec once.
+RopeFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], None]
+
+Config = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Provider:
+    """A RoPE implementation behind the in-place contract (vLLM's ``rotary_embedding`` op).
+
+    Subclasses override :meth:`unavailable_reason`, :meth:`unsupported_reason` and :meth:`bind`;
+    tunable ones also :attr:`param_space` and :meth:`default_config`.
+
+    Attributes:
+        name: Registry name.
+        description: One line for listings.
+        param_space: Tunable parameters, each with its allowed values (the tuner's search
+            space). Empty when there is nothing to tune.
+    """
+
+    name: str
+    description: str
+    param_space: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    # bind() results per (spec, config): apply() binds once and reuses.
+    _bound: dict[tuple[RopeSpec, tuple[tuple[str, Any], ...]], RopeFn] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    # -- what a subclass describes -------------------------------------------------------------
+    def unavailable_reason(self, device: torch.device | str) -> str | None:
+        """Why this provider cannot run on ``device``, or None when it can."""
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return "CUDA is not available"
+        return None
+
+    def unsupported_reason(self, spec: RopeSpec, *, has_key: bool = True) -> str | None:
+        """Why this provider cannot compute ``spec``, or None when it can."""
+        return None
+
+    def default_config(self, spec: RopeSpec, num_tokens: int | None = None) -> Config:
+        """The config to use when no tuning table has one (empty for untunable providers)."""
+        return {}
+
+    def check_config(self, spec: RopeSpec, config: Mapping[str, Any] | None) -> Config:
+        """Return ``config`` completed with defaults, or raise ValueError naming the fault."""
+        full = self.default_config(spec)
+        if not config:
+            return full
+        unknown = sorted(set(config) - set(self.param_space))
+        if unknown:
+            raise ValueError(
+                f"config: {self.name} has no parameter {unknown}; its parameters are "
+                f"{sorted(self.param_space)}"
+            )
+        for name, value in config.items():
+            allowed = self.param_space[name]
+            if value not in allowed:
+                raise ValueError(
+                    f"config: {self.name} parameter {name!r} takes one of {list(allowed)}, "
+                    f"got {value!r}"
+                )
+        full.update(config)
+        return full
+
+    def bind(self, spec: RopeSpec, config: Config) -> RopeFn:
+        """A callable for ``spec`` and a checked ``config`` that does the least work per call."""
+        raise NotImplementedError
+
+    # -- derived ---------------------------------------------------------------------------------
+    def is_available(self, device: torch.device | str) -> bool:
+        return self.unavailable_reason(device) is None
+
+    def supports(self, spec: RopeSpec, *, has_key: bool = True) -> bool:
+        return self.unsupported_reason(spec, has_key=has_key) is None
+
+    def bound(self, spec: RopeSpec, config: Mapping[str, Any] | None = None) -> RopeFn:
+        """Check ``spec`` and ``config`` once and return the bound callable (cached).
+
+        Raises:
+            ValueError: this provider does not support ``spec``, or ``config`` is invalid.
+        """
+        reason = self.unsupported_reason(spec)
+        if reason is not None:
+            raise ValueError(f"spec: {self.name} does not support {spec.key}: {reason}")
+        full = self.check_config(spec, config)
+        cache_key = (spec, tuple(sorted(full.items())))
+        fn = self._bound.get(cache_key)
+        if fn is None:
+            fn = self._bound[cache_key] = self.bind(spec, full)
+        return fn
+
+    def apply(
+        self,
+        positions: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor | None,
+        cos_sin_cache: torch.Tensor,
+        *,
+        head_size: int,
+        is_neox: bool,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Rotate ``query`` and ``key`` in place.
+
+        Args:
+            positions: int64 or int32, ``[T]`` or ``[B, S]``.
+            query: ``[T, Hq*D]``, ``[T, Hq, D]``, ``[B, S, Hq*D]`` or ``[B, S, Hq, D]`` in
+                float16, bfloat16 or float32; strided views allowed, last dimension contiguous.
+            key: The same layout with ``Hk`` heads (``Hq`` a multiple of ``Hk``), or None.
+            cos_sin_cache: ``[max_position, rotary_dim]``, cos half then sin half; float32 or
+                the query's dtype.
+            head_size: ``D``.
+            is_neox: NeoX (rotate halves) or GPT-J (rotate interleaved pairs) style.
+            config: Provider parameters; None for the default.
+
+        Raises:
+            TypeError, ValueError: an argument breaks the contract (the message names it), or
+                this provider does not support the spec.
+        """
+        spec, _, _ = check_rope_args(positions, query, key, cos_sin_cache, head_size, is_neox)
+        if key is None:
+            reason = self.unsupported_reason(spec, has_key=False)
+            if reason is not None:
+                raise ValueError(f"key: {self.name} needs a key tensor: {reason}")
+        self.bound(spec, config)(positions, query, key, cos_sin_cache)
+
+
+class ProviderStatus(NamedTuple):
+    """A provider's name, whether it runs on the asked device, and why not when it does not."""
+
+    name: str
+    available: bool
+    reason: str | None
+
+
+_REGISTRY: dict[str, Provider] = {}
+
+
+def register_provider(provider: Provider) -> Provider:
+    """Add ``provider`` to the registry under its name and return it.
+
+    Raises:
+        ValueError: a different provider already has that name.
+    """
+    existing = _REGISTRY.get(provider.name)
+    if existing is not None and type(existing) is not type(provider):
+        raise ValueError(f"provider: {provider.name!r} is already registered as {existing!r}")
+    _REGISTRY[provider.name] = provider
+    return provider
+
+
+def provider_names() -> list[str]:
+    """Registered provider names, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_provider(name: str) -> Provider:
+    """Return the registered provider called ``name``.
+
+    Raises:
+        KeyError: no such provider; the message lists those registered.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(
+            f"provider: no provider named {name!r}; registered: {provider_names()}"
+        ) from None
+
+
+def list_providers(device: torch.device | str = "cpu") -> list[ProviderStatus]:
+    """Every registered provider with its availability on ``device``."""
+    statuses = []
+    for name, provider in _REGISTRY.items():
+        reason = provider.unavailable_reason(device)
+        statuses.append(ProviderStatus(name, reason is None, reason))
+    return statuses

@@ -1,0 +1,297 @@
+"""``triton``: our RoPE kernel. Kernel, then launcher, then provider.
+
+Design: one launch rotates q and k. A program owns ``BLOCK_T`` tokens: it loads their positions
+and cos/sin rows once, then walks over query heads and key heads ``BLOCK_H`` at a time,
+reading and writing only the first ``rotary_dim`` elements of each head. ``HEAD_SPLIT`` spreads a
+token block's heads over that many programs, for parallelism when there are few tokens (each
+then loads the token block's cos/sin once).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import qk_layout
+from .._spec import RopeSpec
+from ._base import Config, Provider, RopeFn, register_provider
+
+__all__ = ["TritonProvider", "default_triton_config", "launch_rope"]
+
+
+@triton.jit
+def _rotate_block(
+    x_ptr,
+    t_offsets,  # [BLOCK_T] int64 token indices
+    t_mask,  # [BLOCK_T] token in range
+    h_start,  # first head of this block
+    stride_t,
+    stride_h,
+    cos,  # [BLOCK_T, HALF_PAD] float32
+    sin,
+    NUM_HEADS: tl.constexpr,
+    ROT_HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    h = h_start + tl.arange(0, BLOCK_H)
+    mask_th = t_mask[:, None]
+    if NUM_HEADS % BLOCK_H != 0:  # decided at compile time: no head mask when blocks tile H
+        mask_th = mask_th & (h < NUM_HEADS)[None, :]
+    row = x_ptr + t_offsets[:, None] * stride_t + h[None, :] * stride_h  # [BLOCK_T, BLOCK_H]
+    c = cos[:, None, :]
+    s = sin[:, None, :]
+    if IS_NEOX:
+        # Element i pairs with i + ROT_HALF: two contiguous half-rows.
+        d = tl.arange(0, HALF_PAD)
+        mask = mask_th[:, :, None]
+        if HALF_PAD != ROT_HALF:
+            mask = mask & (d < ROT_HALF)[None, None, :]
+        p1 = row[:, :, None] + d[None, None, :]
+        p2 = p1 + ROT_HALF
+        x1 = tl.load(p1, mask=mask).to(tl.float32)
+        x2 = tl.load(p2, mask=mask).to(tl.float32)
+        tl.store(p1, (x1 * c - x2 * s).to(x_ptr.dtype.element_ty), mask=mask)
+        tl.store(p2, (x2 * c + x1 * s).to(x_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Element 2i pairs with 2i+1: load the whole rotated row contiguously and split the
+        # pairs in registers, rather than two stride-2 loads.
+        d = tl.arange(0, 2 * HALF_PAD)
+        mask = mask_th[:, :, None]
+        if HALF_PAD != ROT_HALF:
+            mask = mask & (d < 2 * ROT_HALF)[None, None, :]
+        p = row[:, :, None] + d[None, None, :]
+        x = tl.load(p, mask=mask).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(x, (x.shape[0], x.shape[1], HALF_PAD, 2)))
+        o = tl.join(x1 * c - x2 * s, x2 * c + x1 * s)
+        o = tl.reshape(o, (x.shape[0], x.shape[1], 2 * HALF_PAD))
+        tl.store(p, o.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    pos_ptr,
+    q_ptr,
+    k_ptr,
+    cache_ptr,
+    num_tokens,
+    q_stride_t,
+    q_stride_h,
+    k_stride_t,
+    k_stride_h,
+    cache_stride,
+    NUM_Q_HEADS: tl.constexpr,  # Hq
+    NUM_K_HEADS: tl.constexpr,  # Hk; 0 when there is no key
+    ROT_HALF: tl.constexpr,  # rotary_dim // 2
+    HALF_PAD: tl.constexpr,  # ROT_HALF rounded up to a power of two (tl.arange needs one)
+    IS_NEOX: tl.constexpr,  # NeoX (halves) or GPT-J (interleaved pairs)
+    BLOCK_T: tl.constexpr,  # tokens per program
+    BLOCK_H: tl.constexpr,  # heads per inner step
+    HEAD_SPLIT: tl.constexpr,  # programs sharing one token block's heads
+):
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = t < num_tokens
+    pos = tl.load(pos_ptr + t, mask=t_mask, other=0).to(tl.int64)
+    t = t.to(tl.int64)  # token offsets can pass 2**31 elements on large batches
+
+    # This token block's cos/sin: loaded once, reused for every head below.
+    d = tl.arange(0, HALF_PAD)
+    cs_mask = t_mask[:, None]
+    if HALF_PAD != ROT_HALF:
+        cs_mask = cs_mask & (d < ROT_HALF)[None, :]
+    cs_row = cache_ptr + pos[:, None] * cache_stride + d[None, :]
+    cos = tl.load(cs_row, mask=cs_mask, other=0.0).to(tl.float32)
+    sin = tl.load(cs_row + ROT_HALF, mask=cs_mask, other=0.0).to(tl.float32)
+
+    # Head blocks pid_h, pid_h + HEAD_SPLIT, ... of q, then of k.
+    for hb in range(pid_h, tl.cdiv(NUM_Q_HEADS, BLOCK_H), HEAD_SPLIT):
+        _rotate_block(
+            q_ptr,
+            t,
+            t_mask,
+            hb * BLOCK_H,
+            q_stride_t,
+            q_stride_h,
+            cos,
+            sin,
+            NUM_Q_HEADS,
+            ROT_HALF,
+            HALF_PAD,
+            IS_NEOX,
+            BLOCK_H,
+        )
+    for hb in range(pid_h, tl.cdiv(NUM_K_HEADS, BLOCK_H), HEAD_SPLIT):
+        _rotate_block(
+            k_ptr,
+            t,
+            t_mask,
+            hb * BLOCK_H,
+            k_stride_t,
+            k_stride_h,
+            cos,
+            sin,
+            NUM_K_HEADS,
+            ROT_HALF,
+            HALF_PAD,
+            IS_NEOX,
+            BLOCK_H,
+        )
+
+
+# -- launcher ----------------------------------------------------------------------------------
+
+_POW2 = (1, 2, 4, 8, 16, 32, 64)
+PARAM_SPACE: dict[str, tuple[Any, ...]] = {
+    "block_t": _POW2,
+    "block_h": (1, 2, 4, 8, 16, 32),
+    "head_split": (1, 2, 4, 8),
+    "num_warps": (1, 2, 4, 8),
+    "num_stages": (1, 2, 3),
+}
+# Live float32 values per thread above which a tile spills registers: the kernel holds x1, x2
+# (or x) and cos, sin for BLOCK_T x BLOCK_H x rotary_dim elements.
+_MAX_ELEMS_PER_THREAD = 128
+
+
+def _tile_elems(spec: RopeSpec, block_t: int, block_h: int) -> int:
+    return block_t * block_h * 2 * triton.next_power_of_2(spec.rotary_dim // 2)
+
+
+def config_problems(spec: RopeSpec, config: Config) -> list[str]:
+    """Why ``config`` cannot run ``spec`` well; empty when it can."""
+    problems = []
+    tile = _tile_elems(spec, config["block_t"], config["block_h"])
+    if tile / (32 * config["num_warps"]) > _MAX_ELEMS_PER_THREAD:
+        problems.append(
+            f"a tile of block_t*block_h*rotary_dim = {tile} elements is over "
+            f"{_MAX_ELEMS_PER_THREAD} per thread with num_warps={config['num_warps']}"
+        )
+    head_blocks = triton.cdiv(spec.num_heads, config["block_h"])
+    if config["head_split"] > head_blocks:
+        problems.append(
+            f"head_split={config['head_split']} is more than the {head_blocks} query head blocks"
+        )
+    if config["block_h"] > triton.next_power_of_2(spec.num_heads):
+        problems.append(f"block_h={config['block_h']} is over the {spec.num_heads} query heads")
+    return problems
+
+
+def default_triton_config(spec: RopeSpec, num_tokens: int | None = None) -> Config:
+    """A sound config without tuning: about 4096 elements per step, enough programs for the SMs.
+
+    Used when no table has an entry; the tuner searches :data:`PARAM_SPACE` around it.
+    """
+    row = 2 * triton.next_power_of_2(spec.rotary_dim // 2)
+    block_h = min(triton.next_power_of_2(spec.num_heads), max(1, 4096 // row))
+    block_t = max(1, min(16, 4096 // (block_h * row)))
+    head_blocks = triton.cdiv(spec.num_heads, block_h)
+    head_split = 1
+    if num_tokens is not None:
+        # Few tokens: shrink the token block, then split heads, to keep programs in flight.
+        while block_t > 1 and triton.cdiv(num_tokens, block_t) < 264:
+            block_t //= 2
+        while head_split * 2 <= min(8, head_blocks) and (
+            triton.cdiv(num_tokens, block_t) * head_split < 264
+        ):
+            head_split *= 2
+    return {
+        "block_t": block_t,
+        "block_h": block_h,
+        "head_split": head_split,
+        "num_warps": 4,
+        "num_stages": 1,
+    }
+
+
+def launch_rope(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    cos_sin_cache: torch.Tensor,
+    spec: RopeSpec,
+    config: Config,
+) -> None:
+    """Launch the kernel on tensors already checked against ``spec``."""
+    num_tokens = positions.numel()
+    if num_tokens == 0:
+        return
+    _, _, q_stride_t, q_stride_h = qk_layout("query", query, spec.head_size, num_tokens)
+    if key is None:
+        k, k_stride_t, k_stride_h, k_heads = query, 0, 0, 0
+    else:
+        _, k_heads, k_stride_t, k_stride_h = qk_layout("key", key, spec.head_size, num_tokens)
+        k = key
+    half = spec.rotary_dim // 2
+    block_t = config["block_t"]
+    grid = (triton.cdiv(num_tokens, block_t), config["head_split"])
+    _rope_kernel[grid](
+        positions,
+        query,
+        k,
+        cos_sin_cache,
+        num_tokens,
+        q_stride_t,
+        q_stride_h,
+        k_stride_t,
+        k_stride_h,
+        cos_sin_cache.stride(0),
+        NUM_Q_HEADS=spec.num_heads,
+        NUM_K_HEADS=k_heads,
+        ROT_HALF=half,
+        HALF_PAD=triton.next_power_of_2(half),
+        IS_NEOX=spec.is_neox,
+        BLOCK_T=block_t,
+        BLOCK_H=config["block_h"],
+        HEAD_SPLIT=config["head_split"],
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
+
+
+# -- provider ----------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class TritonProvider(Provider):
+    name: str = "triton"
+    description: str = "rope-autotune's Triton kernel: q and k in one launch, rotated part only"
+    param_space: dict[str, tuple[Any, ...]] = field(default_factory=lambda: dict(PARAM_SPACE))
+
+    def unavailable_reason(self, device: torch.device | str) -> str | None:
+        device = torch.device(device)
+        if device.type == "cuda":
+            return None if torch.cuda.is_available() else "CUDA is not available"
+        if device.type == "cpu" and _interpreting():
+            return None
+        return f"runs on CUDA devices (or the CPU under TRITON_INTERPRET=1), not {device.type}"
+
+    def default_config(self, spec: RopeSpec, num_tokens: int | None = None) -> Config:
+        return default_triton_config(spec, num_tokens)
+
+    def check_config(self, spec: RopeSpec, config: Config | None) -> Config:
+        full = super().check_config(spec, config)
+        problems = config_problems(spec, full)
+        if problems:
+            raise ValueError(f"config: invalid for {spec.key}: " + "; ".join(problems))
+        return full
+
+    def bind(self, spec: RopeSpec, config: Config) -> RopeFn:
+        def run(positions, query, key, cos_sin_cache):
+            launch_rope(positions, query, key, cos_sin_cache, spec, config)
+
+        return run
+
+
+register_provider(TritonProvider())

@@ -1,0 +1,74 @@
+"""``vllm``: vLLM's compiled ``torch.ops._C.rotary_embedding``, without vLLM's serving stack."""
+
+from __future__ import annotations
+
+import functools
+import glob
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .._spec import RopeSpec
+from ._base import Config, Provider, RopeFn, register_provider
+from ._torch import as_token_head_view
+
+__all__ = ["VllmProvider", "load_vllm_rotary_op"]
+
+
+@functools.cache
+def load_vllm_rotary_op() -> Callable | str:
+    """``torch.ops._C.rotary_embedding``, or why it cannot be had.
+
+    Inside a vLLM server the op is registered already. Otherwise load the op library that sits
+    beside the installed vllm package: ``find_spec`` locates the package without executing its
+    ``__init__`` (which would import the whole serving stack).
+    """
+    if not hasattr(torch.ops._C, "rotary_embedding"):
+        spec = importlib.util.find_spec("vllm")
+        if spec is None or not spec.submodule_search_locations:
+            return "vllm is not installed"
+        package_dir = next(iter(spec.submodule_search_locations))
+        libraries = sorted(glob.glob(os.path.join(package_dir, "_C*.so")))
+        if not libraries:
+            return f"no _C*.so op library in {package_dir}"
+        try:
+            torch.ops.load_library(libraries[0])
+        except Exception as exc:  # an ABI mismatch with this torch raises OSError or others
+            return f"cannot load {libraries[0]} ({type(exc).__name__}: {exc})"
+        if not hasattr(torch.ops._C, "rotary_embedding"):
+            return f"{libraries[0]} registers no rotary_embedding op"
+    return torch.ops._C.rotary_embedding
+
+
+@dataclass(frozen=True)
+class VllmProvider(Provider):
+    name: str = "vllm"
+    description: str = "vLLM's CUDA op torch.ops._C.rotary_embedding"
+
+    def unavailable_reason(self, device: torch.device | str) -> str | None:
+        if torch.device(device).type != "cuda":
+            return "runs on CUDA devices only"
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        op = load_vllm_rotary_op()
+        return op if isinstance(op, str) else None
+
+    def bind(self, spec: RopeSpec, config: Config) -> RopeFn:
+        op = load_vllm_rotary_op()
+        if isinstance(op, str):
+            raise RuntimeError(f"vllm: {op}")
+        head_size, is_neox = spec.head_size, spec.is_neox
+
+        def run(positions, query, key, cos_sin_cache):
+            n = positions.numel()
+            q = as_token_head_view("query", query, head_size, n)
+            k = None if key is None else as_token_head_view("key", key, head_size, n)
+            op(positions, q, k, head_size, cos_sin_cache, is_neox)
+
+        return run
+
+
+register_provider(VllmProvider())

@@ -1,0 +1,103 @@
+"""The cos/sin cache builder, a float64 reference, and the tolerances every provider must meet."""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_rope_args
+
+__all__ = ["TOLERANCES", "assert_rope_close", "cos_sin_cache", "rope_reference"]
+
+# (atol, rtol) per element dtype of q/k. Outputs are computed in float32 and rounded once to
+# the element type, so the error budget is one rounding of that type (bf16: 2^-8 relative,
+# fp16: 2^-11) plus float32 arithmetic; random inputs are O(1).
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def cos_sin_cache(
+    max_position: int,
+    rotary_dim: int,
+    base: float = 10000.0,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Build the standard RoPE cache: ``[max_position, rotary_dim]``, cos half then sin half.
+
+    Row ``p`` holds ``cos(p * f_i)`` for ``i < rotary_dim/2`` followed by ``sin(p * f_i)``, with
+    ``f_i = base ** (-2i / rotary_dim)``. Computed in float64, then cast to ``dtype``.
+
+    Raises:
+        ValueError: ``max_position`` is not positive or ``rotary_dim`` is not a positive even int.
+    """
+    if not isinstance(max_position, int) or max_position <= 0:
+        raise ValueError(f"max_position: expected a positive int, got {max_position!r}")
+    if not isinstance(rotary_dim, int) or rotary_dim <= 0 or rotary_dim % 2:
+        raise ValueError(f"rotary_dim: expected a positive even int, got {rotary_dim!r}")
+    if not base > 0:
+        raise ValueError(f"base: expected a positive number, got {base!r}")
+    inv_freq = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    angles = torch.outer(torch.arange(max_position, dtype=torch.float64), inv_freq)
+    cache = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    return cache.to(dtype=dtype, device=device)
+
+
+def rope_reference(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    cos_sin_cache: torch.Tensor,
+    head_size: int,
+    is_neox: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Out-of-place float64 RoPE: returns ``(query, key)`` as float64 ``[T, H, head_size]``.
+
+    Inputs are left untouched. The cache's values are used as given (upcast), so the only error
+    a provider may add is its own arithmetic and final rounding.
+    """
+    spec, _, _ = check_rope_args(positions, query, key, cos_sin_cache, head_size, is_neox)
+    num_tokens = positions.numel()
+    pos = positions.reshape(-1).long()
+    half = spec.rotary_dim // 2
+    cache = cos_sin_cache.double()[pos]
+    cos, sin = cache[:, None, :half], cache[:, None, half:]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(num_tokens, -1, head_size).double().clone()
+        rot = x[..., : spec.rotary_dim]
+        if is_neox:
+            x1, x2 = rot[..., :half], rot[..., half:]
+        else:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        if is_neox:
+            x[..., : spec.rotary_dim] = torch.cat([o1, o2], dim=-1)
+        else:
+            x[..., : spec.rotary_dim] = torch.stack([o1, o2], dim=-1).flatten(-2)
+        return x
+
+    return rotate(query), (rotate(key) if key is not None else None)
+
+
+def assert_rope_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = "output"
+) -> None:
+    """Raise AssertionError when ``actual`` is off the float64 ``expected`` beyond ``dtype``'s
+    tolerance (NaN never passes)."""
+    atol, rtol = TOLERANCES[dtype]
+    actual = actual.reshape(expected.shape).double().cpu()
+    expected = expected.cpu()
+    err = (actual - expected).abs()
+    bound = atol + rtol * expected.abs()
+    bad = ~(err <= bound)  # NaN compares False, so it lands in bad
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {bad.numel()} elements off for {dtype} "
+            f"(atol={atol}, rtol={rtol}); first at {idx}: got {actual[idx].item()}, "
+            f"expected {expected[idx].item()}, max abs error {err.nan_to_num(float('inf')).max()}"
+        )
