@@ -63,24 +63,37 @@ class RopeInputs:
         return self.positions, self.query, self.key, self.cos_sin_cache
 
 
-def rope_bytes(spec: RopeSpec, num_tokens: int, *, with_key: bool = True,
-               cache_dtype: torch.dtype = torch.float32) -> int:
+def rope_bytes(
+    spec: RopeSpec,
+    num_tokens: int,
+    *,
+    with_key: bool = True,
+    cache_dtype: torch.dtype = torch.float32,
+) -> int:
     """Fewest bytes one call moves (see :meth:`RopeSpec.bytes_moved`)."""
     return spec.bytes_moved(num_tokens, cache_dtype=cache_dtype, with_key=with_key)
 
 
-def make_inputs(spec: RopeSpec, num_tokens: int, device: torch.device | str, *,
-                with_key: bool = True, cache_dtype: torch.dtype = torch.float32,
-                generator: torch.Generator | None = None,
-                cache: torch.Tensor | None = None) -> RopeInputs:
+def make_inputs(
+    spec: RopeSpec,
+    num_tokens: int,
+    device: torch.device | str,
+    *,
+    with_key: bool = True,
+    cache_dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+    cache: torch.Tensor | None = None,
+) -> RopeInputs:
     """Random inputs for one call, q and k as strided views of a fused qkv tensor."""
     device = torch.device(device)
     q_width = spec.num_heads * spec.head_size
     kv_width = spec.num_kv_heads * spec.head_size
-    qkv = torch.randn(num_tokens, q_width + 2 * kv_width, generator=generator, device=device,
-                      dtype=torch.float32).to(spec.dtype)
-    positions = torch.randint(0, MAX_POSITION, (num_tokens,), generator=generator,
-                              device=device, dtype=torch.int64)
+    qkv = torch.randn(
+        num_tokens, q_width + 2 * kv_width, generator=generator, device=device, dtype=torch.float32
+    ).to(spec.dtype)
+    positions = torch.randint(
+        0, MAX_POSITION, (num_tokens,), generator=generator, device=device, dtype=torch.int64
+    )
     if cache is None:
         cache = cos_sin_cache(MAX_POSITION, spec.rotary_dim, dtype=cache_dtype, device=device)
     query = qkv[:, :q_width]
@@ -88,9 +101,16 @@ def make_inputs(spec: RopeSpec, num_tokens: int, device: torch.device | str, *,
     return RopeInputs(positions, qkv, query, key, cache)
 
 
-def check_correct(fn: RopeFn, spec: RopeSpec, num_tokens: int, device: torch.device | str, *,
-                  with_key: bool = True, cache_dtype: torch.dtype = torch.float32,
-                  seed: int | None = None) -> None:
+def check_correct(
+    fn: RopeFn,
+    spec: RopeSpec,
+    num_tokens: int,
+    device: torch.device | str,
+    *,
+    with_key: bool = True,
+    cache_dtype: torch.dtype = torch.float32,
+    seed: int | None = None,
+) -> None:
     """Run ``fn`` once on fresh random inputs and compare with the float64 reference.
 
     Also checks that everything outside the rotated slices (head tails, the v columns) is
@@ -103,8 +123,9 @@ def check_correct(fn: RopeFn, spec: RopeSpec, num_tokens: int, device: torch.dev
     device = torch.device(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else torch.seed() % (1 << 62))
-    inputs = make_inputs(spec, num_tokens, device, with_key=with_key, cache_dtype=cache_dtype,
-                         generator=gen)
+    inputs = make_inputs(
+        spec, num_tokens, device, with_key=with_key, cache_dtype=cache_dtype, generator=gen
+    )
     before = inputs.qkv.clone()
     expected_q, expected_k = rope_reference(*inputs.args, spec.head_size, spec.is_neox)
     fn(*inputs.args)
@@ -128,23 +149,40 @@ def _int_type(dtype: torch.dtype) -> torch.dtype:
     return {2: torch.int16, 4: torch.int32}[dtype.itemsize]
 
 
-def _input_sets(spec: RopeSpec, num_tokens: int, device: torch.device, with_key: bool,
-                cache_dtype: torch.dtype, rotate: bool, seed: int | None) -> list[RopeInputs]:
+def _input_sets(
+    spec: RopeSpec,
+    num_tokens: int,
+    device: torch.device,
+    with_key: bool,
+    cache_dtype: torch.dtype,
+    rotate: bool,
+    seed: int | None,
+) -> list[RopeInputs]:
     gen = torch.Generator(device=device)
     gen.manual_seed(0 if seed is None else seed)
-    first = make_inputs(spec, num_tokens, device, with_key=with_key, cache_dtype=cache_dtype,
-                        generator=gen)
+    first = make_inputs(
+        spec, num_tokens, device, with_key=with_key, cache_dtype=cache_dtype, generator=gen
+    )
     count = 1
     if rotate and device.type == "cuda":
         l2 = torch.cuda.get_device_properties(device).L2_cache_size
         touched = rope_bytes(spec, num_tokens, with_key=with_key, cache_dtype=cache_dtype)
         footprint = first.qkv.nbytes + first.positions.nbytes
-        count = min(_MAX_SETS, math.ceil(_L2_COVER * l2 / touched),
-                    max(1, _MAX_ROTATION_BYTES // footprint))
+        count = min(
+            _MAX_SETS, math.ceil(_L2_COVER * l2 / touched), max(1, _MAX_ROTATION_BYTES // footprint)
+        )
     sets = [first]
     for _ in range(count - 1):  # one cache for all sets: serving stacks share one too
-        sets.append(make_inputs(spec, num_tokens, device, with_key=with_key, generator=gen,
-                                cache=first.cos_sin_cache))
+        sets.append(
+            make_inputs(
+                spec,
+                num_tokens,
+                device,
+                with_key=with_key,
+                generator=gen,
+                cache=first.cos_sin_cache,
+            )
+        )
     return sets
 
 
@@ -155,10 +193,20 @@ def _percentiles(per_call_us: list[float]) -> Timing:
     return Timing(p20_us=q[1], median_us=statistics.median(per_call_us), p80_us=q[7])
 
 
-def time_rope(fn: RopeFn, spec: RopeSpec, num_tokens: int, device: torch.device | str, *,
-              mode: str = "graph", with_key: bool = True,
-              cache_dtype: torch.dtype = torch.float32, rotate: bool = True,
-              seed: int | None = None, repeats: int = 50, min_round_s: float = 0.002) -> Timing:
+def time_rope(
+    fn: RopeFn,
+    spec: RopeSpec,
+    num_tokens: int,
+    device: torch.device | str,
+    *,
+    mode: str = "graph",
+    with_key: bool = True,
+    cache_dtype: torch.dtype = torch.float32,
+    rotate: bool = True,
+    seed: int | None = None,
+    repeats: int = 50,
+    min_round_s: float = 0.002,
+) -> Timing:
     """Time one call of ``fn`` (microseconds).
 
     Args:
@@ -186,8 +234,9 @@ def time_rope(fn: RopeFn, spec: RopeSpec, num_tokens: int, device: torch.device 
     return _time_graph(fn, args, device, repeats, min_round_s)
 
 
-def _time_wall(fn: RopeFn, args: list[tuple], device: torch.device, repeats: int,
-               min_round_s: float) -> Timing:
+def _time_wall(
+    fn: RopeFn, args: list[tuple], device: torch.device, repeats: int, min_round_s: float
+) -> Timing:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _d: None)
     # Calibrate calls per round so a round outlasts timer and synchronization noise.
     calls = len(args)
@@ -212,8 +261,9 @@ def _time_wall(fn: RopeFn, args: list[tuple], device: torch.device, repeats: int
     return _percentiles(per_call)
 
 
-def _time_graph(fn: RopeFn, args: list[tuple], device: torch.device, repeats: int,
-                min_round_s: float) -> Timing:
+def _time_graph(
+    fn: RopeFn, args: list[tuple], device: torch.device, repeats: int, min_round_s: float
+) -> Timing:
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):  # capture needs a side stream; warm it up there as well
