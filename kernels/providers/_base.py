@@ -139,14 +139,18 @@ class Provider:
             config: Provider parameters; None for the default.
 
         Raises:
-            TypeError, ValueError: an argument breaks the contract (the message names it), or
-                this provider does not support the spec.
+            TypeError, ValueError: an argument breaks the contract (the message names it),
+                this provider does not support the spec, or cannot run on the query's device.
         """
         spec, _, _ = check_rope_args(positions, query, key, cos_sin_cache, head_size, is_neox)
         if key is None:
             reason = self.unsupported_reason(spec, has_key=False)
             if reason is not None:
                 raise ValueError(f"key: {self.name} needs a key tensor: {reason}")
+        # Before binding: binding an unavailable provider fails obscurely or not at all.
+        reason = self.unavailable_reason(query.device)
+        if reason is not None:
+            raise ValueError(f"query: {self.name} cannot run on {query.device}: {reason}")
         self.bound(spec, config)(positions, query, key, cos_sin_cache)
 
 
