@@ -399,8 +399,11 @@ def select_rope(
     if timing not in TIMING_MODES:
         raise ValueError(f"timing: expected one of {TIMING_MODES}, got {timing!r}")
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: expected an available device, got {device} (no CUDA)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
     if config is not None and provider is None:
         raise ValueError("config: a forced config needs provider= too")
 

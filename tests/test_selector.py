@@ -489,6 +489,20 @@ def test_forced_provider_errors_name_the_argument(dirs, recorders):
         keyed(positions, q, None, cos_sin_cache(512, SPEC.rotary_dim))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_device_without_cuda_is_a_clear_error(dirs):
+    with pytest.raises(ValueError, match=r"device: .*no CUDA"):
+        select_rope(64, 32, 4, 2, True, torch.float32, "cuda:0")
+
+
+def test_warning_points_at_the_caller(dirs):
+    (dirs["env"] / FILE).write_text("{")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        select()
+    assert [w.filename for w in caught] == [__file__, __file__]
+
+
 def test_check_names_a_mismatched_argument(dirs):
     rope = select(provider="torch")
     cache = cos_sin_cache(512, SPEC.rotary_dim)
