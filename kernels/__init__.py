@@ -13,13 +13,17 @@ from .providers import (
     register_provider,
 )
 from .reference import TOLERANCES, assert_rope_close, cos_sin_cache, rope_reference
+from .selector import Explanation, RopeSelector, RopeTableWarning, select_rope
 
 __all__ = [
     "DTYPE_NAMES",
     "TOLERANCES",
+    "Explanation",
     "Provider",
     "ProviderStatus",
+    "RopeSelector",
     "RopeSpec",
+    "RopeTableWarning",
     "assert_rope_close",
     "cos_sin_cache",
     "get_provider",
@@ -28,4 +32,5 @@ __all__ = [
     "provider_names",
     "register_provider",
     "rope_reference",
+    "select_rope",
 ]
