@@ -62,6 +62,8 @@ def qk_layout(name: str, x: torch.Tensor, head_size: int, num_tokens: int) -> La
     if token_dims == 1:
         return shape[0], num_heads, strides[0], head_stride
     batch, seq = shape[0], shape[1]
+    if seq == 1:  # [B, 1, ...] (e.g. unsqueeze(1)): tokens step along the batch dimension
+        return batch, num_heads, strides[0], head_stride
     if batch > 1 and seq > 0 and strides[0] != seq * strides[1]:
         raise ValueError(
             f"{name}: expected [B, S, ...] whose batch and sequence dimensions flatten without a "

@@ -104,14 +104,17 @@ class Provider:
         Raises:
             ValueError: this provider does not support ``spec``, or ``config`` is invalid.
         """
+        asked = (spec, tuple(sorted(config.items())) if config else None)
+        fn = self._bound.get(asked)
+        if fn is not None:
+            return fn
         reason = self.unsupported_reason(spec)
         if reason is not None:
             raise ValueError(f"spec: {self.name} does not support {spec.key}: {reason}")
         full = self.check_config(spec, config)
-        cache_key = (spec, tuple(sorted(full.items())))
-        fn = self._bound.get(cache_key)
-        if fn is None:
-            fn = self._bound[cache_key] = self.bind(spec, full)
+        resolved = (spec, tuple(sorted(full.items())))
+        fn = self._bound.get(resolved) or self.bind(spec, full)
+        self._bound[asked] = self._bound[resolved] = fn
         return fn
 
     def apply(
@@ -146,7 +149,7 @@ class Provider:
         if key is None:
             reason = self.unsupported_reason(spec, has_key=False)
             if reason is not None:
-                raise ValueError(f"key: {self.name} needs a key tensor: {reason}")
+                raise ValueError(f"key: {self.name} cannot take key=None: {reason}")
         # Before binding: binding an unavailable provider fails obscurely or not at all.
         reason = self.unavailable_reason(query.device)
         if reason is not None:
