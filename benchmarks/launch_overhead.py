@@ -61,6 +61,48 @@ def main(argv: list[str] | None = None) -> int:
     )
     y = torch.randn(args.tokens, 4096, device=args.device)
     results["torch.add_"] = host_us(lambda: y.add_(1.0))
+    if "triton" in available:  # where the lean path's time goes
+        from kernels.providers import _triton
+
+        launcher = get_provider("triton").bound(spec, None)
+        print(
+            f"lean cache entries: {len(launcher.compiled)}; hooks: "
+            f"{_triton._launch_hooks.launch_enter_hook}, {_triton._launch_hooks.launch_exit_hook}"
+        )
+        if launcher.compiled:
+            compiled = next(iter(launcher.compiled.values()))
+            q, k = x.query, x.key
+            run_args = (
+                x.positions,
+                q,
+                k,
+                x.cos_sin_cache,
+                args.tokens,
+                q.stride(0),
+                128,
+                k.stride(0),
+                128,
+                x.cos_sin_cache.stride(0),
+                *launcher.constexprs.values(),
+                spec.num_kv_heads,
+            )
+            stream = torch.cuda.current_stream().cuda_stream
+            results["compiled.run direct"] = host_us(
+                lambda: compiled.run(
+                    args.tokens,
+                    launcher.head_split,
+                    1,
+                    stream,
+                    compiled.function,
+                    compiled.packed_metadata,
+                    None,
+                    None,
+                    None,
+                    *run_args,
+                )
+            )
+            results["knobs hook lookup"] = host_us(lambda: _triton._launch_hooks.launch_enter_hook)
+            results["raw stream lookup"] = host_us(lambda: torch._C._cuda_getCurrentRawStream(0))
     for name, us in results.items():
         print(f"{name:24s} {us:7.2f} us/call")
     return 0
