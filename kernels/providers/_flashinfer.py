@@ -17,6 +17,10 @@ from ._torch import as_token_head_view
 __all__ = ["FlashInferProvider"]
 
 
+# Head sizes FlashInfer's kernels are instantiated for; others compute garbage (seen: head 80).
+_HEAD_SIZES = (64, 128, 256, 512)
+
+
 @functools.cache
 def _flashinfer_rope() -> ModuleType | str:
     """FlashInfer's rope module, or why it cannot be imported (imported on first use only)."""
@@ -48,6 +52,11 @@ class FlashInferProvider(Provider):
             return f"takes float16 or bfloat16 q/k, not {spec.dtype_name}"
         if not has_key:
             return "needs a key tensor"
+        if spec.head_size not in _HEAD_SIZES:
+            return f"takes head sizes {_HEAD_SIZES}, not {spec.head_size}"
+        if spec.rotary_dim % 16:
+            # Its kernel moves 8-element vectors; NeoX's second half must start on one.
+            return f"takes rotary_dim a multiple of 16, not {spec.rotary_dim}"
         return None
 
     def bind(self, spec: RopeSpec, config: Config) -> RopeFn:

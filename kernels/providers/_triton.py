@@ -165,6 +165,14 @@ try:  # where launch hooks live moved between Triton releases
 except ImportError:  # Triton < 3.4
     from triton.compiler.compiler import CompiledKernel as _launch_hooks  # noqa: N813
 
+
+def _launch_hooks_active() -> bool:
+    # Triton >= 3.5 keeps a HookChain (empty unless a profiler registered a hook), older
+    # releases None or a callable.
+    hook = _launch_hooks.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 _POW2 = (1, 2, 4, 8, 16, 32, 64)
 PARAM_SPACE: dict[str, tuple[Any, ...]] = {
     "block_t": _POW2,
@@ -277,52 +285,29 @@ class _Launcher:
         cache_stride = cos_sin_cache.stride(0)
         grid_t = (num_tokens + self.block_t - 1) // self.block_t
         ints = (q_stride_t, q_stride_h, k_stride_t, k_stride_h, cache_stride)
-        if self.lean:
+        # Launch hooks (profilers such as Proton) need Triton's own path and its metadata.
+        lean = self.lean and not _launch_hooks_active()
+        if lean:
             spec_key = (
-                k_heads,
-                positions.dtype,
-                cos_sin_cache.dtype,
-                query.device.index,
-                positions.data_ptr() % 16 == 0,
-                query.data_ptr() % 16 == 0,
-                k.data_ptr() % 16 == 0,
-                cos_sin_cache.data_ptr() % 16 == 0,
+                k_heads, positions.dtype, cos_sin_cache.dtype, query.device.index,
+                positions.data_ptr() % 16 == 0, query.data_ptr() % 16 == 0,
+                k.data_ptr() % 16 == 0, cos_sin_cache.data_ptr() % 16 == 0,
                 *[(v == 1, v % 16 == 0, v < 2**31) for v in ints],
-            )
+            )  # fmt: skip
             compiled = self.compiled.get(spec_key)
             if compiled is not None:
                 compiled.run(
-                    grid_t,
-                    self.head_split,
-                    1,
-                    _current_stream(query.device.index),
-                    compiled.function,
-                    compiled.packed_metadata,
-                    None,
-                    _launch_hooks.launch_enter_hook,
-                    _launch_hooks.launch_exit_hook,
-                    positions,
-                    query,
-                    k,
-                    cos_sin_cache,
-                    num_tokens,
-                    *ints,
-                    *self.constexprs.values(),
-                    k_heads,
-                )
+                    grid_t, self.head_split, 1, _current_stream(query.device.index),
+                    compiled.function, compiled.packed_metadata, None, None, None,
+                    positions, query, k, cos_sin_cache, num_tokens, *ints,
+                    *self.constexprs.values(), k_heads,
+                )  # fmt: skip
                 return
         compiled = _rope_kernel[(grid_t, self.head_split)](
-            positions,
-            query,
-            k,
-            cos_sin_cache,
-            num_tokens,
-            *ints,
-            NUM_K_HEADS=k_heads,
-            **self.constexprs,
-            **self.options,
-        )
-        if self.lean and _launch_hooks.launch_enter_hook is None:
+            positions, query, k, cos_sin_cache, num_tokens, *ints,
+            NUM_K_HEADS=k_heads, **self.constexprs, **self.options,
+        )  # fmt: skip
+        if lean:
             self.compiled[spec_key] = compiled
 
 
