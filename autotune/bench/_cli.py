@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Compare RoPE providers (torch, torch_compile, triton with its default and tuned "
             "config, flashinfer, vllm, and select_rope) over batch size x sequence length x "
             "spec. Each is checked against a float64 reference, then timed; prints p50 "
-            "[p20, p80], achieved TB/s and %% of the floor (bytes moved / measured copy "
+            "[p20, p80], achieved TB/s and % of the floor (bytes moved / measured copy "
             "bandwidth), and writes a long-format CSV and PNG plots to --save-path."
         ),
         epilog=(
