@@ -302,9 +302,13 @@ def copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30) -> float:
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     if device.type != "cuda":
-        start = time.perf_counter()
-        dst.copy_(src)
-        return 2 * nbytes / (time.perf_counter() - start)
+        dst.copy_(src)  # first touch: page faults stay out of the timing
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - start)
+        return 2 * src.nbytes / statistics.median(times)
     for _ in range(3):
         dst.copy_(src)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
