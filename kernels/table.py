@@ -139,7 +139,11 @@ def device_metadata(device: torch.device | str) -> dict[str, Any]:
     device = torch.device(device)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        name, capability, sms = props.name, f"{props.major}.{props.minor}", props.multi_processor_count
+        name, capability, sms = (
+            props.name,
+            f"{props.major}.{props.minor}",
+            props.multi_processor_count,
+        )
     else:
         import platform
 
@@ -231,11 +235,10 @@ def _validate_entry(where: str, bucket: str, entry: Any, known: set[str] | None)
     ):
         raise TableError(f"{where}.config: expected null or an object of scalars, got {config!r}")
     for field in ("median_us", "p20_us", "p80_us"):
-        if field in entry or field == "median_us":
-            if not _positive_time(entry.get(field)):
-                raise TableError(
-                    f"{where}.{field}: expected a positive finite time, got {entry.get(field)!r}"
-                )
+        if (field in entry or field == "median_us") and not _positive_time(entry.get(field)):
+            raise TableError(
+                f"{where}.{field}: expected a positive finite time, got {entry.get(field)!r}"
+            )
     times = entry.get("providers_us", {})
     if not isinstance(times, dict):
         raise TableError(f"{where}.providers_us: expected an object")
@@ -243,8 +246,9 @@ def _validate_entry(where: str, bucket: str, entry: Any, known: set[str] | None)
         if known is not None and name not in known:
             raise TableError(f"{where}.providers_us: unknown provider {name!r}")
         if not _positive_time(value):
-            raise TableError(f"{where}.providers_us.{name}: expected a positive finite time, "
-                             f"got {value!r}")
+            raise TableError(
+                f"{where}.providers_us.{name}: expected a positive finite time, got {value!r}"
+            )
 
 
 # -- reading, writing, merging -------------------------------------------------------------------
@@ -270,8 +274,9 @@ def read_table(path: str | os.PathLike, known_providers: Iterable[str] | None = 
     return table
 
 
-def write_table(path: str | os.PathLike, table: Mapping[str, Any],
-                known_providers: Iterable[str] | None = None) -> Path:
+def write_table(
+    path: str | os.PathLike, table: Mapping[str, Any], known_providers: Iterable[str] | None = None
+) -> Path:
     """Validate ``table`` and write it atomically (temporary file, fsync, rename), sorted keys.
 
     A reader sees the old file or the new one, never a torn one, even if the writer dies.

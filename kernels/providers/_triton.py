@@ -74,7 +74,8 @@ def _rotate_block(
         tl.store(p, o.to(x_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# num_tokens changes every call: specializing on it (== 1, % 16) would only multiply compiles.
+@triton.jit(do_not_specialize=["num_tokens"])
 def _rope_kernel(
     pos_ptr,
     q_ptr,
@@ -87,13 +88,13 @@ def _rope_kernel(
     k_stride_h,
     cache_stride,
     NUM_Q_HEADS: tl.constexpr,  # Hq
-    NUM_K_HEADS: tl.constexpr,  # Hk; 0 when there is no key
     ROT_HALF: tl.constexpr,  # rotary_dim // 2
     HALF_PAD: tl.constexpr,  # ROT_HALF rounded up to a power of two (tl.arange needs one)
     IS_NEOX: tl.constexpr,  # NeoX (halves) or GPT-J (interleaved pairs)
     BLOCK_T: tl.constexpr,  # tokens per program
     BLOCK_H: tl.constexpr,  # heads per inner step
     HEAD_SPLIT: tl.constexpr,  # programs sharing one token block's heads
+    NUM_K_HEADS: tl.constexpr,  # Hk; 0 when there is no key (last: the launcher appends it)
 ):
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -147,6 +148,22 @@ def _rope_kernel(
 
 
 # -- launcher ----------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _current_stream(device_index: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device_index)
+
+
+try:  # where launch hooks live moved between Triton releases
+    from triton import knobs as _knobs
+
+    _launch_hooks = _knobs.runtime
+except ImportError:  # Triton < 3.4
+    from triton.compiler.compiler import CompiledKernel as _launch_hooks  # noqa: N813
 
 _POW2 = (1, 2, 4, 8, 16, 32, 64)
 PARAM_SPACE: dict[str, tuple[Any, ...]] = {
@@ -211,6 +228,103 @@ def default_triton_config(spec: RopeSpec, num_tokens: int | None = None) -> Conf
     }
 
 
+class _Launcher:
+    """Launches the kernel for one spec and config with the least host work per call.
+
+    ``kernel[grid](...)`` spends tens of microseconds in Python binding arguments and hashing
+    the specialization. Here the first call of each specialization goes through that path and
+    keeps the compiled kernel; later calls hand the arguments straight to its launcher. The key
+    mirrors what Triton specializes on: 16-byte alignment of pointers and, for integers, the
+    value 1, divisibility by 16 and 32-bit range; plus the dtypes of positions and cache.
+    """
+
+    def __init__(self, spec: RopeSpec, config: Config) -> None:
+        self.spec = spec
+        self.block_t = config["block_t"]
+        self.head_split = config["head_split"]
+        half = spec.rotary_dim // 2
+        self.constexprs = dict(
+            NUM_Q_HEADS=spec.num_heads,
+            ROT_HALF=half,
+            HALF_PAD=triton.next_power_of_2(half),
+            IS_NEOX=spec.is_neox,
+            BLOCK_T=self.block_t,
+            BLOCK_H=config["block_h"],
+            HEAD_SPLIT=self.head_split,
+        )
+        self.options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+        self.compiled: dict[tuple, Any] = {}
+        self.lean = not _interpreting()
+
+    def __call__(self, positions, query, key, cos_sin_cache) -> None:
+        num_tokens = positions.numel()
+        if num_tokens == 0:
+            return
+        head_size = self.spec.head_size
+        if query.dim() == 2:  # [T, H*D], the common case: skip the general layout parse
+            q_stride_t, q_stride_h = query.stride(0), head_size
+        else:
+            _, _, q_stride_t, q_stride_h = qk_layout("query", query, head_size, num_tokens)
+        if key is None:
+            k, k_stride_t, k_stride_h, k_heads = query, 0, 0, 0
+        elif key.dim() == 2:
+            k, k_stride_t, k_stride_h = key, key.stride(0), head_size
+            k_heads = key.shape[1] // head_size
+        else:
+            k = key
+            _, k_heads, k_stride_t, k_stride_h = qk_layout("key", key, head_size, num_tokens)
+        cache_stride = cos_sin_cache.stride(0)
+        grid_t = (num_tokens + self.block_t - 1) // self.block_t
+        ints = (q_stride_t, q_stride_h, k_stride_t, k_stride_h, cache_stride)
+        if self.lean:
+            spec_key = (
+                k_heads,
+                positions.dtype,
+                cos_sin_cache.dtype,
+                query.device.index,
+                positions.data_ptr() % 16 == 0,
+                query.data_ptr() % 16 == 0,
+                k.data_ptr() % 16 == 0,
+                cos_sin_cache.data_ptr() % 16 == 0,
+                *[(v == 1, v % 16 == 0, v < 2**31) for v in ints],
+            )
+            compiled = self.compiled.get(spec_key)
+            if compiled is not None:
+                compiled.run(
+                    grid_t,
+                    self.head_split,
+                    1,
+                    _current_stream(query.device.index),
+                    compiled.function,
+                    compiled.packed_metadata,
+                    None,
+                    _launch_hooks.launch_enter_hook,
+                    _launch_hooks.launch_exit_hook,
+                    positions,
+                    query,
+                    k,
+                    cos_sin_cache,
+                    num_tokens,
+                    *ints,
+                    *self.constexprs.values(),
+                    k_heads,
+                )
+                return
+        compiled = _rope_kernel[(grid_t, self.head_split)](
+            positions,
+            query,
+            k,
+            cos_sin_cache,
+            num_tokens,
+            *ints,
+            NUM_K_HEADS=k_heads,
+            **self.constexprs,
+            **self.options,
+        )
+        if self.lean and _launch_hooks.launch_enter_hook is None:
+            self.compiled[spec_key] = compiled
+
+
 def launch_rope(
     positions: torch.Tensor,
     query: torch.Tensor,
@@ -219,48 +333,11 @@ def launch_rope(
     spec: RopeSpec,
     config: Config,
 ) -> None:
-    """Launch the kernel on tensors already checked against ``spec``."""
-    num_tokens = positions.numel()
-    if num_tokens == 0:
-        return
-    _, _, q_stride_t, q_stride_h = qk_layout("query", query, spec.head_size, num_tokens)
-    if key is None:
-        k, k_stride_t, k_stride_h, k_heads = query, 0, 0, 0
-    else:
-        _, k_heads, k_stride_t, k_stride_h = qk_layout("key", key, spec.head_size, num_tokens)
-        k = key
-    half = spec.rotary_dim // 2
-    block_t = config["block_t"]
-    grid = (triton.cdiv(num_tokens, block_t), config["head_split"])
-    _rope_kernel[grid](
-        positions,
-        query,
-        k,
-        cos_sin_cache,
-        num_tokens,
-        q_stride_t,
-        q_stride_h,
-        k_stride_t,
-        k_stride_h,
-        cos_sin_cache.stride(0),
-        NUM_Q_HEADS=spec.num_heads,
-        NUM_K_HEADS=k_heads,
-        ROT_HALF=half,
-        HALF_PAD=triton.next_power_of_2(half),
-        IS_NEOX=spec.is_neox,
-        BLOCK_T=block_t,
-        BLOCK_H=config["block_h"],
-        HEAD_SPLIT=config["head_split"],
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
-    )
+    """Launch the kernel once on tensors already checked against ``spec`` (no launcher reuse)."""
+    _Launcher(spec, config)(positions, query, key, cos_sin_cache)
 
 
 # -- provider ----------------------------------------------------------------------------------
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -288,10 +365,7 @@ class TritonProvider(Provider):
         return full
 
     def bind(self, spec: RopeSpec, config: Config) -> RopeFn:
-        def run(positions, query, key, cos_sin_cache):
-            launch_rope(positions, query, key, cos_sin_cache, spec, config)
-
-        return run
+        return _Launcher(spec, config)
 
 
 register_provider(TritonProvider())

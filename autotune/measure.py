@@ -1,0 +1,318 @@
+"""Correctness gate and timing for one RoPE callable on one spec and token count.
+
+Inputs imitate a serving stack: q and k are column slices of a fused ``[T, (Hq + 2*Hk) * D]``
+qkv tensor (the layout vLLM hands to its rotary op), positions are random in a
+``max_position``-row cache, and nothing is zero. Timing never builds or clones inputs inside
+the timed region.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from kernels._spec import RopeSpec
+from kernels.providers import RopeFn
+from kernels.reference import assert_rope_close, cos_sin_cache, rope_reference
+
+__all__ = [
+    "RopeInputs",
+    "Timing",
+    "check_correct",
+    "copy_bandwidth",
+    "make_inputs",
+    "rope_bytes",
+    "time_rope",
+]
+
+MAX_POSITION = 8192
+# Input sets are rotated until they cover this many times the L2, so each call reads HBM.
+_L2_COVER = 3
+_MAX_SETS = 64
+_MAX_ROTATION_BYTES = 8 << 30
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-call time in microseconds: 20th percentile, median, 80th percentile."""
+
+    p20_us: float
+    median_us: float
+    p80_us: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RopeInputs:
+    """One call's arguments; ``qkv`` owns the memory that ``query`` and ``key`` view."""
+
+    positions: torch.Tensor
+    qkv: torch.Tensor
+    query: torch.Tensor
+    key: torch.Tensor | None
+    cos_sin_cache: torch.Tensor
+
+    @property
+    def args(self) -> tuple:
+        return self.positions, self.query, self.key, self.cos_sin_cache
+
+
+def rope_bytes(
+    spec: RopeSpec,
+    num_tokens: int,
+    *,
+    with_key: bool = True,
+    cache_dtype: torch.dtype = torch.float32,
+) -> int:
+    """Fewest bytes one call moves (see :meth:`RopeSpec.bytes_moved`)."""
+    return spec.bytes_moved(num_tokens, cache_dtype=cache_dtype, with_key=with_key)
+
+
+def make_inputs(
+    spec: RopeSpec,
+    num_tokens: int,
+    device: torch.device | str,
+    *,
+    with_key: bool = True,
+    cache_dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+    cache: torch.Tensor | None = None,
+) -> RopeInputs:
+    """Random inputs for one call, q and k as strided views of a fused qkv tensor."""
+    device = torch.device(device)
+    q_width = spec.num_heads * spec.head_size
+    kv_width = spec.num_kv_heads * spec.head_size
+    qkv = torch.randn(
+        num_tokens, q_width + 2 * kv_width, generator=generator, device=device, dtype=torch.float32
+    ).to(spec.dtype)
+    positions = torch.randint(
+        0, MAX_POSITION, (num_tokens,), generator=generator, device=device, dtype=torch.int64
+    )
+    if cache is None:
+        cache = cos_sin_cache(MAX_POSITION, spec.rotary_dim, dtype=cache_dtype, device=device)
+    query = qkv[:, :q_width]
+    key = qkv[:, q_width : q_width + kv_width] if with_key else None
+    return RopeInputs(positions, qkv, query, key, cache)
+
+
+def check_correct(
+    fn: RopeFn,
+    spec: RopeSpec,
+    num_tokens: int,
+    device: torch.device | str,
+    *,
+    with_key: bool = True,
+    cache_dtype: torch.dtype = torch.float32,
+    seed: int | None = None,
+) -> None:
+    """Run ``fn`` once on fresh random inputs and compare with the float64 reference.
+
+    Also checks that everything outside the rotated slices (head tails, the v columns) is
+    bit-identical.
+
+    Raises:
+        AssertionError: a wrong result. Kernel errors (compile failures, out of memory)
+            propagate as they are.
+    """
+    device = torch.device(device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else torch.seed() % (1 << 62))
+    inputs = make_inputs(
+        spec, num_tokens, device, with_key=with_key, cache_dtype=cache_dtype, generator=gen
+    )
+    before = inputs.qkv.clone()
+    expected_q, expected_k = rope_reference(*inputs.args, spec.head_size, spec.is_neox)
+    fn(*inputs.args)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    assert_rope_close(inputs.query, expected_q, spec.dtype, "query")
+    if with_key:
+        assert_rope_close(inputs.key, expected_k, spec.dtype, "key")
+    # Everything the kernel must not touch: compare raw bits.
+    untouched = torch.ones_like(before, dtype=torch.bool)
+    heads = spec.num_heads + (spec.num_kv_heads if with_key else 0)
+    rotated = untouched[:, : heads * spec.head_size].view(num_tokens, heads, spec.head_size)
+    rotated[..., : spec.rotary_dim] = False
+    bits = _int_type(spec.dtype)
+    same = before.view(bits) == inputs.qkv.view(bits)
+    if not bool(same[untouched].all()):
+        raise AssertionError("elements outside the rotated slices changed")
+
+
+def _int_type(dtype: torch.dtype) -> torch.dtype:
+    return {2: torch.int16, 4: torch.int32}[dtype.itemsize]
+
+
+def _input_sets(
+    spec: RopeSpec,
+    num_tokens: int,
+    device: torch.device,
+    with_key: bool,
+    cache_dtype: torch.dtype,
+    rotate: bool,
+    seed: int | None,
+) -> list[RopeInputs]:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0 if seed is None else seed)
+    first = make_inputs(
+        spec, num_tokens, device, with_key=with_key, cache_dtype=cache_dtype, generator=gen
+    )
+    count = 1
+    if rotate and device.type == "cuda":
+        l2 = torch.cuda.get_device_properties(device).L2_cache_size
+        touched = rope_bytes(spec, num_tokens, with_key=with_key, cache_dtype=cache_dtype)
+        footprint = first.qkv.nbytes + first.positions.nbytes
+        count = min(
+            _MAX_SETS, math.ceil(_L2_COVER * l2 / touched), max(1, _MAX_ROTATION_BYTES // footprint)
+        )
+    sets = [first]
+    for _ in range(count - 1):  # one cache for all sets: serving stacks share one too
+        sets.append(
+            make_inputs(
+                spec,
+                num_tokens,
+                device,
+                with_key=with_key,
+                generator=gen,
+                cache=first.cos_sin_cache,
+            )
+        )
+    return sets
+
+
+def _percentiles(per_call_us: list[float]) -> Timing:
+    if len(per_call_us) == 1:
+        return Timing(per_call_us[0], per_call_us[0], per_call_us[0])
+    q = statistics.quantiles(per_call_us, n=10, method="inclusive")
+    return Timing(p20_us=q[1], median_us=statistics.median(per_call_us), p80_us=q[7])
+
+
+def time_rope(
+    fn: RopeFn,
+    spec: RopeSpec,
+    num_tokens: int,
+    device: torch.device | str,
+    *,
+    mode: str = "graph",
+    with_key: bool = True,
+    cache_dtype: torch.dtype = torch.float32,
+    rotate: bool = True,
+    seed: int | None = None,
+    repeats: int = 50,
+    min_round_s: float = 0.002,
+) -> Timing:
+    """Time one call of ``fn`` (microseconds).
+
+    Args:
+        fn: A bound provider callable ``fn(positions, query, key, cos_sin_cache)``.
+        mode: ``"graph"``: the calls over all rotating input sets captured in one CUDA graph,
+            timed by CUDA events over replays (what a serving stack running CUDA graphs pays).
+            ``"eager"``: back-to-back calls without synchronization, host wall time per call, so
+            launch cost counts when it exceeds the GPU time. On the CPU both are wall time.
+        rotate: Rotate input sets covering 3x the L2 so that data comes from memory.
+        repeats: Timed rounds; the result is the median and p20/p80 over rounds.
+        min_round_s: Each round runs enough calls to last at least this long.
+    """
+    if mode not in ("graph", "eager"):
+        raise ValueError(f"mode: expected 'graph' or 'eager', got {mode!r}")
+    device = torch.device(device)
+    sets = _input_sets(spec, num_tokens, device, with_key, cache_dtype, rotate, seed)
+    args = [s.args for s in sets]
+    for a in args:  # warm-up: compiles, converts caches, loads modules outside the timing
+        fn(*a)
+    if device.type != "cuda":
+        return _time_wall(fn, args, device, repeats, min_round_s)
+    torch.cuda.synchronize(device)
+    if mode == "eager":
+        return _time_wall(fn, args, device, repeats, min_round_s)
+    return _time_graph(fn, args, device, repeats, min_round_s)
+
+
+def _time_wall(
+    fn: RopeFn, args: list[tuple], device: torch.device, repeats: int, min_round_s: float
+) -> Timing:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _d: None)
+    # Calibrate calls per round so a round outlasts timer and synchronization noise.
+    calls = len(args)
+    while True:
+        sync(device)
+        start = time.perf_counter()
+        for i in range(calls):
+            fn(*args[i % len(args)])
+        sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_round_s or calls >= 1 << 16:
+            break
+        calls *= 2
+    per_call = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        for i in range(calls):
+            fn(*args[i % len(args)])
+        sync(device)
+        per_call.append((time.perf_counter() - start) / calls * 1e6)
+    return _percentiles(per_call)
+
+
+def _time_graph(
+    fn: RopeFn, args: list[tuple], device: torch.device, repeats: int, min_round_s: float
+) -> Timing:
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # capture needs a side stream; warm it up there as well
+        for a in args:
+            fn(*a)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for a in args:
+            fn(*a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    # Replays per round so that a round lasts min_round_s.
+    graph.replay()
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    one_ms = max(start.elapsed_time(end), 1e-3)
+    replays = max(1, min(1000, math.ceil(min_round_s * 1e3 / one_ms)))
+    for _ in range(3):
+        graph.replay()
+    per_call = []
+    for _ in range(repeats):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        per_call.append(start.elapsed_time(end) * 1e3 / (replays * len(args)))
+    return _percentiles(per_call)
+
+
+def copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s, counting read plus write."""
+    device = torch.device(device)
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    if device.type != "cuda":
+        start = time.perf_counter()
+        dst.copy_(src)
+        return 2 * nbytes / (time.perf_counter() - start)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(20):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.nbytes / statistics.median(times)

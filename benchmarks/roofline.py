@@ -1,0 +1,209 @@
+"""RoPE kernels against the memory roofline: per spec and token count, each provider's median,
+achieved TB/s and % of the floor (bytes over the measured copy bandwidth), plus, for partial
+rotary, the access pattern's own ceiling: a copy kernel that reads and writes exactly the
+rotated slices, tiled and swept like the RoPE kernel.
+
+    python benchmarks/roofline.py --device cuda:0 --out benchmarks/results/roofline_h200.csv
+    python benchmarks/roofline.py --device cuda:0 --sweep   # also sweep Triton configs
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from autotune.measure import check_correct, copy_bandwidth, time_rope
+from kernels import RopeSpec, get_provider, list_providers
+from kernels.providers._triton import config_problems, default_triton_config
+from kernels.table import library_versions
+
+# (name, head_size, rotary_dim, num_heads, num_kv_heads, is_neox)
+SPECS = {
+    "seed-32h": (128, 32, 32, 32, True),
+    "seed-48h": (128, 32, 48, 48, True),
+    "llama3-8b": (128, 128, 32, 8, True),
+    "llama3-70b-tp8": (128, 128, 8, 1, True),
+    "gptj-16h": (256, 64, 16, 16, False),
+    "pythia-6.9b": (128, 32, 32, 32, True),
+    "gemma2-9b": (256, 256, 16, 8, True),
+}
+TOKENS = (1, 16, 256, 2048, 4096, 16384, 32768, 65536)
+
+
+@triton.jit
+def _slice_copy_kernel(
+    x_ptr,
+    num_tokens,
+    stride_t,
+    stride_h,
+    NUM_HEADS: tl.constexpr,
+    ROT: tl.constexpr,  # rotated elements per head (the slice copied)
+    ROT_PAD: tl.constexpr,  # ROT rounded up to a power of two
+    BLOCK_T: tl.constexpr,  # tokens per program
+    BLOCK_H: tl.constexpr,  # heads per inner step
+):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = t < num_tokens
+    t = t.to(tl.int64)
+    d = tl.arange(0, ROT_PAD)
+    for hb in range(0, tl.cdiv(NUM_HEADS, BLOCK_H)):
+        h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = t_mask[:, None, None] & (h < NUM_HEADS)[None, :, None] & (d < ROT)[None, None, :]
+        p = x_ptr + t[:, None, None] * stride_t + h[None, :, None] * stride_h + d[None, None, :]
+        tl.store(p, tl.load(p, mask=mask), mask=mask)
+
+
+def slice_copy_fn(spec: RopeSpec, block_t: int, block_h: int, num_warps: int):
+    """A callable with the RoPE signature that copies the rotated slices of q and k in place."""
+
+    def run(positions, query, key, cos_sin_cache):
+        n = positions.numel()
+        for x, heads in ((query, spec.num_heads), (key, spec.num_kv_heads)):
+            _slice_copy_kernel[(triton.cdiv(n, block_t),)](
+                x,
+                n,
+                x.stride(0),
+                spec.head_size,
+                NUM_HEADS=heads,
+                ROT=spec.rotary_dim,
+                ROT_PAD=triton.next_power_of_2(spec.rotary_dim),
+                BLOCK_T=block_t,
+                BLOCK_H=block_h,
+                num_warps=num_warps,
+            )
+
+    return run
+
+
+def triton_sweep_space(spec: RopeSpec):
+    for block_t, block_h, warps in itertools.product(
+        (1, 2, 4, 8, 16, 32), (1, 2, 4, 8, 16, 32), (4, 8)
+    ):
+        config = {
+            "block_t": block_t,
+            "block_h": block_h,
+            "head_split": 1,
+            "num_warps": warps,
+            "num_stages": 1,
+        }
+        if not config_problems(spec, config):
+            yield config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda:0", help="e.g. cuda:0")
+    parser.add_argument("--specs", default=",".join(SPECS), help=f"from {list(SPECS)}")
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="e.g. 1,4096")
+    parser.add_argument("--dtypes", default="bfloat16", help="e.g. bfloat16,float16")
+    parser.add_argument("--providers", default="triton,vllm,flashinfer")
+    parser.add_argument(
+        "--sweep",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="sweep Triton configs (and the copy ceiling) at >= 16384 tokens",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="CSV file to write")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    bandwidth = copy_bandwidth(device)
+    versions = library_versions()
+    print(
+        f"device {torch.cuda.get_device_name(device)}; copy bandwidth {bandwidth / 1e12:.2f} "
+        f"TB/s; versions {versions}",
+        flush=True,
+    )
+    available = {s.name for s in list_providers(device) if s.available}
+    rows = []
+    for spec_name, dtype_name, tokens in itertools.product(
+        args.specs.split(","), args.dtypes.split(","), map(int, args.tokens.split(","))
+    ):
+        head, rot, hq, hk, neox = SPECS[spec_name]
+        spec = RopeSpec(head, rot, hq, hk, neox, getattr(torch, dtype_name))
+        floor_us = spec.bytes_moved(tokens) / bandwidth * 1e6
+        candidates = []
+        for name in args.providers.split(","):
+            if name in available and get_provider(name).supports(spec):
+                candidates.append((name, "default", None))
+        if args.sweep and tokens >= 16384:
+            candidates += [("triton", str(c), c) for c in triton_sweep_space(spec)]
+            if rot < head:
+                candidates += [
+                    ("slice_copy", f"bt{bt}_bh{bh}_w{w}", (bt, bh, w))
+                    for bt, bh, w in itertools.product((1, 2, 4, 8, 16), (1, 2, 4, 8, 16), (4, 8))
+                    if bt * bh * triton.next_power_of_2(rot) <= 64 * 32 * w
+                ]
+        best: dict[str, tuple[float, str]] = {}
+        for name, label, config in candidates:
+            try:
+                if name == "slice_copy":
+                    fn = slice_copy_fn(spec, *config)
+                else:
+                    fn = get_provider(name).bound(spec, config)
+                    check_correct(fn, spec, min(tokens, 4099), device)
+                timing = time_rope(fn, spec, tokens, device, mode="graph", repeats=20)
+            except Exception as exc:  # a failing candidate is reported, never fatal
+                print(
+                    f"  {spec_name} {tokens} {name} {label}: FAILED {type(exc).__name__}: "
+                    f"{str(exc)[:200]}",
+                    flush=True,
+                )
+                continue
+            if label == "default" and name == "triton":
+                label = str(default_triton_config(spec, tokens))
+            key = name if config is None or name == "slice_copy" else "triton_best"
+            if key not in best or timing.median_us < best[key][0]:
+                best[key] = (timing.median_us, label)
+            rows.append(
+                {
+                    "device": torch.cuda.get_device_name(device),
+                    "spec": spec_name,
+                    "spec_key": spec.key,
+                    "tokens": tokens,
+                    "provider": name,
+                    "config": label,
+                    "p20_us": timing.p20_us,
+                    "median_us": timing.median_us,
+                    "p80_us": timing.p80_us,
+                    "tbps": spec.bytes_moved(tokens) / timing.median_us / 1e6,
+                    "pct_floor": 100 * floor_us / timing.median_us,
+                    "floor_us": floor_us,
+                    "torch": versions["torch"],
+                    "triton": versions["triton"],
+                    "flashinfer": versions["flashinfer"],
+                    "vllm": versions["vllm"],
+                }
+            )
+        summary = "  ".join(
+            f"{k}={v[0]:.2f}us({100 * floor_us / v[0]:.0f}%)" for k, v in sorted(best.items())
+        )
+        print(
+            f"{spec_name:15s} {dtype_name:8s} T={tokens:6d} floor={floor_us:8.2f}us  {summary}",
+            flush=True,
+        )
+        for k in ("triton_best", "slice_copy"):
+            if k in best:
+                print(f"    {k}: {best[k][1]}", flush=True)
+    if args.out and rows:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
