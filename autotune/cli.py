@@ -77,17 +77,23 @@ def _providers(text: str) -> list[str]:
 def _timing(text: str) -> list[str]:
     modes = list(dict.fromkeys(_comma_list(text)))
     if not modes or any(m not in TIMING_MODES for m in modes):
-        raise argparse.ArgumentTypeError(
-            f"expected graph, eager or graph,eager, got {text!r}"
-        )
+        raise argparse.ArgumentTypeError(f"expected graph, eager or graph,eager, got {text!r}")
     return modes
 
 
 def _add_logging_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False,
-                        help="debug messages and Optuna's per-trial log (e.g. --verbose)")
-    parser.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
-                        help="warnings only, no progress bar or summary (e.g. --quiet)")
+    parser.add_argument(
+        "--verbose",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="debug messages and Optuna's per-trial log (e.g. --verbose)",
+    )
+    parser.add_argument(
+        "--quiet",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="warnings only, no progress bar or summary (e.g. --quiet)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,64 +111,127 @@ def build_parser() -> argparse.ArgumentParser:
             "--output DIR (see python -m autotune export --help)."
         ),
     )
-    parser.add_argument("--device", default=None,
-                        help="device to tune, e.g. --device cuda:0 or --device cpu "
-                             "(default: the first CUDA device, else the CPU)")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="device to tune, e.g. --device cuda:0 or --device cpu "
+        "(default: the first CUDA device, else the CPU)",
+    )
     shapes = parser.add_argument_group("shapes (combine freely; none: the default space)")
-    shapes.add_argument("--model", action="append", metavar="NAME",
-                        help="a model preset, repeatable, e.g. --model llama-3-8b "
-                             "--model phi-2 (see --list-models)")
-    shapes.add_argument("--list-models", action="store_true",
-                        help="print the model presets and exit, e.g. --list-models")
-    shapes.add_argument("--model-config", action="append", metavar="PATH",
-                        help="a Hugging Face config.json (or its directory), repeatable, "
-                             "e.g. --model-config ~/models/Llama-3-8B/config.json")
-    shapes.add_argument("--tensor-parallel-size", type=_positive_int, metavar="N",
-                        help="GPUs the heads are split over (vLLM's split), applied to every "
-                             "shape source, e.g. --tensor-parallel-size 4 (default: 1, or a "
-                             "preset's own sizes)")
-    shapes.add_argument("--head-size", type=_positive_int,
-                        help="explicit spec: elements per head, e.g. --head-size 128")
-    shapes.add_argument("--rotary-dim", type=_positive_int,
-                        help="explicit spec: rotated elements per head, e.g. --rotary-dim 64 "
-                             "(default: the head size)")
-    shapes.add_argument("--num-heads", type=_positive_int,
-                        help="explicit spec: query heads, e.g. --num-heads 32")
-    shapes.add_argument("--num-kv-heads", type=_positive_int,
-                        help="explicit spec: key heads, e.g. --num-kv-heads 8 (default: "
-                             "--num-heads)")
-    shapes.add_argument("--is-neox-style", action=argparse.BooleanOptionalAction, default=None,
-                        help="rope style of the explicit spec or --model-config, e.g. "
-                             "--no-is-neox-style for GPT-J style (default: NeoX, or the "
-                             "model's own)")
-    shapes.add_argument("--dtype", type=_dtypes, metavar="DTYPES",
-                        help="element types, comma list of bfloat16/float16/float32 "
-                             "(bf16/fp16/fp32), e.g. --dtype bf16,fp16 (default: bf16,fp16; "
-                             "bf16 on the CPU; a config's torch_dtype)")
-    parser.add_argument("--tokens", type=_tokens,
-                        help="token buckets, e.g. --tokens 1,16,256 (default: 1,2,4,...,65536; "
-                             f"{','.join(map(str, CPU_DEFAULT_TOKENS))} on the CPU)")
-    parser.add_argument("--providers", type=_providers,
-                        help=f"providers to search, e.g. --providers triton,vllm (default: "
-                             f"all of {','.join(provider_names())} that run here)")
-    parser.add_argument("--trials", type=_positive_int,
-                        help="counted trials per spec and bucket, e.g. --trials 64 (default: "
-                             "48 on CUDA, 16 on the CPU)")
-    parser.add_argument("--timing", type=_timing, default=["graph"],
-                        help="timing mode(s): graph (CUDA graph replay), eager (host wall time "
-                             "per call), or both, e.g. --timing graph,eager")
-    parser.add_argument("--output", default=None, metavar="DIR",
-                        help="directory the table is merged into, e.g. --output configs "
-                             f"(default: {user_config_dir()}, where select_rope looks)")
-    parser.add_argument("--storage", default=None, metavar="URL",
-                        help="Optuna storage shared by runs and workers, e.g. --storage "
-                             "postgresql://user@host/db or --storage ./studies.journal "
-                             f"(default: {default_storage_path()})")
-    parser.add_argument("--save-path", default=None, metavar="DIR",
-                        help="also write every measurement as <device>.csv here, e.g. "
-                             "--save-path results/")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="seed for the samplers and the random inputs, e.g. --seed 0")
+    shapes.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME",
+        help="a model preset, repeatable, e.g. --model llama-3-8b "
+        "--model phi-2 (see --list-models)",
+    )
+    shapes.add_argument(
+        "--list-models",
+        action="store_true",
+        help="print the model presets and exit, e.g. --list-models",
+    )
+    shapes.add_argument(
+        "--model-config",
+        action="append",
+        metavar="PATH",
+        help="a Hugging Face config.json (or its directory), repeatable, "
+        "e.g. --model-config ~/models/Llama-3-8B/config.json",
+    )
+    shapes.add_argument(
+        "--tensor-parallel-size",
+        type=_positive_int,
+        metavar="N",
+        help="GPUs the heads are split over (vLLM's split), applied to every "
+        "shape source, e.g. --tensor-parallel-size 4 (default: 1, or a "
+        "preset's own sizes)",
+    )
+    shapes.add_argument(
+        "--head-size",
+        type=_positive_int,
+        help="explicit spec: elements per head, e.g. --head-size 128",
+    )
+    shapes.add_argument(
+        "--rotary-dim",
+        type=_positive_int,
+        help="explicit spec: rotated elements per head, e.g. --rotary-dim 64 "
+        "(default: the head size)",
+    )
+    shapes.add_argument(
+        "--num-heads", type=_positive_int, help="explicit spec: query heads, e.g. --num-heads 32"
+    )
+    shapes.add_argument(
+        "--num-kv-heads",
+        type=_positive_int,
+        help="explicit spec: key heads, e.g. --num-kv-heads 8 (default: --num-heads)",
+    )
+    shapes.add_argument(
+        "--is-neox-style",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rope style of the explicit spec or --model-config, e.g. "
+        "--no-is-neox-style for GPT-J style (default: NeoX, or the "
+        "model's own)",
+    )
+    shapes.add_argument(
+        "--dtype",
+        type=_dtypes,
+        metavar="DTYPES",
+        help="element types, comma list of bfloat16/float16/float32 "
+        "(bf16/fp16/fp32), e.g. --dtype bf16,fp16 (default: bf16,fp16; "
+        "bf16 on the CPU; a config's torch_dtype)",
+    )
+    parser.add_argument(
+        "--tokens",
+        type=_tokens,
+        help="token buckets, e.g. --tokens 1,16,256 (default: 1,2,4,...,65536; "
+        f"{','.join(map(str, CPU_DEFAULT_TOKENS))} on the CPU)",
+    )
+    parser.add_argument(
+        "--providers",
+        type=_providers,
+        help=f"providers to search, e.g. --providers triton,vllm (default: "
+        f"all of {','.join(provider_names())} that run here)",
+    )
+    parser.add_argument(
+        "--trials",
+        type=_positive_int,
+        help="counted trials per spec and bucket, e.g. --trials 64 (default: "
+        "48 on CUDA, 16 on the CPU)",
+    )
+    parser.add_argument(
+        "--timing",
+        type=_timing,
+        default=["graph"],
+        help="timing mode(s): graph (CUDA graph replay), eager (host wall time "
+        "per call), or both, e.g. --timing graph,eager",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        metavar="DIR",
+        help="directory the table is merged into, e.g. --output configs "
+        f"(default: {user_config_dir()}, where select_rope looks)",
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="Optuna storage shared by runs and workers, e.g. --storage "
+        "postgresql://user@host/db or --storage ./studies.journal "
+        f"(default: {default_storage_path()})",
+    )
+    parser.add_argument(
+        "--save-path",
+        default=None,
+        metavar="DIR",
+        help="also write every measurement as <device>.csv here, e.g. --save-path results/",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for the samplers and the random inputs, e.g. --seed 0",
+    )
     _add_logging_flags(parser)
     return parser
 
@@ -172,18 +241,27 @@ def build_export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m autotune export",
         description="Write the tables of the studies in a storage (one file per device, merged "
-                    "into existing files), e.g. while workers are still tuning.",
+        "into existing files), e.g. while workers are still tuning.",
     )
-    parser.add_argument("--storage", default=None, metavar="URL",
-                        help="the Optuna storage, e.g. --storage postgresql://user@host/db "
-                             f"(default: {default_storage_path()})")
-    parser.add_argument("--output", default=None, metavar="DIR",
-                        help=f"directory for the tables, e.g. --output configs (default: "
-                             f"{user_config_dir()})")
-    parser.add_argument("--include-partial", action=argparse.BooleanOptionalAction,
-                        default=False,
-                        help="also use studies still short of their trial budget, e.g. "
-                             "--include-partial")
+    parser.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="the Optuna storage, e.g. --storage postgresql://user@host/db "
+        f"(default: {default_storage_path()})",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        metavar="DIR",
+        help=f"directory for the tables, e.g. --output configs (default: {user_config_dir()})",
+    )
+    parser.add_argument(
+        "--include-partial",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also use studies still short of their trial budget, e.g. --include-partial",
+    )
     _add_logging_flags(parser)
     return parser
 
@@ -197,8 +275,10 @@ def specs_from_args(args: argparse.Namespace, device: torch.device) -> list[Rope
     tp = args.tensor_parallel_size
     explicit = args.head_size is not None or args.num_heads is not None
     if not explicit and (args.rotary_dim is not None or args.num_kv_heads is not None):
-        raise ValueError("--rotary-dim and --num-kv-heads describe an explicit spec: "
-                         "add --head-size and --num-heads")
+        raise ValueError(
+            "--rotary-dim and --num-kv-heads describe an explicit spec: "
+            "add --head-size and --num-heads"
+        )
     if args.is_neox_style is not None and not (explicit or args.model_config):
         raise ValueError("--is-neox-style applies to an explicit spec or --model-config")
     specs: list[RopeSpec] = []
@@ -208,22 +288,26 @@ def specs_from_args(args: argparse.Namespace, device: torch.device) -> list[Rope
     for path in args.model_config or ():
         config = load_hf_config(path)
         for dtype in args.dtype or [None]:
-            specs.append(spec_from_hf_config(
-                config, tensor_parallel_size=tp or 1, dtype=dtype, is_neox=args.is_neox_style
-            ))
+            specs.append(
+                spec_from_hf_config(
+                    config, tensor_parallel_size=tp or 1, dtype=dtype, is_neox=args.is_neox_style
+                )
+            )
     if explicit:
         if args.head_size is None or args.num_heads is None:
             raise ValueError("an explicit spec needs both --head-size and --num-heads")
         heads, kv_heads = shard_heads(args.num_heads, args.num_kv_heads or args.num_heads, tp or 1)
         for dtype in args.dtype or [torch.bfloat16]:
-            specs.append(RopeSpec(
-                args.head_size,
-                args.head_size if args.rotary_dim is None else args.rotary_dim,
-                heads,
-                kv_heads,
-                True if args.is_neox_style is None else args.is_neox_style,
-                dtype,
-            ))
+            specs.append(
+                RopeSpec(
+                    args.head_size,
+                    args.head_size if args.rotary_dim is None else args.rotary_dim,
+                    heads,
+                    kv_heads,
+                    True if args.is_neox_style is None else args.is_neox_style,
+                    dtype,
+                )
+            )
     if not specs:
         specs = default_specs(device)
         if args.dtype is not None or tp is not None:
@@ -234,7 +318,8 @@ def specs_from_args(args: argparse.Namespace, device: torch.device) -> list[Rope
 
                 presets = [MODEL_PRESETS[n] for n in CPU_DEFAULT_MODELS]
             specs = [
-                s for p in presets
+                s
+                for p in presets
                 for s in p.specs(sorted(wanted, key=str), None if tp is None else [tp])
             ]
     return unique_specs(specs)
@@ -282,8 +367,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     tokens = args.tokens or (CPU_DEFAULT_TOKENS if device.type == "cpu" else DEFAULT_TOKENS)
-    logger.info("tuning %d specs x %d token buckets x %s on %s", len(specs), len(tokens),
-                "+".join(args.timing), device)
+    logger.info(
+        "tuning %d specs x %d token buckets x %s on %s",
+        len(specs),
+        len(tokens),
+        "+".join(args.timing),
+        device,
+    )
     try:
         table = tune(
             specs,

@@ -102,21 +102,36 @@ def shard_heads(num_heads: int, num_kv_heads: int, tp: int) -> tuple[int, int]:
 
 
 _PRESETS = (
-    ModelPreset("llama-3-8b", "Llama-3 8B (also Llama-3.1 8B)", 128, 128, 32, 8,
-                tp_sizes=(1, 2, 4, 8)),
-    ModelPreset("llama-3-70b", "Llama-3 70B (also Llama-3.1/3.3 70B)", 128, 128, 64, 8,
-                tp_sizes=(1, 2, 4, 8)),
+    ModelPreset(
+        "llama-3-8b", "Llama-3 8B (also Llama-3.1 8B)", 128, 128, 32, 8, tp_sizes=(1, 2, 4, 8)
+    ),
+    ModelPreset(
+        "llama-3-70b",
+        "Llama-3 70B (also Llama-3.1/3.3 70B)",
+        128,
+        128,
+        64,
+        8,
+        tp_sizes=(1, 2, 4, 8),
+    ),
     ModelPreset("qwen2.5-7b", "Qwen2.5 7B", 128, 128, 28, 4),
     ModelPreset("mistral-7b", "Mistral 7B", 128, 128, 32, 8),
     ModelPreset("gemma-2-9b", "Gemma-2 9B (head 256)", 256, 256, 16, 8),
-    ModelPreset("gpt-j-6b", "GPT-J 6B (GPT-J style, rotary 64 of head 256)", 256, 64, 16, 16,
-                is_neox=False),
-    ModelPreset("pythia-6.9b", "Pythia 6.9B / GPT-NeoX (rotary 25% of head 128)", 128, 32, 32,
-                32),
+    ModelPreset(
+        "gpt-j-6b", "GPT-J 6B (GPT-J style, rotary 64 of head 256)", 256, 64, 16, 16, is_neox=False
+    ),
+    ModelPreset("pythia-6.9b", "Pythia 6.9B / GPT-NeoX (rotary 25% of head 128)", 128, 32, 32, 32),
     ModelPreset("phi-2", "Phi-2 (head 80, rotary 32)", 80, 32, 32, 32),
     # MLA: only the decoupled rope part rotates, 64 dims, one key head shared by all queries.
-    ModelPreset("deepseek-v2", "DeepSeek-V2 rope part (64 dims, GPT-J style, one kv head)", 64,
-                64, 128, 1, is_neox=False),
+    ModelPreset(
+        "deepseek-v2",
+        "DeepSeek-V2 rope part (64 dims, GPT-J style, one kv head)",
+        64,
+        64,
+        128,
+        1,
+        is_neox=False,
+    ),
 )
 MODEL_PRESETS: dict[str, ModelPreset] = {preset.name: preset for preset in _PRESETS}
 
@@ -159,7 +174,7 @@ def parse_tokens(text: str | Sequence[int]) -> list[int]:
         try:
             value = int(str(item).strip())
         except ValueError:
-            raise ValueError(f"tokens: expected positive integers like 1,16,256, got {item!r}")
+            value = 0
         if value <= 0:
             raise ValueError(f"tokens: expected positive integers like 1,16,256, got {item!r}")
         buckets.add(value)

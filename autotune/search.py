@@ -7,15 +7,18 @@ Trial outcomes, recorded in the trial's ``outcome`` user attribute:
 outcome        state     meaning                                                 budget
 =============  ========  ======================================================  =========
 ``measured``   COMPLETE  passed the correctness gate and was timed               counts
-``duplicate``  COMPLETE  same provider and config as an earlier trial: its times  counts
+``duplicate``  COMPLETE  same provider and config as an earlier trial: its value  no
 ``wrong``      FAIL      wrong result against the float64 reference              counts
 ``error``      FAIL      compile error, out of memory, any other kernel error    counts
 ``invalid``    PRUNED    the provider rejects the config (e.g. register spills)  no
 (none)         FAIL      interrupted, or its worker died                         no
 =============  ========  ======================================================  =========
 
-Invalid configs cost microseconds and teach the sampler where not to go, so they do not use up
-the budget; interrupted trials are simply redone on resume.
+The budget counts measurements. Invalid configs and repeats cost milliseconds (no kernel runs)
+and teach the sampler where not to go (an invalid config is a pruned trial, ranked below every
+measured one), so they do not use it up; a study whose sampler keeps proposing only those stops
+after enough of them in a row (it has converged). Interrupted trials are redone on
+resume.
 """
 
 from __future__ import annotations
@@ -54,12 +57,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Outcomes that use up a study's trial budget (see the module docstring).
-COUNTED_OUTCOMES = frozenset({"measured", "duplicate", "wrong", "error"})
+COUNTED_OUTCOMES = frozenset({"measured", "wrong", "error"})
 # The correctness gate's token count: odd, and more than the largest token block (64), so a
 # full block and a masked partial block are both checked.
 GATE_TOKENS = 101
-# A study asks at most this many times its budget (invalid configs included) before giving up.
-_MAX_ASKS_PER_BUDGET = 20
+# Asks that measure nothing (invalid or repeated configs) a study tolerates per unit of budget,
+# beyond a fixed allowance, before it counts as converged.
+_MAX_IDLE_ASKS_PER_TRIAL = 4
+_MAX_IDLE_ASKS = 20
 # Heartbeat for RDB storages (PostgreSQL, SQLite): a trial whose worker has been silent for the
 # grace period is failed by the next worker that starts a trial in the study.
 HEARTBEAT_INTERVAL_S = 10
@@ -179,7 +184,7 @@ class CandidateSpace:
             provider = get_provider(name)
             space = provider.param_space
             for values in itertools.product(*space.values()):
-                config = dict(zip(space, values))
+                config = dict(zip(space, values, strict=True))
                 candidate = Candidate(name, config)
                 if candidate.key in seen:
                     continue
@@ -198,9 +203,24 @@ class CandidateSpace:
             for n in self.providers
         ]
 
+    @property
+    def tunable(self) -> tuple[str, ...]:
+        """Providers with a config space to search."""
+        return tuple(n for n in self.providers if get_provider(n).param_space)
+
     def suggest(self, trial: Trial) -> Candidate:
-        """Sample a candidate: the provider, then its config (conditional on the provider)."""
-        name = trial.suggest_categorical("provider", self.providers)
+        """Sample a candidate: the provider, then its config (conditional on the provider).
+
+        Enqueued trials (each provider's default, or the whole space when it fits the budget)
+        choose among every provider (``"provider"``). Sampled trials choose among the tunable
+        ones only (``"tuned_provider"``): an untunable provider is one point, measured once by
+        its enqueued trial, and a sampler that keeps re-proposing the fastest such point would
+        spend the budget on repeats instead of on the configs it is there to search.
+        """
+        if trial.user_attrs.get("enqueued") or not self.tunable:
+            name = trial.suggest_categorical("provider", self.providers)
+        else:
+            name = trial.suggest_categorical("tuned_provider", self.tunable)
         config = {}
         for param, values in get_provider(name).param_space.items():
             values = tuple(values)
@@ -211,7 +231,7 @@ class CandidateSpace:
         return Candidate(name, config)
 
     def params(self, candidate: Candidate) -> dict[str, Any]:
-        """The trial parameters that :meth:`suggest` maps to ``candidate`` (for enqueueing)."""
+        """The parameters of an enqueued trial that :meth:`suggest` maps to ``candidate``."""
         params: dict[str, Any] = {"provider": candidate.provider}
         for param, values in get_provider(candidate.provider).param_space.items():
             values = tuple(values)
@@ -306,6 +326,7 @@ class StudyRunner:
         trials: Trial budget per study (counted outcomes).
         seed: Seeds the samplers and the random inputs; None for fresh randomness.
         callbacks: Called after every trial with ``(study, frozen_trial)``.
+        time_kwargs: Extra arguments to :func:`autotune.measure.time_rope` (e.g. ``repeats``).
     """
 
     storage: optuna.storages.BaseStorage
@@ -315,6 +336,7 @@ class StudyRunner:
     trials: int
     seed: int | None = None
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()
+    time_kwargs: Mapping[str, Any] = field(default_factory=dict)
     _gate: GateCache = field(default_factory=dict, init=False, repr=False)
     _spaces: dict[tuple[RopeSpec, tuple[str, ...]], CandidateSpace] = field(
         default_factory=dict, init=False, repr=False
@@ -375,7 +397,7 @@ class StudyRunner:
             params = space.params(candidate)
             if _params_key(params) not in taken:
                 taken.add(_params_key(params))
-                study.enqueue_trial(params)
+                study.enqueue_trial(params, user_attrs={"enqueued": True})
         return study
 
     def run(self, key: StudyKey, should_stop: Callable[[], bool] = lambda: False) -> bool:
@@ -391,26 +413,35 @@ class StudyRunner:
         space = self.space(key.spec, key.providers)
         study = self.open_study(key, space)
         target = self.target(space)
-        asks = 0
+        idle_limit = _MAX_IDLE_ASKS + _MAX_IDLE_ASKS_PER_TRIAL * target
+        idle = 0
+        converged = False
         while not should_stop():
             trials = study.get_trials(deepcopy=False)
+            counted = len(counted_trials(trials))
             in_flight = sum(t.state == TrialState.RUNNING for t in trials)
-            if len(counted_trials(trials)) + in_flight >= target:
+            if counted + in_flight >= target:
                 break
-            if asks >= _MAX_ASKS_PER_BUDGET * max(1, target):
-                logger.warning(
-                    "%s: stopped after %d trials with %d of %d counted (too many invalid "
-                    "configs sampled)", key.name, asks, len(counted_trials(trials)), target
+            if idle >= idle_limit:
+                logger.info(
+                    "%s: converged after %d measurements (%d repeated or invalid "
+                    "proposals in a row)",
+                    key.name,
+                    counted,
+                    idle,
                 )
+                converged = True
                 break
-            asks += 1
+            finished: list[FrozenTrial] = []
             study.optimize(
                 lambda trial: self.objective(trial, key, space),
                 n_trials=1,
                 catch=(CandidateError,),
-                callbacks=list(self.callbacks),
+                callbacks=[*self.callbacks, lambda _s, t, out=finished: out.append(t)],
             )
-        done = len(counted_trials(study.get_trials(deepcopy=False))) >= target
+            counts = finished and finished[-1].user_attrs.get("outcome") in COUNTED_OUTCOMES
+            idle = 0 if counts else idle + 1
+        done = converged or len(counted_trials(study.get_trials(deepcopy=False))) >= target
         if done:
             study.set_user_attr("complete", True)
         return done
@@ -447,14 +478,23 @@ class StudyRunner:
             from .measure import time_rope
 
             try:
-                timing = time_rope(fn, key.spec, key.tokens, self.device, mode=key.mode,
-                                   seed=self.seed)
+                timing = time_rope(
+                    fn,
+                    key.spec,
+                    key.tokens,
+                    self.device,
+                    mode=key.mode,
+                    seed=self.seed,
+                    **self.time_kwargs,
+                )
             except Exception as exc:  # compile error, out of memory, launch failure
                 error = f"{type(exc).__name__}: {exc}"
                 _release_memory(self.device)
             else:
-                if all(math.isfinite(v) and v > 0 for v in
-                       (timing.p20_us, timing.median_us, timing.p80_us)):
+                if all(
+                    math.isfinite(v) and v > 0
+                    for v in (timing.p20_us, timing.median_us, timing.p80_us)
+                ):
                     trial.set_user_attr("outcome", "measured")
                     trial.set_user_attr("median_us", timing.median_us)
                     trial.set_user_attr("p20_us", timing.p20_us)
@@ -463,8 +503,14 @@ class StudyRunner:
                 error = f"timing is not a positive finite time: {timing}"
         trial.set_user_attr("outcome", outcome)
         trial.set_user_attr("error", error[:2000])
-        logger.debug("%s trial %d: %s %s failed: %s", key.name, trial.number,
-                     candidate.provider, dict(candidate.config), error)
+        logger.info(
+            "%s trial %d: %s %s failed: %s",
+            key.name,
+            trial.number,
+            candidate.provider,
+            dict(candidate.config),
+            error,
+        )
         raise CandidateError(error)
 
     def _earlier(self, trial: Trial, candidate: Candidate) -> FrozenTrial | None:

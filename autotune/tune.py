@@ -92,6 +92,7 @@ def tune(
     seed: int | None = None,
     progress: bool = True,
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+    time_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Tune RoPE for ``specs`` at every token count in ``tokens`` on one device.
 
@@ -117,6 +118,8 @@ def tune(
         seed: Seeds the samplers and the random inputs; None for fresh randomness.
         progress: Show a progress bar with ETA.
         callbacks: Extra Optuna trial callbacks, called after each trial.
+        time_kwargs: Extra arguments to :func:`autotune.measure.time_rope` (e.g. fewer
+            ``repeats`` for a quick run).
 
     Returns:
         The table of this run's finished studies (schema of :mod:`kernels.table`): its
@@ -152,8 +155,14 @@ def tune(
 
     progress_bar = _Progress(progress)
     runner = StudyRunner(
-        storage, device, device_name, metadata, trials, seed,
+        storage,
+        device,
+        device_name,
+        metadata,
+        trials,
+        seed,
         callbacks=[progress_bar.on_trial, *callbacks],
+        time_kwargs=dict(time_kwargs or {}),
     )
     keys = _study_keys(runner, specs, buckets, modes, providers)
     progress_bar.start(sum(runner.remaining(k, runner.space(k.spec, k.providers)) for k in keys))
@@ -172,7 +181,9 @@ def tune(
         path = write_device_table(output, table)
         logger.info("table written: %s", path)
     if save_path is not None:
-        path = write_measurements_csv(storage, names, Path(save_path) / f"{device_tag(device_name)}.csv")
+        path = write_measurements_csv(
+            storage, names, Path(save_path) / f"{device_tag(device_name)}.csv"
+        )
         logger.info("measurements written: %s", path)
     if interrupted:
         raise KeyboardInterrupt
@@ -263,8 +274,22 @@ def format_summary(table: Mapping[str, Any]) -> str:
 
 
 _CSV_FIELDS = (
-    "study", "device_name", "mode", "spec", "tokens", "trial", "state", "outcome", "provider",
-    "config", "median_us", "p20_us", "p80_us", "error", "started", "finished",
+    "study",
+    "device_name",
+    "mode",
+    "spec",
+    "tokens",
+    "trial",
+    "state",
+    "outcome",
+    "provider",
+    "config",
+    "median_us",
+    "p20_us",
+    "p80_us",
+    "error",
+    "started",
+    "finished",
 )
 
 
@@ -287,22 +312,24 @@ def write_measurements_csv(
                 if trial.state in (TrialState.WAITING, TrialState.RUNNING):
                     continue
                 user = trial.user_attrs
-                writer.writerow({
-                    "study": name,
-                    "device_name": attrs.get("device_name"),
-                    "mode": attrs.get("mode"),
-                    "spec": attrs.get("spec"),
-                    "tokens": attrs.get("tokens"),
-                    "trial": trial.number,
-                    "state": trial.state.name,
-                    "outcome": user.get("outcome", ""),
-                    "provider": user.get("provider", ""),
-                    "config": orjson.dumps(user.get("config") or {}).decode(),
-                    "median_us": user.get("median_us", ""),
-                    "p20_us": user.get("p20_us", ""),
-                    "p80_us": user.get("p80_us", ""),
-                    "error": user.get("error", ""),
-                    "started": trial.datetime_start or "",
-                    "finished": trial.datetime_complete or "",
-                })
+                writer.writerow(
+                    {
+                        "study": name,
+                        "device_name": attrs.get("device_name"),
+                        "mode": attrs.get("mode"),
+                        "spec": attrs.get("spec"),
+                        "tokens": attrs.get("tokens"),
+                        "trial": trial.number,
+                        "state": trial.state.name,
+                        "outcome": user.get("outcome", ""),
+                        "provider": user.get("provider", ""),
+                        "config": orjson.dumps(user.get("config") or {}).decode(),
+                        "median_us": user.get("median_us", ""),
+                        "p20_us": user.get("p20_us", ""),
+                        "p80_us": user.get("p80_us", ""),
+                        "error": user.get("error", ""),
+                        "started": trial.datetime_start or "",
+                        "finished": trial.datetime_complete or "",
+                    }
+                )
     return path
