@@ -352,14 +352,21 @@ class StudyRunner:
         """Counted trials that finish a study: the budget, or the whole valid space if smaller."""
         return min(self.trials, len(space.valid))
 
-    def remaining(self, key: StudyKey, space: CandidateSpace) -> int:
-        """Counted trials still missing in ``key``'s study (0 when done)."""
+    def remaining(self, key: StudyKey) -> int:
+        """Counted trials still missing in ``key``'s study (0 when it is complete)."""
+        target = self.target(self.space(key.spec, key.providers))
         try:
             study_id = self.storage.get_study_id_from_name(key.name)
         except KeyError:
-            return self.target(space)
+            return target
+        # A study that converged before its budget was used up is complete too.
+        if int(self.storage.get_study_user_attrs(study_id).get("complete") or 0) >= target:
+            return 0
         trials = self.storage.get_all_trials(study_id, deepcopy=False)
-        return max(0, self.target(space) - len(counted_trials(trials)))
+        return max(0, target - len(counted_trials(trials)))
+
+    def is_complete(self, key: StudyKey) -> bool:
+        return self.remaining(key) == 0
 
     def open_study(self, key: StudyKey, space: CandidateSpace) -> optuna.Study:
         """Create or load the study, record what it tunes, and enqueue the candidates that must
@@ -417,10 +424,9 @@ class StudyRunner:
         idle = 0
         converged = False
         while not should_stop():
-            trials = study.get_trials(deepcopy=False)
-            counted = len(counted_trials(trials))
-            in_flight = sum(t.state == TrialState.RUNNING for t in trials)
-            if counted + in_flight >= target:
+            # The caller owns this study (see autotune.distributed): no trial but ours runs.
+            counted = len(counted_trials(study.get_trials(deepcopy=False)))
+            if counted >= target:
                 break
             if idle >= idle_limit:
                 logger.info(
@@ -442,8 +448,8 @@ class StudyRunner:
             counts = finished and finished[-1].user_attrs.get("outcome") in COUNTED_OUTCOMES
             idle = 0 if counts else idle + 1
         done = converged or len(counted_trials(study.get_trials(deepcopy=False))) >= target
-        if done:
-            study.set_user_attr("complete", True)
+        if done:  # the target it was completed for: a rerun with a larger budget continues it
+            study.set_user_attr("complete", target)
         return done
 
     # -- one trial -----------------------------------------------------------------------------

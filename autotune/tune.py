@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -19,9 +20,17 @@ from optuna.trial import FrozenTrial, TrialState
 from kernels import RopeSpec, provider_names
 from kernels.table import TIMING_MODES, device_metadata, empty_table
 
+from .distributed import DEFAULT_GRACE_S, run_worker
 from .export import build_tables, write_device_table
 from .models import DEFAULT_TOKENS
-from .search import COUNTED_OUTCOMES, StudyKey, StudyRunner, device_tag, open_storage
+from .search import (
+    COUNTED_OUTCOMES,
+    StudyKey,
+    StudyRunner,
+    default_storage_path,
+    device_tag,
+    open_storage,
+)
 
 __all__ = [
     "CPU_DEFAULT_TRIALS",
@@ -93,6 +102,8 @@ def tune(
     progress: bool = True,
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
     time_kwargs: Mapping[str, Any] | None = None,
+    devices: Sequence[torch.device | str] | None = None,
+    claim_grace_s: float = DEFAULT_GRACE_S,
 ) -> dict[str, Any]:
     """Tune RoPE for ``specs`` at every token count in ``tokens`` on one device.
 
@@ -100,6 +111,10 @@ def tune(
     (resuming studies already in ``storage``), then builds the device's table from the
     finished studies. Ctrl-C stops after failing the trial in flight; what is finished is still
     written, and calling again with the same arguments resumes.
+
+    With ``devices``, one worker process per device shares the studies through ``storage``
+    (see :mod:`autotune.distributed`); other hosts may run the same call on the same RDB
+    storage at the same time.
 
     Args:
         specs: Shapes to tune.
@@ -120,6 +135,11 @@ def tune(
         callbacks: Extra Optuna trial callbacks, called after each trial.
         time_kwargs: Extra arguments to :func:`autotune.measure.time_rope` (e.g. fewer
             ``repeats`` for a quick run).
+        devices: Run one worker process per device instead (``["cuda:0", "cuda:1"]``, or
+            ``["cpu", "cpu"]``); all of one device type, since they fill one table. Not with
+            ``device``, ``callbacks`` or a storage object (workers open ``storage`` themselves).
+        claim_grace_s: Seconds without a heartbeat after which another worker takes over a
+            study (at once when the owner was on this host and its process is gone).
 
     Returns:
         The table of this run's finished studies (schema of :mod:`kernels.table`): its
@@ -143,13 +163,18 @@ def tune(
     unknown = sorted(set(providers) - set(provider_names()))
     if unknown or not providers:
         raise ValueError(f"providers: expected names from {provider_names()}, got {providers}")
+    if devices is not None:
+        worker_devices = _check_devices(devices, device, callbacks, storage)
+        device = worker_devices[0]
     device = resolve_device(device)
     if trials is None:
         trials = DEFAULT_TRIALS if device.type == "cuda" else CPU_DEFAULT_TRIALS
     if not isinstance(trials, int) or trials <= 0:
         raise ValueError(f"trials: expected a positive int, got {trials!r}")
+    storage_url = storage
     if not isinstance(storage, optuna.storages.BaseStorage):
-        storage = open_storage(storage)
+        storage_url = str(default_storage_path() if storage is None else storage)
+        storage = open_storage(storage_url)
     metadata = device_metadata(device)
     device_name = metadata["device_name"]
 
@@ -165,13 +190,16 @@ def tune(
         time_kwargs=dict(time_kwargs or {}),
     )
     keys = _study_keys(runner, specs, buckets, modes, providers)
-    progress_bar.start(sum(runner.remaining(k, runner.space(k.spec, k.providers)) for k in keys))
+    progress_bar.start(sum(runner.remaining(k) for k in keys))
     interrupted = False
     try:
         with progress_bar:
-            for key in keys:
-                progress_bar.describe(key)
-                runner.run(key)
+            if devices is None:
+                run_worker(runner, keys, grace_s=claim_grace_s, on_study=progress_bar.describe)
+            else:
+                _run_processes(
+                    worker_devices, runner, keys, storage_url, claim_grace_s, progress_bar
+                )
     except KeyboardInterrupt:
         interrupted = True
         logger.warning("interrupted: writing finished studies; run the same command to resume")
@@ -188,6 +216,106 @@ def tune(
     if interrupted:
         raise KeyboardInterrupt
     return table
+
+
+def _check_devices(devices, device, callbacks, storage) -> list[torch.device]:
+    """The worker devices, after checking they fit together.
+
+    Raises:
+        ValueError: a conflicting argument, two workers on one GPU, or devices of different
+            names (they would need different tables).
+    """
+    if device is not None or callbacks or isinstance(storage, optuna.storages.BaseStorage):
+        raise ValueError("devices: not with device, callbacks or a storage object")
+    resolved = [resolve_device(d) for d in devices]
+    if not resolved:
+        raise ValueError("devices: expected at least one device")
+    gpus = [d for d in resolved if d.type == "cuda"]
+    if len(set(gpus)) != len(gpus):  # two timers on one GPU would disturb each other
+        raise ValueError(f"devices: each GPU at most once, got {[str(d) for d in resolved]}")
+    names = {device_metadata(d)["device_name"] for d in resolved}
+    if len(names) > 1:
+        raise ValueError(
+            f"devices: expected devices of one kind (they fill one table), got {sorted(names)}"
+        )
+    return resolved
+
+
+def _run_processes(devices, runner, keys, storage_url, grace_s, progress_bar) -> None:
+    """One spawned worker process per device on the shared storage; the progress bar follows
+    the storage. A worker that dies is reported; the others take over its studies."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    level = logging.getLogger("autotune").getEffectiveLevel()
+    workers = []
+    for index, device in enumerate(devices):
+        args = (
+            index,
+            len(devices),
+            str(device),
+            keys,
+            storage_url,
+            runner.trials,
+            runner.seed,
+            dict(runner.time_kwargs),
+            grace_s,
+            level,
+        )
+        process = context.Process(target=_worker_main, args=args, name=f"autotune-{index}")
+        process.start()
+        workers.append(process)
+    reported = set()
+    remaining = progress_bar.total
+    try:
+        while any(w.is_alive() for w in workers):
+            time.sleep(1.0)
+            left = sum(runner.remaining(k) for k in keys)
+            progress_bar.advance(remaining - left)
+            remaining = left
+            for index, w in enumerate(workers):
+                if w.exitcode not in (None, 0) and index not in reported:
+                    reported.add(index)
+                    logger.warning(
+                        "worker %d (%s) died with exit code %s; the others take over its studies",
+                        index,
+                        devices[index],
+                        w.exitcode,
+                    )
+    except KeyboardInterrupt:
+        for w in workers:  # they got the same SIGINT: let them fail their trial and release
+            w.join(timeout=30)
+            if w.is_alive():
+                w.terminate()
+        raise
+    progress_bar.advance(remaining - sum(runner.remaining(k) for k in keys))
+
+
+def _worker_main(
+    index, count, device, keys, storage_url, trials, seed, time_kwargs, grace_s, level
+) -> None:
+    """A worker process: the studies of ``keys`` on ``device``, claiming each first."""
+    import sys
+
+    logging.basicConfig(level=level, format=f"%(levelname)s worker {index} %(name)s: %(message)s")
+    optuna.logging.set_verbosity(logging.INFO if level <= logging.DEBUG else logging.ERROR)
+    device = resolve_device(device)
+    metadata = device_metadata(device)
+    storage = open_storage(storage_url)
+    runner = StudyRunner(
+        storage, device, metadata["device_name"], metadata, trials, seed, time_kwargs=time_kwargs
+    )
+    try:
+        run_worker(
+            runner,
+            keys,
+            index=index,
+            count=count,
+            worker=f"worker{index}@{device}",
+            grace_s=grace_s,
+        )
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def _study_keys(
@@ -220,11 +348,17 @@ class _Progress:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.bar = None
+        self.total = 0
 
     def start(self, total: int) -> None:
         from tqdm.auto import tqdm
 
+        self.total = total
         self.bar = tqdm(total=total, unit="trial", disable=not self.enabled, dynamic_ncols=True)
+
+    def advance(self, count: int) -> None:
+        if self.bar is not None and count > 0:
+            self.bar.update(count)
 
     def __enter__(self) -> _Progress:
         from tqdm.contrib.logging import logging_redirect_tqdm
