@@ -1,0 +1,418 @@
+"""``python -m autotune``: the command line over :func:`autotune.tune` and
+:func:`autotune.export_tables`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import optuna
+import torch
+
+from kernels import RopeSpec, parse_dtype, provider_names
+from kernels.table import TIMING_MODES, user_config_dir
+
+from .export import export_tables
+from .models import (
+    CPU_DEFAULT_TOKENS,
+    DEFAULT_DTYPES,
+    DEFAULT_TOKENS,
+    MODEL_PRESETS,
+    default_specs,
+    get_preset,
+    load_hf_config,
+    parse_tokens,
+    shard_heads,
+    spec_from_hf_config,
+    unique_specs,
+)
+from .search import default_storage_path, open_storage
+from .tune import DeviceError, format_summary, resolve_device, tune
+
+__all__ = ["build_export_parser", "build_parser", "main", "specs_from_args"]
+
+logger = logging.getLogger("autotune")
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _tokens(text: str) -> list[int]:
+    try:
+        return parse_tokens(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _dtypes(text: str) -> list[torch.dtype]:
+    try:
+        return list(dict.fromkeys(parse_dtype(item) for item in _comma_list(text)))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _providers(text: str) -> list[str]:
+    names = _comma_list(text)
+    unknown = [n for n in names if n not in provider_names()]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of {provider_names()}, got {text!r}"
+        )
+    return names
+
+
+def _timing(text: str) -> list[str]:
+    modes = list(dict.fromkeys(_comma_list(text)))
+    if not modes or any(m not in TIMING_MODES for m in modes):
+        raise argparse.ArgumentTypeError(f"expected graph, eager or graph,eager, got {text!r}")
+    return modes
+
+
+def _add_logging_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="debug messages and Optuna's per-trial log (e.g. --verbose)",
+    )
+    parser.add_argument(
+        "--quiet",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="warnings only, no progress bar or summary (e.g. --quiet)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The tuning command's parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m autotune",
+        description=(
+            "Search RoPE providers and Triton kernel configs with Optuna for a model's shape "
+            "space on one device, and write the device's tuning table. Without a shape flag, "
+            "tunes the default space (popular models, bf16 and fp16, 1 to 65536 tokens; a "
+            "trimmed one on the CPU)."
+        ),
+        epilog=(
+            "Export a table from a study storage: python -m autotune export --storage URL "
+            "--output DIR (see python -m autotune export --help)."
+        ),
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="device to tune, e.g. --device cuda:0 or --device cpu "
+        "(default: the first CUDA device, else the CPU)",
+    )
+    shapes = parser.add_argument_group("shapes (combine freely; none: the default space)")
+    shapes.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME",
+        help="a model preset, repeatable, e.g. --model llama-3-8b "
+        "--model phi-2 (see --list-models)",
+    )
+    shapes.add_argument(
+        "--list-models",
+        action="store_true",
+        help="print the model presets and exit, e.g. --list-models",
+    )
+    shapes.add_argument(
+        "--model-config",
+        action="append",
+        metavar="PATH",
+        help="a Hugging Face config.json (or its directory), repeatable, "
+        "e.g. --model-config ~/models/Llama-3-8B/config.json",
+    )
+    shapes.add_argument(
+        "--tensor-parallel-size",
+        type=_positive_int,
+        metavar="N",
+        help="GPUs the heads are split over (vLLM's split), applied to every "
+        "shape source, e.g. --tensor-parallel-size 4 (default: 1, or a "
+        "preset's own sizes)",
+    )
+    shapes.add_argument(
+        "--head-size",
+        type=_positive_int,
+        help="explicit spec: elements per head, e.g. --head-size 128",
+    )
+    shapes.add_argument(
+        "--rotary-dim",
+        type=_positive_int,
+        help="explicit spec: rotated elements per head, e.g. --rotary-dim 64 "
+        "(default: the head size)",
+    )
+    shapes.add_argument(
+        "--num-heads", type=_positive_int, help="explicit spec: query heads, e.g. --num-heads 32"
+    )
+    shapes.add_argument(
+        "--num-kv-heads",
+        type=_positive_int,
+        help="explicit spec: key heads, e.g. --num-kv-heads 8 (default: --num-heads)",
+    )
+    shapes.add_argument(
+        "--is-neox-style",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rope style of the explicit spec or --model-config, e.g. "
+        "--no-is-neox-style for GPT-J style (default: NeoX, or the "
+        "model's own)",
+    )
+    shapes.add_argument(
+        "--dtype",
+        type=_dtypes,
+        metavar="DTYPES",
+        help="element types, comma list of bfloat16/float16/float32 "
+        "(bf16/fp16/fp32), e.g. --dtype bf16,fp16 (default: bf16,fp16; "
+        "bf16 on the CPU; a config's torch_dtype)",
+    )
+    parser.add_argument(
+        "--tokens",
+        type=_tokens,
+        help="token buckets, e.g. --tokens 1,16,256 (default: 1,2,4,...,65536; "
+        f"{','.join(map(str, CPU_DEFAULT_TOKENS))} on the CPU)",
+    )
+    parser.add_argument(
+        "--providers",
+        type=_providers,
+        help=f"providers to search, e.g. --providers triton,vllm (default: "
+        f"all of {','.join(provider_names())} that run here)",
+    )
+    parser.add_argument(
+        "--trials",
+        type=_positive_int,
+        help="counted trials per spec and bucket, e.g. --trials 64 (default: "
+        "48 on CUDA, 16 on the CPU)",
+    )
+    parser.add_argument(
+        "--timing",
+        type=_timing,
+        default=["graph"],
+        help="timing mode(s): graph (CUDA graph replay), eager (host wall time "
+        "per call), or both, e.g. --timing graph,eager",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        metavar="DIR",
+        help="directory the table is merged into, e.g. --output configs "
+        f"(default: {user_config_dir()}, where select_rope looks)",
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="Optuna storage shared by runs and workers, e.g. --storage "
+        "postgresql://user@host/db or --storage ./studies.journal "
+        f"(default: {default_storage_path()})",
+    )
+    parser.add_argument(
+        "--save-path",
+        default=None,
+        metavar="DIR",
+        help="also write every measurement as <device>.csv here, e.g. --save-path results/",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for the samplers and the random inputs, e.g. --seed 0",
+    )
+    _add_logging_flags(parser)
+    return parser
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    """The ``export`` command's parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m autotune export",
+        description="Write the tables of the studies in a storage (one file per device, merged "
+        "into existing files), e.g. while workers are still tuning.",
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="the Optuna storage, e.g. --storage postgresql://user@host/db "
+        f"(default: {default_storage_path()})",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        metavar="DIR",
+        help=f"directory for the tables, e.g. --output configs (default: {user_config_dir()})",
+    )
+    parser.add_argument(
+        "--include-partial",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also use studies still short of their trial budget, e.g. --include-partial",
+    )
+    _add_logging_flags(parser)
+    return parser
+
+
+def specs_from_args(args: argparse.Namespace, device: torch.device) -> list[RopeSpec]:
+    """The specs the flags ask for, or the default space for ``device`` when none does.
+
+    Raises:
+        ValueError: flags that do not fit together; the message names them.
+    """
+    tp = args.tensor_parallel_size
+    explicit = args.head_size is not None or args.num_heads is not None
+    if not explicit and (args.rotary_dim is not None or args.num_kv_heads is not None):
+        raise ValueError(
+            "--rotary-dim and --num-kv-heads describe an explicit spec: "
+            "add --head-size and --num-heads"
+        )
+    if args.is_neox_style is not None and not (explicit or args.model_config):
+        raise ValueError("--is-neox-style applies to an explicit spec or --model-config")
+    specs: list[RopeSpec] = []
+    for name in args.model or ():
+        preset = get_preset(name)
+        specs += preset.specs(args.dtype or DEFAULT_DTYPES, None if tp is None else [tp])
+    for path in args.model_config or ():
+        config = load_hf_config(path)
+        for dtype in args.dtype or [None]:
+            specs.append(
+                spec_from_hf_config(
+                    config, tensor_parallel_size=tp or 1, dtype=dtype, is_neox=args.is_neox_style
+                )
+            )
+    if explicit:
+        if args.head_size is None or args.num_heads is None:
+            raise ValueError("an explicit spec needs both --head-size and --num-heads")
+        heads, kv_heads = shard_heads(args.num_heads, args.num_kv_heads or args.num_heads, tp or 1)
+        for dtype in args.dtype or [torch.bfloat16]:
+            specs.append(
+                RopeSpec(
+                    args.head_size,
+                    args.head_size if args.rotary_dim is None else args.rotary_dim,
+                    heads,
+                    kv_heads,
+                    True if args.is_neox_style is None else args.is_neox_style,
+                    dtype,
+                )
+            )
+    if not specs:
+        specs = default_specs(device)
+        if args.dtype is not None or tp is not None:
+            wanted = set(args.dtype or {s.dtype for s in specs})
+            presets = MODEL_PRESETS.values()
+            if device.type == "cpu":
+                from .models import CPU_DEFAULT_MODELS
+
+                presets = [MODEL_PRESETS[n] for n in CPU_DEFAULT_MODELS]
+            specs = [
+                s
+                for p in presets
+                for s in p.specs(sorted(wanted, key=str), None if tp is None else [tp])
+            ]
+    return unique_specs(specs)
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    # Optuna's per-trial INFO lines would drown the progress bar; our own log says what matters.
+    optuna.logging.set_verbosity(logging.INFO if verbose else logging.ERROR)
+
+
+def _list_models() -> str:
+    lines = []
+    for preset in MODEL_PRESETS.values():
+        style = "neox" if preset.is_neox else "gptj"
+        lines.append(
+            f"{preset.name:<14} head {preset.head_size:>3}, rotary {preset.rotary_dim:>3}, "
+            f"heads {preset.num_heads:>3}/{preset.num_kv_heads:<3} {style:<4} "
+            f"TP {','.join(map(str, preset.tp_sizes)):<8} {preset.description}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2: bad arguments or no such device,
+    130: interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export"]:
+        return _export(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_models:
+        print(_list_models())
+        return 0
+    if args.verbose and args.quiet:
+        parser.error("--verbose and --quiet exclude each other")
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        device = resolve_device(args.device)
+        specs = specs_from_args(args, device)
+    except DeviceError as exc:
+        print(f"python -m autotune: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        parser.error(str(exc))
+    tokens = args.tokens or (CPU_DEFAULT_TOKENS if device.type == "cpu" else DEFAULT_TOKENS)
+    logger.info(
+        "tuning %d specs x %d token buckets x %s on %s",
+        len(specs),
+        len(tokens),
+        "+".join(args.timing),
+        device,
+    )
+    try:
+        table = tune(
+            specs,
+            tokens,
+            device=device,
+            providers=args.providers,
+            trials=args.trials,
+            timing=args.timing,
+            storage=args.storage,
+            output=user_config_dir() if args.output is None else args.output,
+            save_path=args.save_path,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        print("python -m autotune: interrupted; run the same command to resume", file=sys.stderr)
+        return 130
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not args.quiet:
+        print(format_summary(table))
+    return 0
+
+
+def _export(argv: Sequence[str]) -> int:
+    parser = build_export_parser()
+    args = parser.parse_args(argv)
+    if args.verbose and args.quiet:
+        parser.error("--verbose and --quiet exclude each other")
+    _setup_logging(args.verbose, args.quiet)
+    storage = open_storage(args.storage)
+    written = export_tables(
+        storage,
+        user_config_dir() if args.output is None else args.output,
+        include_partial=args.include_partial,
+    )
+    if not written:
+        logger.warning("no finished study in the storage: nothing written")
+    for device_name, path in written.items():
+        if not args.quiet:
+            print(f"{device_name}: {path}")
+    return 0

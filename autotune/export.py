@@ -1,0 +1,146 @@
+"""Tables from studies: the tuner writes its table with this, and so does ``export``.
+
+Every study records what it tunes in its user attributes (device name, timing mode, spec key,
+token bucket, the device's metadata header), so a table can be built from the storage alone,
+on any machine, while workers are still running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from kernels import provider_names
+from kernels.table import (
+    TableError,
+    device_table_name,
+    empty_table,
+    merge_tables,
+    read_table,
+    write_table,
+)
+
+__all__ = ["best_entry", "build_tables", "export_tables", "write_device_table"]
+
+logger = logging.getLogger(__name__)
+
+
+def best_entry(trials: Iterable[optuna.trial.FrozenTrial]) -> dict[str, Any] | None:
+    """The table entry for one bucket from its measured trials, or None when none was measured.
+
+    Only trials that passed the correctness gate and were timed (``outcome`` ``measured``)
+    count; failed, pruned and duplicate trials never win.
+    """
+    best: dict[str, Any] | None = None
+    providers_us: dict[str, float] = {}
+    for trial in trials:
+        attrs = trial.user_attrs
+        if trial.state != TrialState.COMPLETE or attrs.get("outcome") != "measured":
+            continue
+        provider, median = attrs["provider"], float(attrs["median_us"])
+        providers_us[provider] = min(median, providers_us.get(provider, median))
+        if best is None or median < best["median_us"]:
+            best = {
+                "provider": provider,
+                "config": dict(attrs.get("config") or {}),
+                "median_us": median,
+                "p20_us": float(attrs["p20_us"]),
+                "p80_us": float(attrs["p80_us"]),
+            }
+    if best is None:
+        return None
+    best["providers_us"] = dict(sorted(providers_us.items()))
+    return best
+
+
+def build_tables(
+    storage: optuna.storages.BaseStorage,
+    *,
+    study_names: Iterable[str] | None = None,
+    include_partial: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Tables built from the studies in ``storage``, one per device name.
+
+    Studies of the same device, mode, spec and bucket (run with different provider sets) are
+    combined: their measured trials compete together.
+
+    Args:
+        storage: The Optuna storage.
+        study_names: Only these studies; None for every rope-autotune study.
+        include_partial: Also use studies that have not reached their trial budget.
+
+    Returns:
+        ``{device_name: table}`` in the schema of :mod:`kernels.table` (not yet validated).
+    """
+    wanted = None if study_names is None else set(study_names)
+    groups: dict[tuple[str, str, str, int], list[optuna.trial.FrozenTrial]] = {}
+    metadata: dict[str, Mapping[str, Any]] = {}
+    for study in storage.get_all_studies():
+        attrs = study.user_attrs
+        if wanted is not None and study.study_name not in wanted:
+            continue
+        if "spec" not in attrs or not (include_partial or attrs.get("complete")):
+            continue
+        device_name = attrs["device_name"]
+        meta = attrs.get("metadata") or {"device_name": device_name}
+        if device_name not in metadata or meta.get("updated", "") > metadata[device_name].get(
+            "updated", ""
+        ):
+            metadata[device_name] = meta
+        group = (device_name, attrs["mode"], attrs["spec"], int(attrs["tokens"]))
+        trials = storage.get_all_trials(
+            study._study_id, deepcopy=False, states=(TrialState.COMPLETE,)
+        )
+        groups.setdefault(group, []).extend(trials)
+
+    tables: dict[str, dict[str, Any]] = {}
+    for (device_name, mode, spec_key, tokens), trials in sorted(groups.items()):
+        entry = best_entry(trials)
+        if entry is None:
+            continue
+        table = tables.setdefault(device_name, empty_table(metadata[device_name]))
+        table["entries"].setdefault(mode, {}).setdefault(spec_key, {})[str(tokens)] = entry
+    return tables
+
+
+def write_device_table(output: str | os.PathLike, table: Mapping[str, Any]) -> Path:
+    """Merge ``table`` into its device's file under ``output`` and write it atomically.
+
+    Entries of the existing file that ``table`` does not re-tune are kept. An existing file
+    that cannot be read is reported and replaced.
+    """
+    path = Path(output) / device_table_name(table["metadata"]["device_name"])
+    old = None
+    if path.exists():
+        try:
+            old = read_table(path)
+        except TableError as exc:
+            logger.warning("replacing an unreadable table: %s", exc)
+    return write_table(path, merge_tables(old, table), known_providers=provider_names())
+
+
+def export_tables(
+    storage: optuna.storages.BaseStorage,
+    output: str | os.PathLike,
+    *,
+    study_names: Iterable[str] | None = None,
+    include_partial: bool = False,
+) -> dict[str, Path]:
+    """Build the tables of ``storage``'s studies and merge each into its device's file.
+
+    Returns:
+        ``{device_name: path written}``.
+    """
+    written = {}
+    for device_name, table in build_tables(
+        storage, study_names=study_names, include_partial=include_partial
+    ).items():
+        written[device_name] = write_device_table(output, table)
+        logger.info("wrote %s", written[device_name])
+    return written

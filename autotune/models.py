@@ -1,0 +1,273 @@
+"""The shape space to tune: model presets, Hugging Face configs, token buckets.
+
+A model's attention layer becomes one :class:`~kernels.RopeSpec` per tensor-parallel size and
+dtype. Tensor parallelism splits query heads evenly and key heads the way vLLM does: each GPU
+holds ``max(1, num_kv_heads // tp)`` key heads (a kv head is replicated when there are fewer kv
+heads than GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kernels import RopeSpec, parse_dtype
+
+__all__ = [
+    "CPU_DEFAULT_MODELS",
+    "CPU_DEFAULT_TOKENS",
+    "DEFAULT_DTYPES",
+    "DEFAULT_TOKENS",
+    "MODEL_PRESETS",
+    "ModelPreset",
+    "default_specs",
+    "get_preset",
+    "load_hf_config",
+    "parse_tokens",
+    "shard_heads",
+    "spec_from_hf_config",
+    "unique_specs",
+]
+
+# Token buckets 1, 2, 4, ..., 65536: decode batches up to long prefills.
+DEFAULT_TOKENS: tuple[int, ...] = tuple(2**i for i in range(17))
+DEFAULT_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
+# The CPU run is for a quick real table and for smoke tests: fewer models and buckets.
+CPU_DEFAULT_TOKENS: tuple[int, ...] = (1, 4, 16, 64, 256, 1024)
+CPU_DEFAULT_MODELS: tuple[str, ...] = ("llama-3-8b", "gpt-j-6b", "phi-2")
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """The RoPE shape of one model family's attention layer, before tensor parallelism.
+
+    Attributes:
+        name: Name accepted by ``--model``.
+        description: One line for ``--list-models``.
+        head_size: Elements per head.
+        rotary_dim: Leading elements of each head that rotate.
+        num_heads: Query heads of the whole model.
+        num_kv_heads: Key heads of the whole model.
+        is_neox: NeoX style (True) or GPT-J style (False).
+        tp_sizes: Tensor-parallel sizes tuned by default.
+    """
+
+    name: str
+    description: str
+    head_size: int
+    rotary_dim: int
+    num_heads: int
+    num_kv_heads: int
+    is_neox: bool = True
+    tp_sizes: tuple[int, ...] = (1,)
+
+    def specs(
+        self,
+        dtypes: Iterable[torch.dtype] = DEFAULT_DTYPES,
+        tp_sizes: Iterable[int] | None = None,
+    ) -> list[RopeSpec]:
+        """One spec per tensor-parallel size and dtype.
+
+        Raises:
+            ValueError: a tensor-parallel size does not divide the query heads.
+        """
+        specs = []
+        for tp in self.tp_sizes if tp_sizes is None else tp_sizes:
+            heads, kv_heads = shard_heads(self.num_heads, self.num_kv_heads, tp)
+            for dtype in dtypes:
+                specs.append(
+                    RopeSpec(self.head_size, self.rotary_dim, heads, kv_heads, self.is_neox, dtype)
+                )
+        return specs
+
+
+def shard_heads(num_heads: int, num_kv_heads: int, tp: int) -> tuple[int, int]:
+    """Query and key heads on one GPU at tensor-parallel size ``tp`` (vLLM's split).
+
+    Raises:
+        ValueError: ``tp`` is not a positive divisor of ``num_heads``.
+    """
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp <= 0:
+        raise ValueError(f"tensor_parallel_size: expected a positive int, got {tp!r}")
+    if num_heads % tp:
+        raise ValueError(
+            f"tensor_parallel_size: expected a divisor of num_heads={num_heads}, got {tp}"
+        )
+    return num_heads // tp, max(1, num_kv_heads // tp)
+
+
+_PRESETS = (
+    ModelPreset(
+        "llama-3-8b", "Llama-3 8B (also Llama-3.1 8B)", 128, 128, 32, 8, tp_sizes=(1, 2, 4, 8)
+    ),
+    ModelPreset(
+        "llama-3-70b",
+        "Llama-3 70B (also Llama-3.1/3.3 70B)",
+        128,
+        128,
+        64,
+        8,
+        tp_sizes=(1, 2, 4, 8),
+    ),
+    ModelPreset("qwen2.5-7b", "Qwen2.5 7B", 128, 128, 28, 4),
+    ModelPreset("mistral-7b", "Mistral 7B", 128, 128, 32, 8),
+    ModelPreset("gemma-2-9b", "Gemma-2 9B (head 256)", 256, 256, 16, 8),
+    ModelPreset(
+        "gpt-j-6b", "GPT-J 6B (GPT-J style, rotary 64 of head 256)", 256, 64, 16, 16, is_neox=False
+    ),
+    ModelPreset("pythia-6.9b", "Pythia 6.9B / GPT-NeoX (rotary 25% of head 128)", 128, 32, 32, 32),
+    ModelPreset("phi-2", "Phi-2 (head 80, rotary 32)", 80, 32, 32, 32),
+    # MLA: only the decoupled rope part rotates, 64 dims, one key head shared by all queries.
+    ModelPreset(
+        "deepseek-v2",
+        "DeepSeek-V2 rope part (64 dims, GPT-J style, one kv head)",
+        64,
+        64,
+        128,
+        1,
+        is_neox=False,
+    ),
+)
+MODEL_PRESETS: dict[str, ModelPreset] = {preset.name: preset for preset in _PRESETS}
+
+
+def get_preset(name: str) -> ModelPreset:
+    """The preset called ``name`` (case-insensitive).
+
+    Raises:
+        ValueError: no such preset; the message lists them.
+    """
+    preset = MODEL_PRESETS.get(name.strip().lower())
+    if preset is None:
+        raise ValueError(f"model: expected one of {sorted(MODEL_PRESETS)}, got {name!r}")
+    return preset
+
+
+def unique_specs(specs: Iterable[RopeSpec]) -> list[RopeSpec]:
+    """``specs`` without repeats, in first-seen order (presets share shapes, e.g. Mistral and
+    Llama-3 8B)."""
+    return list(dict.fromkeys(specs))
+
+
+def default_specs(device: torch.device | str) -> list[RopeSpec]:
+    """The default shape space: every preset on a GPU; a few models in bfloat16 on the CPU."""
+    if torch.device(device).type == "cpu":
+        presets = [MODEL_PRESETS[name] for name in CPU_DEFAULT_MODELS]
+        return unique_specs(s for p in presets for s in p.specs((torch.bfloat16,), (1,)))
+    return unique_specs(s for p in _PRESETS for s in p.specs())
+
+
+def parse_tokens(text: str | Sequence[int]) -> list[int]:
+    """Token buckets from ``"1,16,256"`` (or a sequence of ints), sorted, without repeats.
+
+    Raises:
+        ValueError: an item is not a positive integer, or there is none.
+    """
+    items = text.split(",") if isinstance(text, str) else list(text)
+    buckets = set()
+    for item in items:
+        try:
+            value = int(str(item).strip())
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise ValueError(f"tokens: expected positive integers like 1,16,256, got {item!r}")
+        buckets.add(value)
+    if not buckets:
+        raise ValueError("tokens: expected at least one token count")
+    return sorted(buckets)
+
+
+# -- Hugging Face configs ------------------------------------------------------------------------
+
+# model_type values whose rope pairs interleaved elements (GPT-J style), as vLLM builds them.
+_GPTJ_STYLE_MODEL_TYPES = frozenset(
+    {"gptj", "codegen", "chatglm", "glm", "deepseek_v2", "deepseek_v3", "kimi_k2"}
+)
+
+
+def load_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a Hugging Face ``config.json`` (a file, or a directory holding one).
+
+    Raises:
+        ValueError: the file is missing or not a JSON object.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"model_config: cannot read {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"model_config: expected a JSON object in {path}")
+    return config
+
+
+def _first(config: Mapping[str, Any], *names: str) -> Any:
+    for name in names:
+        if config.get(name) is not None:
+            return config[name]
+    return None
+
+
+def spec_from_hf_config(
+    config: Mapping[str, Any],
+    *,
+    tensor_parallel_size: int = 1,
+    dtype: torch.dtype | str | None = None,
+    is_neox: bool | None = None,
+) -> RopeSpec:
+    """The RoPE spec of one GPU's share of a Hugging Face model.
+
+    Reads ``head_dim`` (else ``hidden_size / num_attention_heads``; GPT-J's ``n_embd`` and
+    ``n_head`` too), ``num_key_value_heads`` (default: all heads), the rotated part from
+    ``partial_rotary_factor``, ``rotary_pct`` (GPT-NeoX) or ``rotary_dim`` (GPT-J), and
+    DeepSeek's ``qk_rope_head_dim`` (only the decoupled rope part rotates, with one key head).
+
+    Args:
+        config: The decoded ``config.json``.
+        tensor_parallel_size: GPUs the heads are split over.
+        dtype: Element type; default the config's ``torch_dtype``, else bfloat16.
+        is_neox: Rope style; default from ``model_type`` (GPT-J style for GPT-J, CodeGen,
+            ChatGLM and DeepSeek-V2/V3, NeoX style otherwise).
+
+    Raises:
+        ValueError: a field is missing or inconsistent; the message names it.
+    """
+    model_type = str(config.get("model_type", "")).lower()
+    num_heads = _first(config, "num_attention_heads", "n_head", "num_heads")
+    if not isinstance(num_heads, int) or num_heads <= 0:
+        raise ValueError(f"model_config: num_attention_heads missing or invalid: {num_heads!r}")
+    if config.get("qk_rope_head_dim") is not None:  # MLA (DeepSeek-V2/V3): the rope part alone
+        head_size = rotary_dim = int(config["qk_rope_head_dim"])
+        num_kv_heads = 1
+    else:
+        head_size = config.get("head_dim")
+        if head_size is None:
+            hidden = _first(config, "hidden_size", "n_embd", "d_model")
+            if not isinstance(hidden, int) or hidden % num_heads:
+                raise ValueError(
+                    "model_config: expected head_dim, or hidden_size divisible by "
+                    f"num_attention_heads={num_heads}, got hidden_size={hidden!r}"
+                )
+            head_size = hidden // num_heads
+        head_size = int(head_size)
+        num_kv_heads = int(_first(config, "num_key_value_heads", "n_head_kv") or num_heads)
+        if config.get("rotary_dim") is not None:
+            rotary_dim = int(config["rotary_dim"])
+        else:
+            factor = _first(config, "partial_rotary_factor", "rotary_pct")
+            rotary_dim = head_size if factor is None else int(head_size * float(factor))
+    if dtype is None:
+        dtype = config.get("torch_dtype") or config.get("dtype") or torch.bfloat16
+    if is_neox is None:
+        is_neox = model_type not in _GPTJ_STYLE_MODEL_TYPES
+    heads, kv_heads = shard_heads(num_heads, num_kv_heads, tensor_parallel_size)
+    return RopeSpec(head_size, rotary_dim, heads, kv_heads, is_neox, parse_dtype(dtype))

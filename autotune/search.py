@@ -1,0 +1,573 @@
+"""One Optuna study per (device, timing mode, spec, token bucket): the candidates, the sampler,
+the objective, and the loop that runs a study to its trial budget (resuming where it stopped).
+
+Trial outcomes, recorded in the trial's ``outcome`` user attribute:
+
+=============  ========  ======================================================  =========
+outcome        state     meaning                                                 budget
+=============  ========  ======================================================  =========
+``measured``   COMPLETE  passed the correctness gate and was timed               counts
+``duplicate``  COMPLETE  same provider and config as an earlier trial: its value  no
+``wrong``      FAIL      wrong result against the float64 reference              counts
+``error``      FAIL      compile error, out of memory, any other kernel error    counts
+``invalid``    PRUNED    the provider rejects the config (e.g. register spills)  no
+(none)         FAIL      interrupted, or its worker died                         no
+=============  ========  ======================================================  =========
+
+The budget counts measurements. Invalid configs and repeats cost milliseconds (no kernel runs)
+and teach the sampler where not to go (an invalid config is a pruned trial, ranked below every
+measured one), so they do not use it up; a study whose sampler keeps proposing only those stops
+after enough of them in a row (it has converged). Interrupted trials are redone on
+resume.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from kernels import RopeSpec, get_provider
+from kernels.table import device_table_name
+
+__all__ = [
+    "COUNTED_OUTCOMES",
+    "GATE_TOKENS",
+    "Candidate",
+    "CandidateSpace",
+    "StudyKey",
+    "StudyRunner",
+    "counted_trials",
+    "default_storage_path",
+    "device_tag",
+    "open_storage",
+    "study_name",
+]
+
+logger = logging.getLogger(__name__)
+
+# Outcomes that use up a study's trial budget (see the module docstring).
+COUNTED_OUTCOMES = frozenset({"measured", "wrong", "error"})
+# The correctness gate's token count: odd, and more than the largest token block (64), so a
+# full block and a masked partial block are both checked.
+GATE_TOKENS = 101
+# Asks that measure nothing (invalid or repeated configs) a study tolerates per unit of budget,
+# beyond a fixed allowance, before it counts as converged.
+_MAX_IDLE_ASKS_PER_TRIAL = 4
+_MAX_IDLE_ASKS = 20
+# Heartbeat for RDB storages (PostgreSQL, SQLite): a trial whose worker has been silent for the
+# grace period is failed by the next worker that starts a trial in the study.
+HEARTBEAT_INTERVAL_S = 10
+HEARTBEAT_GRACE_S = 60
+
+
+class CandidateError(Exception):
+    """A candidate that ran but must never win: wrong result, compile error, out of memory."""
+
+
+# -- storage -------------------------------------------------------------------------------------
+
+
+def default_storage_path() -> Path:
+    """The journal file used when no ``--storage`` is given (in the user cache directory)."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("rope-autotune")) / "studies.journal"
+
+
+def open_storage(url: str | os.PathLike | None = None) -> optuna.storages.BaseStorage:
+    """Open an Optuna storage.
+
+    Args:
+        url: ``postgresql://...``, ``mysql://...`` or ``sqlite:///...`` for Optuna's RDB storage
+            (with a heartbeat, so trials of a dead worker are failed); a file path (optionally
+            ``journal:PATH``) for a journal file; None for :func:`default_storage_path`.
+    """
+    if url is not None and "://" in str(url):
+        return optuna.storages.RDBStorage(
+            str(url),
+            engine_kwargs={"pool_pre_ping": True},
+            heartbeat_interval=HEARTBEAT_INTERVAL_S,
+            grace_period=HEARTBEAT_GRACE_S,
+        )
+    path = Path(str(url).removeprefix("journal:")) if url is not None else default_storage_path()
+    path = path.expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The open()-based lock works on any file system; the default symlink lock needs symlinks.
+    lock = optuna.storages.journal.JournalFileOpenLock(str(path))
+    return optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(path), lock_obj=lock)
+    )
+
+
+# -- candidates ----------------------------------------------------------------------------------
+
+
+def _config_key(config: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(config.items()))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A provider with one full config."""
+
+    provider: str
+    config: Mapping[str, Any]
+
+    @property
+    def key(self) -> tuple[str, tuple[tuple[str, Any], ...]]:
+        return self.provider, _config_key(self.config)
+
+
+def _is_ordinal(values: Sequence[Any]) -> bool:
+    """Numbers in increasing order: sampled by index, so the sampler sees their order."""
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return numeric and len(values) > 1 and all(a < b for a, b in itertools.pairwise(values))
+
+
+@dataclass
+class CandidateSpace:
+    """What a study searches for one spec on one device.
+
+    The provider is a categorical parameter. A tunable provider's config parameters are
+    conditional on it, named ``"<provider>.<param>"``; ordered numeric values (block sizes,
+    warps) are sampled by their index so the sampler can exploit their order.
+
+    Attributes:
+        spec: The shape.
+        providers: Names of the providers searched (available on the device, supporting the
+            spec), sorted.
+        valid: Every valid candidate, defaults first (empty configs for untunable providers).
+    """
+
+    spec: RopeSpec
+    providers: tuple[str, ...]
+    valid: list[Candidate] = field(repr=False)
+
+    @classmethod
+    def build(
+        cls, spec: RopeSpec, providers: Iterable[str], device: torch.device | str
+    ) -> CandidateSpace:
+        """The providers of ``providers`` that run ``spec`` on ``device``, and their valid
+        configs. Providers that cannot are left out (logged at debug level).
+
+        Raises:
+            ValueError: none of ``providers`` can run ``spec`` on ``device``.
+        """
+        names, reasons = [], []
+        for name in dict.fromkeys(providers):
+            provider = get_provider(name)
+            reason = provider.unavailable_reason(device) or provider.unsupported_reason(spec)
+            if reason is None:
+                names.append(name)
+            else:
+                reasons.append(f"{name}: {reason}")
+                logger.debug("%s: skipping provider %s", spec.key, reasons[-1])
+        if not names:
+            raise ValueError(
+                f"providers: none can run {spec.key} on {device}: " + "; ".join(reasons)
+            )
+        names.sort()
+        valid = [Candidate(n, get_provider(n).default_config(spec)) for n in names]
+        seen = {c.key for c in valid}
+        for name in names:
+            provider = get_provider(name)
+            space = provider.param_space
+            for values in itertools.product(*space.values()):
+                config = dict(zip(space, values, strict=True))
+                candidate = Candidate(name, config)
+                if candidate.key in seen:
+                    continue
+                try:
+                    provider.check_config(spec, config)
+                except ValueError:
+                    continue
+                seen.add(candidate.key)
+                valid.append(candidate)
+        return cls(spec, tuple(names), valid)
+
+    def default_candidates(self, num_tokens: int) -> list[Candidate]:
+        """Each provider's default config for ``num_tokens`` (the first trials of a study)."""
+        return [
+            Candidate(n, get_provider(n).default_config(self.spec, num_tokens))
+            for n in self.providers
+        ]
+
+    @property
+    def tunable(self) -> tuple[str, ...]:
+        """Providers with a config space to search."""
+        return tuple(n for n in self.providers if get_provider(n).param_space)
+
+    def suggest(self, trial: Trial) -> Candidate:
+        """Sample a candidate: the provider, then its config (conditional on the provider).
+
+        Enqueued trials (each provider's default, or the whole space when it fits the budget)
+        choose among every provider (``"provider"``). Sampled trials choose among the tunable
+        ones only (``"tuned_provider"``): an untunable provider is one point, measured once by
+        its enqueued trial, and a sampler that keeps re-proposing the fastest such point would
+        spend the budget on repeats instead of on the configs it is there to search.
+        """
+        if trial.user_attrs.get("enqueued") or not self.tunable:
+            name = trial.suggest_categorical("provider", self.providers)
+        else:
+            name = trial.suggest_categorical("tuned_provider", self.tunable)
+        config = {}
+        for param, values in get_provider(name).param_space.items():
+            values = tuple(values)
+            if _is_ordinal(values):
+                config[param] = values[trial.suggest_int(f"{name}.{param}", 0, len(values) - 1)]
+            else:
+                config[param] = trial.suggest_categorical(f"{name}.{param}", values)
+        return Candidate(name, config)
+
+    def params(self, candidate: Candidate) -> dict[str, Any]:
+        """The parameters of an enqueued trial that :meth:`suggest` maps to ``candidate``."""
+        params: dict[str, Any] = {"provider": candidate.provider}
+        for param, values in get_provider(candidate.provider).param_space.items():
+            values = tuple(values)
+            value = candidate.config[param]
+            params[f"{candidate.provider}.{param}"] = (
+                values.index(value) if _is_ordinal(values) else value
+            )
+        return params
+
+
+# -- studies -------------------------------------------------------------------------------------
+
+
+def device_tag(device_name: str) -> str:
+    """The device name as it appears in table file names and study names."""
+    return device_table_name(device_name).removesuffix(".json")
+
+
+@dataclass(frozen=True)
+class StudyKey:
+    """What one study tunes."""
+
+    device_name: str
+    mode: str
+    spec: RopeSpec
+    tokens: int
+    providers: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return study_name(self.device_name, self.mode, self.spec, self.tokens, self.providers)
+
+
+def study_name(
+    device_name: str, mode: str, spec: RopeSpec, tokens: int, providers: Iterable[str]
+) -> str:
+    """Deterministic, so a rerun finds (and resumes) its study:
+    ``rope:<device>:<mode>:<spec key>:<tokens>:<providers joined by +>``.
+
+    The provider set is part of the name because Optuna fixes a categorical parameter's
+    choices per study; tables combine studies of the same bucket with different provider sets.
+    """
+    return (
+        f"rope:{device_tag(device_name)}:{mode}:{spec.key}:{tokens}:{'+'.join(sorted(providers))}"
+    )
+
+
+def counted_trials(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
+    """Trials that used up budget (see the module docstring)."""
+    return [t for t in trials if t.user_attrs.get("outcome") in COUNTED_OUTCOMES]
+
+
+def make_sampler(
+    space: CandidateSpace, budget: int, seed: int | None, name: str
+) -> optuna.samplers.BaseSampler:
+    """The sampler for a study whose valid space is larger than its budget.
+
+    TPE, multivariate with groups: the config parameters exist only when the provider is
+    ``triton`` (a conditional space), and ``group=True`` models each such sub-space jointly
+    instead of treating block sizes, warps and stages as independent, which they are not (the
+    tile's register use is their product). ``constant_liar`` keeps parallel workers on one
+    study from sampling the same point. A space no larger than the budget is not sampled at all:
+    every valid candidate is enqueued (a brute force that skips invalid configs).
+    """
+    import warnings
+
+    per_study_seed = None if seed is None else zlib.crc32(f"{seed}:{name}".encode())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            multivariate=True,
+            group=True,
+            constant_liar=True,
+            n_startup_trials=max(len(space.providers), min(10, budget // 3)),
+            seed=per_study_seed,
+        )
+
+
+GateCache = dict[tuple[str, RopeSpec, str, tuple], "str | None"]
+
+
+@dataclass
+class StudyRunner:
+    """Runs studies for one device: the objective, the correctness gate and the trial loop.
+
+    Attributes:
+        storage: Optuna storage shared by every worker.
+        device: Where candidates run.
+        device_name: Its name (study names and tables are per device name).
+        metadata: The table metadata header for this device (stored with each study so that
+            ``export`` can write the table without the device).
+        trials: Trial budget per study (counted outcomes).
+        seed: Seeds the samplers and the random inputs; None for fresh randomness.
+        callbacks: Called after every trial with ``(study, frozen_trial)``.
+        time_kwargs: Extra arguments to :func:`autotune.measure.time_rope` (e.g. ``repeats``).
+    """
+
+    storage: optuna.storages.BaseStorage
+    device: torch.device
+    device_name: str
+    metadata: Mapping[str, Any]
+    trials: int
+    seed: int | None = None
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()
+    time_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    _gate: GateCache = field(default_factory=dict, init=False, repr=False)
+    _spaces: dict[tuple[RopeSpec, tuple[str, ...]], CandidateSpace] = field(
+        default_factory=dict, init=False, repr=False
+    )
+
+    def space(self, spec: RopeSpec, providers: Iterable[str]) -> CandidateSpace:
+        key = (spec, tuple(providers))
+        if key not in self._spaces:
+            self._spaces[key] = CandidateSpace.build(spec, providers, self.device)
+        return self._spaces[key]
+
+    def target(self, space: CandidateSpace) -> int:
+        """Counted trials that finish a study: the budget, or the whole valid space if smaller."""
+        return min(self.trials, len(space.valid))
+
+    def remaining(self, key: StudyKey) -> int:
+        """Counted trials still missing in ``key``'s study (0 when it is complete)."""
+        target = self.target(self.space(key.spec, key.providers))
+        try:
+            study_id = self.storage.get_study_id_from_name(key.name)
+        except KeyError:
+            return target
+        # A study that converged before its budget was used up is complete too.
+        if int(self.storage.get_study_user_attrs(study_id).get("complete") or 0) >= target:
+            return 0
+        trials = self.storage.get_all_trials(study_id, deepcopy=False)
+        return max(0, target - len(counted_trials(trials)))
+
+    def is_complete(self, key: StudyKey) -> bool:
+        return self.remaining(key) == 0
+
+    def open_study(self, key: StudyKey, space: CandidateSpace) -> optuna.Study:
+        """Create or load the study, record what it tunes, and enqueue the candidates that must
+        be measured first and are not measured yet: every provider's default, or every valid
+        candidate when the space fits in the budget."""
+        exhaustive = len(space.valid) <= self.trials
+        study = optuna.create_study(
+            storage=self.storage,
+            study_name=key.name,
+            direction="minimize",
+            load_if_exists=True,
+            sampler=make_sampler(space, self.trials, self.seed, key.name),
+        )
+        if "spec" not in study.user_attrs:
+            for attr, value in {
+                "device_name": key.device_name,
+                "mode": key.mode,
+                "spec": key.spec.key,
+                "tokens": key.tokens,
+                "providers": list(key.providers),
+                "metadata": dict(self.metadata),
+            }.items():
+                study.set_user_attr(attr, value)
+        trials = study.get_trials(deepcopy=False)
+        taken = {
+            _params_key(t.params or t.system_attrs.get("fixed_params", {}))
+            for t in trials
+            if t.user_attrs.get("outcome") in COUNTED_OUTCOMES
+            or t.state in (TrialState.WAITING, TrialState.RUNNING)
+        }
+        first = space.default_candidates(key.tokens)
+        if exhaustive:
+            first += space.valid
+        for candidate in _unique(first):
+            params = space.params(candidate)
+            if _params_key(params) not in taken:
+                taken.add(_params_key(params))
+                study.enqueue_trial(params, user_attrs={"enqueued": True})
+        return study
+
+    def run(self, key: StudyKey, should_stop: Callable[[], bool] = lambda: False) -> bool:
+        """Run ``key``'s study until its counted trials reach the target.
+
+        Returns:
+            True when the study is complete.
+
+        Raises:
+            KeyboardInterrupt: the trial in flight is failed (so it is redone on resume) and
+                the interrupt propagates.
+        """
+        space = self.space(key.spec, key.providers)
+        study = self.open_study(key, space)
+        target = self.target(space)
+        idle_limit = _MAX_IDLE_ASKS + _MAX_IDLE_ASKS_PER_TRIAL * target
+        idle = 0
+        converged = False
+        while not should_stop():
+            # The caller owns this study (see autotune.distributed): no trial but ours runs.
+            counted = len(counted_trials(study.get_trials(deepcopy=False)))
+            if counted >= target:
+                break
+            if idle >= idle_limit:
+                logger.info(
+                    "%s: converged after %d measurements (%d repeated or invalid "
+                    "proposals in a row)",
+                    key.name,
+                    counted,
+                    idle,
+                )
+                converged = True
+                break
+            finished: list[FrozenTrial] = []
+            study.optimize(
+                lambda trial: self.objective(trial, key, space),
+                n_trials=1,
+                catch=(CandidateError,),
+                callbacks=[*self.callbacks, lambda _s, t, out=finished: out.append(t)],
+            )
+            counts = finished and finished[-1].user_attrs.get("outcome") in COUNTED_OUTCOMES
+            idle = 0 if counts else idle + 1
+        done = converged or len(counted_trials(study.get_trials(deepcopy=False))) >= target
+        if done:  # the target it was completed for: a rerun with a larger budget continues it
+            study.set_user_attr("complete", target)
+        return done
+
+    # -- one trial -----------------------------------------------------------------------------
+
+    def objective(self, trial: Trial, key: StudyKey, space: CandidateSpace) -> float:
+        """Measure one candidate; the value is its median time in microseconds."""
+        candidate = space.suggest(trial)
+        trial.set_user_attr("provider", candidate.provider)
+        trial.set_user_attr("config", dict(candidate.config))
+        provider = get_provider(candidate.provider)
+        try:
+            fn = provider.bound(key.spec, candidate.config)
+        except ValueError as exc:
+            trial.set_user_attr("outcome", "invalid")
+            trial.set_user_attr("error", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
+
+        earlier = self._earlier(trial, candidate)
+        if earlier is not None:
+            trial.set_user_attr("outcome", "duplicate")
+            trial.set_user_attr("duplicate_of", earlier.number)
+            if earlier.state != TrialState.COMPLETE:
+                trial.set_user_attr("error", earlier.user_attrs.get("error"))
+                raise optuna.TrialPruned(f"same as failed trial {earlier.number}")
+            for attr in ("median_us", "p20_us", "p80_us"):
+                trial.set_user_attr(attr, earlier.user_attrs[attr])
+            return float(earlier.value)
+
+        error = self._gate_error(fn, key.spec, candidate)
+        outcome = "wrong" if error and error.startswith("wrong result") else "error"
+        if error is None:
+            from .measure import time_rope
+
+            try:
+                timing = time_rope(
+                    fn,
+                    key.spec,
+                    key.tokens,
+                    self.device,
+                    mode=key.mode,
+                    seed=self.seed,
+                    **self.time_kwargs,
+                )
+            except Exception as exc:  # compile error, out of memory, launch failure
+                error = f"{type(exc).__name__}: {exc}"
+                _release_memory(self.device)
+            else:
+                if all(
+                    math.isfinite(v) and v > 0
+                    for v in (timing.p20_us, timing.median_us, timing.p80_us)
+                ):
+                    trial.set_user_attr("outcome", "measured")
+                    trial.set_user_attr("median_us", timing.median_us)
+                    trial.set_user_attr("p20_us", timing.p20_us)
+                    trial.set_user_attr("p80_us", timing.p80_us)
+                    return timing.median_us
+                error = f"timing is not a positive finite time: {timing}"
+        trial.set_user_attr("outcome", outcome)
+        trial.set_user_attr("error", error[:2000])
+        logger.info(
+            "%s trial %d: %s %s failed: %s",
+            key.name,
+            trial.number,
+            candidate.provider,
+            dict(candidate.config),
+            error,
+        )
+        raise CandidateError(error)
+
+    def _earlier(self, trial: Trial, candidate: Candidate) -> FrozenTrial | None:
+        """An earlier finished trial of the same study with the same candidate, if any."""
+        for other in trial.study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+        ):
+            if (
+                other.number != trial.number
+                and other.user_attrs.get("outcome") in ("measured", "wrong", "error")
+                and _candidate_key(other) == candidate.key
+            ):
+                return other
+        return None
+
+    def _gate_error(self, fn, spec: RopeSpec, candidate: Candidate) -> str | None:
+        """Check ``fn`` against the float64 reference once per (spec, candidate) in this
+        process; the reason it failed, or None when it passed."""
+        cache_key = (str(self.device), spec, candidate.provider, _config_key(candidate.config))
+        if cache_key not in self._gate:
+            from .measure import check_correct
+
+            try:
+                check_correct(fn, spec, GATE_TOKENS, self.device, seed=self.seed)
+            except AssertionError as exc:
+                self._gate[cache_key] = f"wrong result: {exc}"
+            except Exception as exc:  # compile error, out of memory, launch failure
+                self._gate[cache_key] = f"{type(exc).__name__}: {exc}"
+                _release_memory(self.device)
+            else:
+                self._gate[cache_key] = None
+        return self._gate[cache_key]
+
+
+def _unique(candidates: Iterable[Candidate]) -> list[Candidate]:
+    seen, out = set(), []
+    for candidate in candidates:
+        if candidate.key not in seen:
+            seen.add(candidate.key)
+            out.append(candidate)
+    return out
+
+
+def _params_key(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(params.items()))
+
+
+def _candidate_key(trial: FrozenTrial) -> Any:
+    return trial.user_attrs.get("provider"), _config_key(trial.user_attrs.get("config") or {})
+
+
+def _release_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

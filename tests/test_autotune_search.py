@@ -1,0 +1,262 @@
+"""Real searches on the CPU (torch, and triton under the interpreter) with tiny shapes: the
+candidates, the correctness gate, failures that never win, the table, and resuming."""
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from autotune import CandidateSpace, open_storage, study_name, tune
+from autotune.export import build_tables
+from autotune.search import COUNTED_OUTCOMES
+from kernels import RopeSpec, get_provider, register_provider
+from kernels.providers import Provider
+from kernels.providers._base import _REGISTRY
+from kernels.providers._triton import PARAM_SPACE, config_problems
+from kernels.table import read_table
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = RopeSpec(16, 16, 2, 1, True, torch.float32)
+TINY_GPTJ = RopeSpec(32, 16, 4, 2, False, torch.bfloat16)
+# Few timing rounds: these tests check the search, not the numbers.
+QUICK = {"repeats": 3, "min_round_s": 0.0}
+
+
+def all_trials(storage):
+    """Trials per study, claim markers left out (see autotune.distributed)."""
+    return {
+        s.study_name: storage.get_all_trials(s._study_id, deepcopy=False)
+        for s in storage.get_all_studies()
+        if "#claim" not in s.study_name
+    }
+
+
+def measured_keys(trials):
+    return [
+        (t.user_attrs["provider"], tuple(sorted(t.user_attrs["config"].items())))
+        for t in trials
+        if t.user_attrs.get("outcome") == "measured"
+    ]
+
+
+# -- the candidate space -------------------------------------------------------------------------
+
+
+def test_candidate_space_lists_valid_configs_defaults_first():
+    space = CandidateSpace.build(TINY, ["triton", "torch", "vllm"], "cpu")
+    assert space.providers == ("torch", "triton")  # vllm does not run on the CPU
+    assert space.tunable == ("triton",)
+    assert [c.provider for c in space.valid[:2]] == ["torch", "triton"]
+    assert space.valid[1].config == get_provider("triton").default_config(TINY)
+    triton = [c.config for c in space.valid if c.provider == "triton"]
+    expected = [
+        dict(zip(PARAM_SPACE, values, strict=True))
+        for values in itertools.product(*PARAM_SPACE.values())
+    ]
+    expected = [c for c in expected if not config_problems(TINY, c)]
+    assert len(triton) == len(expected) and all(c in triton for c in expected)
+    assert len({c.key for c in space.valid}) == len(space.valid)
+
+
+def test_candidate_params_round_trip():
+    space = CandidateSpace.build(TINY_GPTJ, ["torch", "triton"], "cpu")
+    for candidate in space.valid[:: max(1, len(space.valid) // 50)]:
+        trial = optuna.trial.FixedTrial(space.params(candidate))
+        trial.set_user_attr("enqueued", True)
+        assert space.suggest(trial) == candidate
+    # Ordered numeric values are sampled by index: the sampler sees their order.
+    params = space.params(space.valid[1])
+    assert params["triton.block_t"] == PARAM_SPACE["block_t"].index(
+        space.valid[1].config["block_t"]
+    )
+
+
+def test_no_provider_for_the_device():
+    with pytest.raises(ValueError, match="providers: none can run"):
+        CandidateSpace.build(TINY, ["vllm", "flashinfer"], "cpu")
+
+
+def test_study_names_are_deterministic():
+    name = study_name("NVIDIA H200", "graph", TINY, 16, ["triton", "torch"])
+    assert name == f"rope:NVIDIA_H200:graph:{TINY.key}:16:torch+triton"
+    assert name == study_name("NVIDIA H200", "graph", TINY, 16, ["torch", "triton"])
+    assert name != study_name("NVIDIA H200", "eager", TINY, 16, ["torch", "triton"])
+
+
+# -- a real search -------------------------------------------------------------------------------
+
+
+def test_real_search_on_cpu(tmp_path):
+    storage = tmp_path / "studies.journal"
+    table = tune(
+        [TINY, TINY_GPTJ], [1, 9], device="cpu", providers=["torch", "triton"], trials=3,
+        storage=storage, output=tmp_path / "out", save_path=tmp_path / "csv", seed=0,
+        progress=False, time_kwargs=QUICK,
+    )  # fmt: skip
+    entries = table["entries"]["graph"]
+    assert set(entries) == {TINY.key, TINY_GPTJ.key}
+    for spec in (TINY, TINY_GPTJ):
+        assert set(entries[spec.key]) == {"1", "9"}
+        for entry in entries[spec.key].values():
+            assert set(entry["providers_us"]) == {"torch", "triton"}
+            assert entry["median_us"] == min(entry["providers_us"].values())
+            assert entry["providers_us"][entry["provider"]] == entry["median_us"]
+            assert entry["p20_us"] <= entry["median_us"] <= entry["p80_us"]
+            if entry["provider"] == "triton":
+                assert not config_problems(spec, entry["config"])
+    written = read_table(tmp_path / "out" / "CPU_x86_64.json")
+    assert written["entries"] == table["entries"]
+    assert written["metadata"]["device_name"] == table["metadata"]["device_name"]
+
+    trials = all_trials(open_storage(storage))
+    assert len(trials) == 4  # one study per spec and bucket
+    for name, study_trials in trials.items():
+        counted = [t for t in study_trials if t.user_attrs.get("outcome") in COUNTED_OUTCOMES]
+        assert len(counted) == 3, name
+        assert len(set(measured_keys(study_trials))) == len(measured_keys(study_trials))
+        # The first trials are every provider's default.
+        assert {t.user_attrs["provider"] for t in study_trials[:2]} == {"torch", "triton"}
+        for t in study_trials:
+            assert t.state in (TrialState.COMPLETE, TrialState.PRUNED), (name, t)
+            if t.user_attrs["outcome"] == "invalid":
+                assert t.state == TrialState.PRUNED and "config" in t.user_attrs["error"]
+    csv_rows = (tmp_path / "csv" / "CPU_x86_64.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + sum(len(t) for t in trials.values())
+
+
+@dataclass(frozen=True)
+class _NoOpProvider(Provider):
+    """Returns at once without rotating: faster than any real kernel, and wrong."""
+
+    name: str = "test_noop"
+    description: str = "does nothing (a wrong result)"
+
+    def bind(self, spec, config):
+        return lambda positions, query, key, cos_sin_cache: None
+
+
+@dataclass(frozen=True)
+class _FailingProvider(Provider):
+    """Fails at its first launch, as a kernel that does not compile does."""
+
+    name: str = "test_failing"
+    description: str = "raises at launch"
+
+    def bind(self, spec, config):
+        def run(positions, query, key, cos_sin_cache):
+            raise RuntimeError("CompilationError: out of shared memory")
+
+        return run
+
+
+@pytest.fixture
+def broken_providers():
+    providers = [register_provider(_NoOpProvider()), register_provider(_FailingProvider())]
+    yield [p.name for p in providers]
+    for p in providers:
+        _REGISTRY.pop(p.name)
+
+
+def test_failed_candidates_are_recorded_and_never_win(tmp_path, broken_providers):
+    storage = open_storage(tmp_path / "s.journal")
+    table = tune(
+        [TINY], [4], device="cpu", providers=["torch", *broken_providers], trials=8,
+        storage=storage, progress=False, time_kwargs=QUICK,
+    )  # fmt: skip
+    entry = table["entries"]["graph"][TINY.key]["4"]
+    assert entry["provider"] == "torch" and set(entry["providers_us"]) == {"torch"}
+    (trials,) = all_trials(storage).values()
+    # A space of three untunable providers fits the budget: each measured once, no sampling.
+    assert len(trials) == 3
+    by_provider = {t.user_attrs["provider"]: t for t in trials}
+    noop, failing = by_provider["test_noop"], by_provider["test_failing"]
+    assert noop.state == TrialState.FAIL and noop.user_attrs["outcome"] == "wrong"
+    assert noop.user_attrs["error"].startswith("wrong result")
+    assert failing.state == TrialState.FAIL and failing.user_attrs["outcome"] == "error"
+    assert "out of shared memory" in failing.user_attrs["error"]
+
+
+# -- resuming ------------------------------------------------------------------------------------
+
+
+def test_resume_after_interrupt(tmp_path):
+    storage_path = tmp_path / "s.journal"
+    calls = {"counted": 0}
+
+    def interrupt_on_fourth(study, trial):
+        calls["counted"] += trial.user_attrs.get("outcome") in COUNTED_OUTCOMES
+        if calls["counted"] == 4:
+            raise KeyboardInterrupt
+
+    kwargs = dict(
+        device="cpu", providers=["torch", "triton"], trials=3, storage=storage_path,
+        output=tmp_path / "out", seed=1, progress=False, time_kwargs=QUICK,
+    )  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        tune([TINY], [1, 9], callbacks=[interrupt_on_fourth], **kwargs)
+    # What finished was written: the first bucket's study only.
+    partial = read_table(tmp_path / "out" / "CPU_x86_64.json")
+    assert set(partial["entries"]["graph"][TINY.key]) == {"1"}
+    before = all_trials(open_storage(storage_path))
+    measured_before = {n: measured_keys(t) for n, t in before.items()}
+    assert sum(map(len, measured_before.values())) in (3, 4)
+
+    table = tune([TINY], [1, 9], **kwargs)
+    assert set(table["entries"]["graph"][TINY.key]) == {"1", "9"}
+    after = all_trials(open_storage(storage_path))
+    for name, trials in after.items():
+        keys = measured_keys(trials)
+        assert len(keys) == len(set(keys)), "a candidate was measured twice"
+        # Nothing measured before was measured again: earlier trials are kept as they were.
+        assert keys[: len(measured_before.get(name, []))] == measured_before.get(name, [])
+        assert len([t for t in trials if t.user_attrs.get("outcome") in COUNTED_OUTCOMES]) == 3
+        assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    # A third run has nothing left to do and measures nothing.
+    tune([TINY], [1, 9], **kwargs)
+    assert {n: len(t) for n, t in all_trials(open_storage(storage_path)).items()} == {
+        n: len(t) for n, t in after.items()
+    }
+
+
+def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
+    argv = [
+        sys.executable, "-m", "autotune", "--device", "cpu", "--head-size", "16",
+        "--num-heads", "2", "--num-kv-heads", "1", "--dtype", "fp32", "--tokens", "1,3",
+        "--providers", "torch,triton", "--trials", "3", "--storage", str(tmp_path / "s.journal"),
+        "--output", str(tmp_path / "out"), "--seed", "0", "--quiet",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    storage = tmp_path / "s.journal"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:  # wait for the first trials
+        if storage.exists() and storage.stat().st_size > 3000:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be interrupted")
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "resume" in err
+    trials = all_trials(open_storage(storage))
+    assert not [t for ts in trials.values() for t in ts if t.state == TrialState.RUNNING]
+
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    table = read_table(tmp_path / "out" / "CPU_x86_64.json")
+    assert set(table["entries"]["graph"][TINY.key]) == {"1", "3"}
+    for trials in all_trials(open_storage(storage)).values():
+        keys = measured_keys(trials)
+        assert len(keys) == len(set(keys))
+        assert len([t for t in trials if t.user_attrs.get("outcome") in COUNTED_OUTCOMES]) == 3
+    assert build_tables(open_storage(storage))["CPU x86_64"]["entries"] == table["entries"]

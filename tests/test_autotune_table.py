@@ -1,0 +1,204 @@
+"""Tables from studies: the entry each bucket gets, schema round trip, merging into an existing
+file, and a writer that dies mid-write."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import orjson
+import pytest
+import torch
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState, create_trial
+
+from autotune.cli import main
+from autotune.export import best_entry, build_tables, export_tables, write_device_table
+from autotune.search import open_storage
+from kernels import RopeSpec
+from kernels.table import empty_table, read_table, validate_table
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = RopeSpec(128, 128, 32, 8, True, torch.bfloat16)
+OTHER = RopeSpec(256, 64, 16, 16, False, torch.float16)
+META = {"device_name": "Test GPU", "compute_capability": "9.0", "sm_count": 132,
+        "versions": {"torch": "2.11"}, "updated": "2026-01-01T00:00:00+00:00"}  # fmt: skip
+
+
+def _trial(provider, median, outcome="measured", config=None, state=TrialState.COMPLETE):
+    attrs = {"provider": provider, "config": config or {}, "outcome": outcome}
+    if outcome in ("measured", "duplicate"):
+        attrs.update(median_us=median, p20_us=median * 0.9, p80_us=median * 1.1)
+    return create_trial(
+        state=state,
+        value=median if state == TrialState.COMPLETE else None,
+        params={"provider": provider},
+        distributions={"provider": CategoricalDistribution(["torch", "triton", "vllm"])},
+        user_attrs=attrs,
+    )
+
+
+def _add_study(storage, name, spec, tokens, trials, mode="graph", complete=True, meta=META):
+    study = optuna.create_study(storage=storage, study_name=name)
+    for attr, value in {"device_name": meta["device_name"], "mode": mode, "spec": spec.key,
+                        "tokens": tokens, "metadata": meta}.items():  # fmt: skip
+        study.set_user_attr(attr, value)
+    if complete:
+        study.set_user_attr("complete", True)
+    for trial in trials:
+        study.add_trial(trial)
+    return study
+
+
+def test_best_entry_only_measured_trials_win():
+    cfg = {"block_t": 4, "block_h": 8, "head_split": 1, "num_warps": 4, "num_stages": 1}
+    entry = best_entry([
+        _trial("torch", 30.0),
+        _trial("triton", 12.0, config=cfg),
+        _trial("triton", 15.0, config={**cfg, "block_t": 8}),
+        _trial("triton", 5.0, outcome="duplicate"),  # a repeat is not a measurement
+        _trial("vllm", None, outcome="wrong", state=TrialState.FAIL),
+        _trial("vllm", None, outcome="invalid", state=TrialState.PRUNED),
+    ])  # fmt: skip
+    assert entry == {
+        "provider": "triton", "config": cfg, "median_us": 12.0, "p20_us": 12.0 * 0.9,
+        "p80_us": 12.0 * 1.1, "providers_us": {"torch": 30.0, "triton": 12.0},
+    }  # fmt: skip
+    assert best_entry([_trial("vllm", None, outcome="error", state=TrialState.FAIL)]) is None
+
+
+def test_build_tables_groups_and_skips_unfinished():
+    storage = optuna.storages.InMemoryStorage()
+    _add_study(storage, "a", SPEC, 16, [_trial("torch", 9.0), _trial("triton", 7.0)])
+    # Same bucket, another provider set: its trials compete with the first study's.
+    _add_study(storage, "b", SPEC, 16, [_trial("vllm", 6.0)])
+    _add_study(storage, "c", SPEC, 32, [_trial("torch", 11.0)], mode="eager")
+    _add_study(storage, "d", OTHER, 1, [_trial("torch", 3.0)], complete=False)
+    _add_study(storage, "e", OTHER, 2, [_trial("torch", None, "error", state=TrialState.FAIL)])
+    other_meta = {**META, "device_name": "Other GPU"}
+    _add_study(storage, "f", SPEC, 1, [_trial("torch", 4.0)], meta=other_meta)
+    optuna.create_study(storage=storage, study_name="not ours")
+
+    tables = build_tables(storage)
+    assert set(tables) == {"Test GPU", "Other GPU"}
+    table = tables["Test GPU"]
+    validate_table(table)
+    assert table["metadata"] == META
+    graph = table["entries"]["graph"]
+    assert set(graph) == {SPEC.key}  # OTHER: one study unfinished, one with nothing measured
+    assert graph[SPEC.key]["16"]["provider"] == "vllm"
+    assert graph[SPEC.key]["16"]["providers_us"] == {"torch": 9.0, "triton": 7.0, "vllm": 6.0}
+    assert table["entries"]["eager"][SPEC.key]["32"]["median_us"] == 11.0
+    partial = build_tables(storage, include_partial=True)["Test GPU"]
+    assert partial["entries"]["graph"][OTHER.key]["1"]["provider"] == "torch"
+    only_a = build_tables(storage, study_names=["a"])["Test GPU"]
+    assert only_a["entries"]["graph"][SPEC.key]["16"]["provider"] == "triton"
+
+
+def _table(entries):
+    table = empty_table(META)
+    for (mode, spec, bucket), (provider, median) in entries.items():
+        table["entries"].setdefault(mode, {}).setdefault(spec.key, {})[str(bucket)] = {
+            "provider": provider, "config": {}, "median_us": median, "p20_us": median,
+            "p80_us": median, "providers_us": {provider: median},
+        }  # fmt: skip
+    return table
+
+
+def test_round_trip_and_merge(tmp_path):
+    old = _table({
+        ("graph", SPEC, 1): ("torch", 5.0),
+        ("graph", SPEC, 2): ("torch", 6.0),
+        ("eager", OTHER, 4): ("vllm", 7.0),
+    })  # fmt: skip
+    path = write_device_table(tmp_path, old)
+    assert path == tmp_path / "Test_GPU.json"
+    assert read_table(path) == old  # schema round trip
+    new = _table({("graph", SPEC, 2): ("triton", 3.0), ("graph", OTHER, 8): ("triton", 2.0)})
+    new["metadata"] = {**META, "updated": "2026-02-02T00:00:00+00:00"}
+    merged = read_table(write_device_table(tmp_path, new))
+    graph = merged["entries"]["graph"]
+    assert graph[SPEC.key]["1"]["provider"] == "torch"  # not re-tuned: kept
+    assert graph[SPEC.key]["2"]["provider"] == "triton"  # re-tuned: replaced
+    assert graph[OTHER.key]["8"]["median_us"] == 2.0  # new: added
+    assert merged["entries"]["eager"][OTHER.key]["4"]["provider"] == "vllm"  # other mode kept
+    assert merged["metadata"]["updated"] == "2026-02-02T00:00:00+00:00"
+    # Sorted keys, so a re-tune diffs cleanly.
+    assert (
+        path.read_bytes()
+        == orjson.dumps(merged, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2) + b"\n"
+    )
+
+
+def test_unreadable_table_is_reported_and_replaced(tmp_path, caplog):
+    (tmp_path / "Test_GPU.json").write_text('{"schema_version": 1, "entr')
+    new = _table({("graph", SPEC, 1): ("torch", 5.0)})
+    read = read_table(write_device_table(tmp_path, new))
+    assert read["entries"] == new["entries"]
+    assert "Test_GPU.json" in caplog.text and "unreadable" in caplog.text
+
+
+def test_failed_rename_leaves_old_table_and_no_temp_file(tmp_path, monkeypatch):
+    old = _table({("graph", SPEC, 1): ("torch", 5.0)})
+    path = write_device_table(tmp_path, old)
+    before = path.read_bytes()
+
+    def no_rename(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    with pytest.raises(OSError, match="disk full"):
+        write_device_table(tmp_path, _table({("graph", SPEC, 1): ("triton", 1.0)}))
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Test_GPU.json"]
+
+
+_SLOW_WRITER = """
+import os, sys, time, torch
+from autotune.export import write_device_table
+sys.path.insert(0, {tests!r})
+from test_autotune_table import _table, SPEC
+
+real_fsync = os.fsync
+def slow_fsync(fd):
+    print("writing", flush=True)
+    time.sleep(60)
+    real_fsync(fd)
+os.fsync = slow_fsync
+write_device_table({out!r}, _table({{("graph", SPEC, b): ("triton", 1.0) for b in range(1, 500)}}))
+"""
+
+
+def test_writer_killed_mid_write_leaves_old_table(tmp_path):
+    old = _table({("graph", SPEC, 1): ("torch", 5.0)})
+    path = write_device_table(tmp_path, old)
+    before = path.read_bytes()
+    script = _SLOW_WRITER.format(tests=str(Path(__file__).parent), out=str(tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "writing"  # the new table is half on disk
+    time.sleep(0.1)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert path.read_bytes() == before
+    assert read_table(path) == old
+
+
+def test_export_command_writes_the_table(tmp_path, capsys):
+    storage_path = tmp_path / "s.journal"
+    storage = open_storage(storage_path)
+    _add_study(storage, "a", SPEC, 16, [_trial("torch", 9.0), _trial("triton", 7.0)])
+    _add_study(storage, "b", SPEC, 32, [_trial("torch", 4.0)], complete=False)
+    assert main(["export", "--storage", str(storage_path), "--output", str(tmp_path / "o")]) == 0
+    table = read_table(tmp_path / "o" / "Test_GPU.json")
+    assert set(table["entries"]["graph"][SPEC.key]) == {"16"}
+    assert "Test GPU" in capsys.readouterr().out
+    export_tables(storage, tmp_path / "o", include_partial=True)
+    table = read_table(tmp_path / "o" / "Test_GPU.json")
+    assert set(table["entries"]["graph"][SPEC.key]) == {"16", "32"}
