@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The shipped H200 table: the model presets, bf16, nine token buckets, graph timing. Resumable:
+# the Optuna journal lives in /tmp/tune (and is copied to $OUT); SIGINT after $1 seconds stops
+# it cleanly with what is finished written to the table.
+timeout -s INT "${1:-300}" python3 -m autotune --device cuda:0 \
+  --model llama-3-8b --model llama-3-70b --model qwen2.5-7b --model gemma-2-9b \
+  --model gpt-j-6b --model pythia-6.9b --model phi-2 --model deepseek-v2 \
+  --dtype bf16 --tokens 1,4,16,64,256,1024,4096,16384,65536 --trials 16 \
+  --providers triton,vllm,flashinfer,torch --timing graph \
+  --storage /tmp/tune/studies.journal --output /tmp/tune/configs --save-path /tmp/tune/csv \
+  --seed 0 2>&1 | tr '\r' '\n' | grep -v "trial/s\]$" | tail -40
+cp /tmp/tune/studies.journal $OUT/ 2>/dev/null; cp /tmp/tune/configs/*.json $OUT/ 2>/dev/null
+cp /tmp/tune/csv/*.csv $OUT/ 2>/dev/null; ls -la $OUT
