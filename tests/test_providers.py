@@ -315,3 +315,15 @@ def test_flashinfer_converts_a_bf16_cache_once():
             is_neox=case.is_neox,
         )
     assert flashinfer._to_float32.conversions == before + 1
+
+
+@pytest.mark.parametrize("num_heads", [1, 3, 6, 28, 32, 48, 64, 96, 128])
+@pytest.mark.parametrize("rotary_dim", [16, 24, 32, 64, 128, 256])
+@pytest.mark.parametrize("num_tokens", [None, 1, 255, 256, 65536])
+def test_triton_default_config_valid_for_any_head_count(num_heads, rotary_dim, num_tokens):
+    # Regression: 48 heads once gave block_h=64, outside the declared space, so the selector's
+    # fallback rejected its own default.
+    spec = RopeSpec(256, rotary_dim, num_heads, 1, True, torch.bfloat16)
+    provider = get_provider("triton")
+    config = provider.default_config(spec, num_tokens)
+    assert provider.check_config(spec, config) == config

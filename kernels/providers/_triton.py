@@ -221,7 +221,7 @@ def default_triton_config(spec: RopeSpec, num_tokens: int | None = None) -> Conf
     """
     row = 2 * triton.next_power_of_2(spec.rotary_dim // 2)
     all_heads = triton.next_power_of_2(spec.num_heads)
-    block_h = min(all_heads, max(1, 4096 // row))
+    block_h = min(all_heads, max(1, 4096 // row), max(PARAM_SPACE["block_h"]))
     head_split = 1
     if num_tokens is not None and num_tokens < _FEW_TOKENS:
         block_h = min(block_h, max(1, all_heads // 8))

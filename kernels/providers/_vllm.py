@@ -46,7 +46,7 @@ def load_vllm_rotary_op() -> Callable | str:
 @dataclass(frozen=True)
 class VllmProvider(Provider):
     name: str = "vllm"
-    description: str = "vLLM's CUDA op torch.ops._C.rotary_embedding"
+    description: str = "vLLM's CUDA op torch.ops._C.rotary_embedding (int32 positions widened)"
 
     def unavailable_reason(self, device: torch.device | str) -> str | None:
         if torch.device(device).type != "cuda":
@@ -66,6 +66,13 @@ class VllmProvider(Provider):
             n = positions.numel()
             q = as_token_head_view("query", query, head_size, n)
             k = None if key is None else as_token_head_view("key", key, head_size, n)
+            # The op reads [B, S] positions as a batch layout (then rejects [T, H, D] q/k) and
+            # reads positions as int64 only: hand it tokens as tokens, and widen int32 positions
+            # (a per-call copy, the one allocation on this path; pass int64 to avoid it).
+            if positions.dim() != 1:
+                positions = positions.view(-1)
+            if positions.dtype != torch.int64:
+                positions = positions.long()
             op(positions, q, k, head_size, cos_sin_cache, is_neox)
 
         return run
