@@ -22,7 +22,7 @@ from kernels import RopeSpec, get_provider, register_provider
 from kernels.providers import Provider
 from kernels.providers._base import _REGISTRY
 from kernels.providers._triton import PARAM_SPACE, config_problems
-from kernels.table import read_table
+from kernels.table import device_table_name, read_table
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = RopeSpec(16, 16, 2, 1, True, torch.float32)
@@ -277,5 +277,5 @@ def test_short_real_tuning_run_on_the_gpu(tmp_path, distributed):
         for entry in table["entries"][mode][spec.key].values():
             assert entry["median_us"] == min(entry["providers_us"].values())
             assert {"torch", "triton"} <= set(entry["providers_us"])
-    name = torch.cuda.get_device_properties(0).name.replace(" ", "_")
-    assert read_table(tmp_path / "out" / f"{name}.json")["entries"] == table["entries"]
+    name = device_table_name(torch.cuda.get_device_properties(0).name)
+    assert read_table(tmp_path / "out" / name)["entries"] == table["entries"]
