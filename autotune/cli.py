@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="device to tune, e.g. --device cuda:0 or --device cpu "
         "(default: the first CUDA device, else the CPU)",
     )
+    parser.add_argument(
+        "--devices",
+        type=_comma_list,
+        default=None,
+        help="one worker process per device on one shared study storage, e.g. --devices "
+        "cuda:0,cuda:1 (or cpu,cpu); not with --device",
+    )
     shapes = parser.add_argument_group("shapes (combine freely; none: the default space)")
     shapes.add_argument(
         "--model",
@@ -358,8 +365,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose and args.quiet:
         parser.error("--verbose and --quiet exclude each other")
     _setup_logging(args.verbose, args.quiet)
+    if args.device is not None and args.devices is not None:
+        parser.error("--device and --devices exclude each other")
+    if args.devices is not None and not args.devices:
+        parser.error("--devices: expected a comma list like cuda:0,cuda:1")
     try:
-        device = resolve_device(args.device)
+        device = resolve_device(args.device if args.devices is None else args.devices[0])
         specs = specs_from_args(args, device)
     except DeviceError as exc:
         print(f"python -m autotune: {exc}", file=sys.stderr)
@@ -372,13 +383,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         len(specs),
         len(tokens),
         "+".join(args.timing),
-        device,
+        device if args.devices is None else ",".join(args.devices),
     )
     try:
         table = tune(
             specs,
             tokens,
-            device=device,
+            device=device if args.devices is None else None,
+            devices=args.devices,
             providers=args.providers,
             trials=args.trials,
             timing=args.timing,
@@ -391,6 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("python -m autotune: interrupted; run the same command to resume", file=sys.stderr)
         return 130
+    except DeviceError as exc:
+        print(f"python -m autotune: {exc}", file=sys.stderr)
+        return 2
     except ValueError as exc:
         parser.error(str(exc))
     if not args.quiet:

@@ -218,7 +218,7 @@ def run_worker(
     """
     worker = worker or f"{host_id().split('/')[0]}:{os.getpid()}"
     book = ClaimBook(runner.storage, worker, grace_s)
-    poll_s = min(5.0, grace_s / 4) if poll_s is None else poll_s
+    poll_s = min(2.0, grace_s / 4) if poll_s is None else poll_s
     start = (index * len(keys)) // max(1, count)
     pending = list(keys[start:]) + list(keys[:start])
     while pending:

@@ -94,12 +94,16 @@ def open_storage(url: str | os.PathLike | None = None) -> optuna.storages.BaseSt
             ``journal:PATH``) for a journal file; None for :func:`default_storage_path`.
     """
     if url is not None and "://" in str(url):
-        return optuna.storages.RDBStorage(
-            str(url),
-            engine_kwargs={"pool_pre_ping": True},
-            heartbeat_interval=HEARTBEAT_INTERVAL_S,
-            grace_period=HEARTBEAT_GRACE_S,
-        )
+        import warnings
+
+        with warnings.catch_warnings():  # heartbeat_interval is "experimental" since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                _with_postgres_driver(str(url)),
+                engine_kwargs={"pool_pre_ping": True},
+                heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                grace_period=HEARTBEAT_GRACE_S,
+            )
     path = Path(str(url).removeprefix("journal:")) if url is not None else default_storage_path()
     path = path.expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +112,20 @@ def open_storage(url: str | os.PathLike | None = None) -> optuna.storages.BaseSt
     return optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(path), lock_obj=lock)
     )
+
+
+def _with_postgres_driver(url: str) -> str:
+    """``postgresql://`` with a driver that is installed: SQLAlchemy 2.1 defaults to psycopg
+    (3), while the test extra and many systems have psycopg2."""
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres"):
+        return url
+    import importlib.util
+
+    for module, driver in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
+        if importlib.util.find_spec(module) is not None:
+            return f"postgresql+{driver}{sep}{rest}"
+    return url
 
 
 # -- candidates ----------------------------------------------------------------------------------

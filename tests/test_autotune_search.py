@@ -22,7 +22,7 @@ from kernels import RopeSpec, get_provider, register_provider
 from kernels.providers import Provider
 from kernels.providers._base import _REGISTRY
 from kernels.providers._triton import PARAM_SPACE, config_problems
-from kernels.table import read_table
+from kernels.table import device_table_name, read_table
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = RopeSpec(16, 16, 2, 1, True, torch.float32)
@@ -260,3 +260,22 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
         assert len(keys) == len(set(keys))
         assert len([t for t in trials if t.user_attrs.get("outcome") in COUNTED_OUTCOMES]) == 3
     assert build_tables(open_storage(storage))["CPU x86_64"]["entries"] == table["entries"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("distributed", [False, True], ids=["in-process", "worker-process"])
+def test_short_real_tuning_run_on_the_gpu(tmp_path, distributed):
+    """The lead's H200 check: every available provider, graph and eager timing, the one-GPU
+    path both in-process and through the worker-process (distributed) code path."""
+    spec = RopeSpec(128, 128, 8, 1, True, torch.bfloat16)  # Llama-3 70B at TP 8
+    where = {"devices": ["cuda:0"]} if distributed else {"device": "cuda:0"}
+    table = tune(
+        [spec], [1, 4096], trials=12, timing=["graph", "eager"], storage=tmp_path / "s.journal",
+        output=tmp_path / "out", seed=0, progress=False, **where,
+    )  # fmt: skip
+    for mode in ("graph", "eager"):
+        for entry in table["entries"][mode][spec.key].values():
+            assert entry["median_us"] == min(entry["providers_us"].values())
+            assert {"torch", "triton"} <= set(entry["providers_us"])
+    name = device_table_name(torch.cuda.get_device_properties(0).name)
+    assert read_table(tmp_path / "out" / name)["entries"] == table["entries"]
