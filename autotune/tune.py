@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from kernels import RopeSpec, provider_names
 from kernels.table import TIMING_MODES, device_metadata, empty_table
 
+from ._device import DeviceError, resolve_device
 from .distributed import DEFAULT_GRACE_S, run_worker
 from .export import build_tables, write_device_table
 from .models import DEFAULT_TOKENS
@@ -50,41 +51,6 @@ DEFAULT_TRIALS = 48
 # On the CPU only the untunable providers run (Triton needs the interpreter there): the study
 # is exhausted in a handful of trials anyway.
 CPU_DEFAULT_TRIALS = 16
-
-
-class DeviceError(RuntimeError):
-    """The asked device does not exist here."""
-
-
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """The device to tune: ``device``, or the first CUDA device, else the CPU (with a notice).
-
-    Raises:
-        DeviceError: ``device`` names a CUDA device this machine does not have.
-        ValueError: ``device`` is not a device name.
-    """
-    if device is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        logger.warning("no CUDA device found: tuning the CPU (pass --device to choose)")
-        return torch.device("cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device: expected e.g. cuda:0 or cpu, got {device!r} ({exc})") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device: {device} was asked for, but CUDA is not available here")
-        index = torch.cuda.current_device() if device.index is None else device.index
-        if index >= torch.cuda.device_count():
-            raise DeviceError(
-                f"device: {device} was asked for, but there are only "
-                f"{torch.cuda.device_count()} CUDA devices"
-            )
-        return torch.device("cuda", index)
-    if device.type != "cpu":
-        raise ValueError(f"device: expected a cuda or cpu device, got {device}")
-    return device
 
 
 def tune(

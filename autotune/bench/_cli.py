@@ -11,6 +11,7 @@ import torch
 
 from kernels import RopeSpec, parse_dtype
 
+from .._device import DeviceError, resolve_device
 from ._models import model_specs
 from ._plots import plot_results
 from ._report import CSV_NAME, format_skipped, format_table, write_csv
@@ -291,26 +292,12 @@ def specs_from_args(args: argparse.Namespace) -> list[RopeSpec]:
 
 
 def _device(requested: str | None) -> torch.device:
-    if requested is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        logger.info("no CUDA device: benchmarking on the CPU (wall-time timing)")
-        return torch.device("cpu")
     try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise ValueError(f"--device: expected cpu or cuda[:N], got {requested!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device: {requested} asked for, but CUDA is not available here")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"--device: {requested} asked for, but there are {torch.cuda.device_count()} "
-                "CUDA devices"
-            )
-    elif device.type != "cpu":
-        raise ValueError(f"--device: expected cpu or cuda[:N], got {requested!r}")
-    return device
+        return resolve_device(requested, purpose="benchmarking")
+    except DeviceError as exc:  # main() turns ValueError into one line and exit status 2
+        raise ValueError(f"--{exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"--{exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
