@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -145,6 +147,7 @@ def tune(
     device_name = metadata["device_name"]
 
     progress_bar = _Progress(progress)
+    stop = _StopAfterTrial(enabled=devices is None)  # worker processes handle their own
     runner = StudyRunner(
         storage,
         device,
@@ -152,14 +155,14 @@ def tune(
         metadata,
         trials,
         seed,
-        callbacks=[progress_bar.on_trial, *callbacks],
+        callbacks=[progress_bar.on_trial, stop.after_trial, *callbacks],
         time_kwargs=dict(time_kwargs or {}),
     )
     keys = _study_keys(runner, specs, buckets, modes, providers)
     progress_bar.start(sum(runner.remaining(k) for k in keys))
     interrupted = False
     try:
-        with progress_bar:
+        with progress_bar, stop:
             if devices is None:
                 run_worker(runner, keys, grace_s=claim_grace_s, on_study=progress_bar.describe)
             else:
@@ -182,6 +185,39 @@ def tune(
     if interrupted:
         raise KeyboardInterrupt
     return table
+
+
+class _StopAfterTrial:
+    """Ctrl-C handling for an in-process run: the first SIGINT lets the trial in flight finish
+    (a KeyboardInterrupt raised mid-measurement could land inside CUDA graph capture, leaving
+    the CUDA context unusable), then stops through the usual KeyboardInterrupt path; a second
+    SIGINT stops at once. Only the main thread can own the handler; elsewhere nothing changes.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopAfterTrial:
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("stopping after the trial in flight (Ctrl-C again to stop at once)")
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
 
 
 def _check_devices(devices, device, callbacks, storage) -> list[torch.device]:
