@@ -291,10 +291,14 @@ def study_name(
 
     The provider set is part of the name because Optuna fixes a categorical parameter's
     choices per study; tables combine studies of the same bucket with different provider sets.
+    A provider past its first revision is named ``<name>@<revision>``: studies that timed an
+    older kernel are not resumed (their measurements are stale), those of the others are.
     """
-    return (
-        f"rope:{device_tag(device_name)}:{mode}:{spec.key}:{tokens}:{'+'.join(sorted(providers))}"
-    )
+    tags = []
+    for name in sorted(providers):
+        revision = get_provider(name).revision
+        tags.append(name if revision == 1 else f"{name}@{revision}")
+    return f"rope:{device_tag(device_name)}:{mode}:{spec.key}:{tokens}:{'+'.join(tags)}"
 
 
 def counted_trials(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:

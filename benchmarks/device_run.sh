@@ -1,12 +1,36 @@
 #!/usr/bin/env bash
-# One device call on the H200 machine (after ../shared/gpu's two set-up calls): the GPU tests,
-# eager launch and selector overhead, then a first stretch of the H200 tuning run.
+# Device calls on the H200 machine, after ../shared/gpu's two set-up calls, one stage per call
+# (each fits the 10-minute limit); everything lands under $OUT.
+#
+#   bash benchmarks/device_run.sh tests         # GPU tests, eager launch and selector overhead
+#   bash benchmarks/device_run.sh small-tokens  # #5 target 3: Triton sweep vs FlashInfer/vLLM
+#   bash benchmarks/device_run.sh search        # #3: the search against an exhaustive sweep
+#   TUNE_SECONDS=400 bash benchmarks/device_run.sh tune   # a resumable stretch of the table run
+#
 # The device lacks platformdirs: carry its wheel, built here with
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl platformdirs==4.3.6
-# and name ".whl" in the call's carry list. TUNE_SECONDS bounds the tuning stretch.
+# and name ".whl" in the call's carry list.
+set -u
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v -i warn
-python3 -m pytest -m gpu -q -p no:cacheprovider tests > $OUT/pytest_gpu.log 2>&1; tail -15 $OUT/pytest_gpu.log
-python3 benchmarks/launch_overhead.py 2>&1 | tee $OUT/launch_overhead.log
-python3 benchmarks/selector_overhead.py --device cuda:0 2>&1 | tee $OUT/selector_overhead.log | tail -8
-bash benchmarks/tune_h200.sh ${TUNE_SECONDS:-300}
+case "$1" in
+  tests)
+    python3 -m pytest -m gpu -q -p no:cacheprovider tests > "$OUT/pytest_gpu.log" 2>&1
+    tail -15 "$OUT/pytest_gpu.log"
+    python3 benchmarks/launch_overhead.py 2>&1 | tee "$OUT/launch_overhead.log"
+    python3 benchmarks/selector_overhead.py --device cuda:0 2>&1 \
+      | tee "$OUT/selector_overhead.log" | tail -8 ;;
+  small-tokens)
+    timeout -s INT "${SWEEP_SECONDS:-420}" python3 benchmarks/roofline.py --device cuda:0 \
+      --specs llama3-8b,qwen2.5-7b,gemma2-9b,llama3-70b-tp8 --tokens 16,256,1024 --sweep \
+      --repeats 10 --out "$OUT/roofline_small_tokens_h200.csv" 2>&1 | grep -v FAILED ;;
+  search)
+    timeout -s INT "${SEARCH_SECONDS:-300}" python3 benchmarks/search_vs_exhaustive.py \
+      --device cuda:0 --spec q32_kv8_d128_r128_neox_bfloat16 \
+      --spec q16_kv16_d256_r64_gptj_bfloat16 --tokens 256,16384 --repeats 10 \
+      --json "$OUT/search_vs_exhaustive_h200.json" ;;
+  tune)
+    bash benchmarks/tune_h200.sh "${TUNE_SECONDS:-300}" ;;
+  *)
+    echo "usage: device_run.sh tests|small-tokens|search|tune" >&2; exit 2 ;;
+esac

@@ -21,6 +21,8 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _parallel_compile import precompile_triton
+
 from autotune.measure import check_correct, copy_bandwidth, time_rope
 from kernels import RopeSpec, get_provider, list_providers
 from kernels.providers._triton import config_problems, default_triton_config
@@ -35,6 +37,7 @@ SPECS = {
     "gptj-16h": (256, 64, 16, 16, False),
     "pythia-6.9b": (128, 32, 32, 32, True),
     "gemma2-9b": (256, 256, 16, 8, True),
+    "qwen2.5-7b": (128, 128, 28, 4, True),
 }
 TOKENS = (1, 16, 256, 2048, 4096, 16384, 32768, 65536)
 
@@ -84,14 +87,22 @@ def slice_copy_fn(spec: RopeSpec, block_t: int, block_h: int, num_warps: int):
     return run
 
 
-def triton_sweep_space(spec: RopeSpec):
-    for block_t, block_h, warps in itertools.product(
-        (1, 2, 4, 8, 16, 32), (1, 2, 4, 8, 16, 32), (4, 8)
-    ):
+# Below this many tokens a call is latency-bound: sweep small tiles spread over many programs
+# (head_split) instead of the large tiles that stream well.
+FEW_TOKENS = 16384
+
+
+def triton_sweep_space(spec: RopeSpec, tokens: int):
+    """The Triton configs swept at ``tokens``: the part of the space that can win there."""
+    if tokens >= FEW_TOKENS:
+        axes = ((1, 2, 4, 8, 16, 32), (1, 2, 4, 8, 16, 32), (1,), (4, 8))
+    else:
+        axes = ((1, 2, 4), (1, 2, 4, 8), (1, 2, 4, 8, 16, 32), (1, 2, 4))
+    for block_t, block_h, head_split, warps in itertools.product(*axes):
         config = {
             "block_t": block_t,
             "block_h": block_h,
-            "head_split": 1,
+            "head_split": head_split,
             "num_warps": warps,
             "num_stages": 1,
         }
@@ -112,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         "--sweep",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="sweep Triton configs (and the copy ceiling) at >= 16384 tokens",
+        help="sweep Triton configs at every token count (and the copy ceiling at >= 16384)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=20, help="timed rounds per measurement, e.g. 10"
     )
     parser.add_argument("--out", type=Path, default=None, help="CSV file to write")
     args = parser.parse_args(argv)
@@ -127,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     available = {s.name for s in list_providers(device) if s.available}
     rows = []
+    compiled: set[tuple[RopeSpec, str]] = set()
     for spec_name, dtype_name, tokens in itertools.product(
         args.specs.split(","), args.dtypes.split(","), map(int, args.tokens.split(","))
     ):
@@ -137,9 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.providers.split(","):
             if name in available and get_provider(name).supports(spec):
                 candidates.append((name, "default", None))
-        if args.sweep and tokens >= 16384:
-            candidates += [("triton", str(c), c) for c in triton_sweep_space(spec)]
-            if rot < head:
+        if args.sweep:
+            configs = list(triton_sweep_space(spec, tokens))
+            fresh = [c for c in configs if (spec, str(c)) not in compiled]
+            precompile_triton(spec, fresh, device)
+            compiled.update((spec, str(c)) for c in fresh)
+            candidates += [("triton", str(c), c) for c in configs]
+            if rot < head and tokens >= FEW_TOKENS:
                 candidates += [
                     ("slice_copy", f"bt{bt}_bh{bh}_w{w}", (bt, bh, w))
                     for bt, bh, w in itertools.product((1, 2, 4, 8, 16), (1, 2, 4, 8, 16), (4, 8))
@@ -153,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     fn = get_provider(name).bound(spec, config)
                     check_correct(fn, spec, min(tokens, 4099), device)
-                timing = time_rope(fn, spec, tokens, device, mode="graph", repeats=20)
+                timing = time_rope(fn, spec, tokens, device, mode="graph", repeats=args.repeats)
             except Exception as exc:  # a failing candidate is reported, never fatal
                 print(
                     f"  {spec_name} {tokens} {name} {label}: FAILED {type(exc).__name__}: "
@@ -196,12 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         for k in ("triton_best", "slice_copy"):
             if k in best:
                 print(f"    {k}: {best[k][1]}", flush=True)
-    if args.out and rows:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        if args.out and rows:  # after every point, so an interrupted run keeps its results
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with args.out.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
     return 0
 
 

@@ -30,6 +30,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _parallel_compile import precompile_triton
+
 from autotune.measure import check_correct, time_rope
 from autotune.search import GATE_TOKENS, CandidateSpace, StudyKey, StudyRunner
 from autotune.tune import DEFAULT_TRIALS, resolve_device
@@ -138,6 +140,10 @@ def main(argv=None) -> int:
     for spec_key in args.spec or DEFAULT_SPECS:
         spec = RopeSpec.from_key(spec_key)
         space = CandidateSpace.build(spec, ["triton"], device)
+        precompile_triton(
+            spec, [c.config for c in space.valid if c.provider == "triton"][: args.sweep_limit],
+            device,
+        )  # fmt: skip
         for tokens in (int(t) for t in args.tokens.split(",")):
             times = sweep(spec, tokens, device, space, args.sweep_limit, args.timing, time_kwargs)
             swept = len(times)

@@ -217,7 +217,7 @@ BAD_CONFIGS = [
     ("value_outside_space", {"block_t": 3}, "block_t"),
     ("num_warps_outside_space", {"num_warps": 16}, "num_warps"),
     ("tile_too_large", {"block_t": 64, "block_h": 8, "num_warps": 1}, "tile"),
-    ("head_split_over_head_blocks", {"block_h": 8, "head_split": 2}, "head_split"),
+    ("head_split_over_head_blocks", {"block_h": 8, "head_split": 4}, "head_split"),
     ("block_h_over_heads", {"block_h": 16, "block_t": 1}, "block_h"),
 ]
 

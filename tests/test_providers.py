@@ -138,6 +138,10 @@ TRITON_CONFIGS = [
     {"block_t": 16, "block_h": 4, "head_split": 2, "num_warps": 4, "num_stages": 2},
     {"block_t": 8, "block_h": 16, "head_split": 1, "num_warps": 8, "num_stages": 1},
     {"block_t": 2, "block_h": 2, "head_split": 4, "num_warps": 4, "num_stages": 3},
+    # Key head blocks continue the query's numbering: 12 query blocks over 8 programs put the
+    # first key block on program 4; with 3 query blocks over 4 the one key block on program 3.
+    {"block_t": 2, "block_h": 1, "head_split": 8, "num_warps": 1, "num_stages": 1},
+    {"block_t": 1, "block_h": 4, "head_split": 4, "num_warps": 2, "num_stages": 1},
 ]
 TRITON_MASK_CASES = [
     with_(case, num_tokens=37, cache_kind="exact")

@@ -40,11 +40,15 @@ class Provider:
         description: One line for listings.
         param_space: Tunable parameters, each with its allowed values (the tuner's search
             space). Empty when there is nothing to tune.
+        revision: Bumped when a change to the kernel or its parameter space makes earlier
+            measurements stale: the tuner names its studies by it, so a rerun measures afresh
+            instead of resuming from the old kernel's timings.
     """
 
     name: str
     description: str
     param_space: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    revision: int = 1
     # bind() results per (spec, config): apply() binds once and reuses.
     _bound: dict[tuple[RopeSpec, tuple[tuple[str, Any], ...]], RopeFn] = field(
         default_factory=dict, init=False, repr=False, compare=False

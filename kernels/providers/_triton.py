@@ -93,7 +93,7 @@ def _rope_kernel(
     IS_NEOX: tl.constexpr,  # NeoX (halves) or GPT-J (interleaved pairs)
     BLOCK_T: tl.constexpr,  # tokens per program
     BLOCK_H: tl.constexpr,  # heads per inner step
-    HEAD_SPLIT: tl.constexpr,  # programs sharing one token block's heads
+    HEAD_SPLIT: tl.constexpr,  # programs sharing one token block's q and k head blocks
     NUM_K_HEADS: tl.constexpr,  # Hk; 0 when there is no key (last: the launcher appends it)
 ):
     pid_t = tl.program_id(0)
@@ -112,8 +112,10 @@ def _rope_kernel(
     cos = tl.load(cs_row, mask=cs_mask, other=0.0).to(tl.float32)
     sin = tl.load(cs_row + ROT_HALF, mask=cs_mask, other=0.0).to(tl.float32)
 
-    # Head blocks pid_h, pid_h + HEAD_SPLIT, ... of q, then of k.
-    for hb in range(pid_h, tl.cdiv(NUM_Q_HEADS, BLOCK_H), HEAD_SPLIT):
+    # Query and key head blocks are numbered as one sequence (q's first) and program pid_h takes
+    # every HEAD_SPLIT-th, so the programs of a token block share q and k work evenly.
+    q_blocks = tl.cdiv(NUM_Q_HEADS, BLOCK_H)
+    for hb in range(pid_h, q_blocks, HEAD_SPLIT):
         _rotate_block(
             q_ptr,
             t,
@@ -129,7 +131,8 @@ def _rope_kernel(
             IS_NEOX,
             BLOCK_H,
         )
-    for hb in range(pid_h, tl.cdiv(NUM_K_HEADS, BLOCK_H), HEAD_SPLIT):
+    k_first = (pid_h + HEAD_SPLIT - q_blocks % HEAD_SPLIT) % HEAD_SPLIT  # combined q_blocks + hb
+    for hb in range(k_first, tl.cdiv(NUM_K_HEADS, BLOCK_H), HEAD_SPLIT):
         _rotate_block(
             k_ptr,
             t,
@@ -177,7 +180,7 @@ _POW2 = (1, 2, 4, 8, 16, 32, 64)
 PARAM_SPACE: dict[str, tuple[Any, ...]] = {
     "block_t": _POW2,
     "block_h": (1, 2, 4, 8, 16, 32),
-    "head_split": (1, 2, 4, 8),
+    "head_split": (1, 2, 4, 8, 16, 32),
     "num_warps": (1, 2, 4, 8),
     "num_stages": (1, 2, 3),
 }
@@ -201,10 +204,13 @@ def config_problems(spec: RopeSpec, config: Config) -> list[str]:
             f"a tile of block_t*block_h*rotary_dim = {tile} elements is over "
             f"{_MAX_ELEMS_PER_THREAD} per thread with num_warps={config['num_warps']}"
         )
-    head_blocks = triton.cdiv(spec.num_heads, config["block_h"])
+    head_blocks = triton.cdiv(spec.num_heads, config["block_h"]) + triton.cdiv(
+        spec.num_kv_heads, config["block_h"]
+    )
     if config["head_split"] > head_blocks:
         problems.append(
-            f"head_split={config['head_split']} is more than the {head_blocks} query head blocks"
+            f"head_split={config['head_split']} is more than the {head_blocks} query and key "
+            "head blocks"
         )
     if config["block_h"] > triton.next_power_of_2(spec.num_heads):
         problems.append(f"block_h={config['block_h']} is over the {spec.num_heads} query heads")
@@ -331,6 +337,8 @@ class TritonProvider(Provider):
     name: str = "triton"
     description: str = "rope-autotune's Triton kernel: q and k in one launch, rotated part only"
     param_space: dict[str, tuple[Any, ...]] = field(default_factory=lambda: dict(PARAM_SPACE))
+    # 2: q and k head blocks shared evenly over a token block's programs; head_split up to 32.
+    revision: int = 2
 
     def unavailable_reason(self, device: torch.device | str) -> str | None:
         device = torch.device(device)
