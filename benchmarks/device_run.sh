@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/device_run.sh tests         # GPU tests, eager launch and selector overhead
 #   bash benchmarks/device_run.sh small-tokens  # #5 target 3: Triton sweep vs FlashInfer/vLLM
+#   bash benchmarks/device_run.sh defaults      # the untuned Triton default vs FlashInfer/vLLM
 #   bash benchmarks/device_run.sh search        # #3: the search against an exhaustive sweep
 #   TUNE_SECONDS=400 bash benchmarks/device_run.sh tune   # a resumable stretch of the table run
 #
@@ -24,6 +25,10 @@ case "$1" in
     timeout -s INT "${SWEEP_SECONDS:-420}" python3 benchmarks/roofline.py --device cuda:0 \
       --specs llama3-8b,qwen2.5-7b,gemma2-9b,llama3-70b-tp8 --tokens 16,256,1024 --sweep \
       --repeats 10 --out "$OUT/roofline_small_tokens_h200.csv" 2>&1 | grep -v FAILED ;;
+  defaults)
+    python3 benchmarks/roofline.py --device cuda:0 --tokens 1,16,256,1024,2048 \
+      --specs llama3-8b,qwen2.5-7b,gemma2-9b,llama3-70b-tp8,seed-32h,gptj-16h \
+      --out "$OUT/roofline_defaults_h200.csv" 2>&1 | grep -v FAILED ;;
   search)
     timeout -s INT "${SEARCH_SECONDS:-300}" python3 benchmarks/search_vs_exhaustive.py \
       --device cuda:0 --spec q32_kv8_d128_r128_neox_bfloat16 \
@@ -32,5 +37,5 @@ case "$1" in
   tune)
     bash benchmarks/tune_h200.sh "${TUNE_SECONDS:-300}" ;;
   *)
-    echo "usage: device_run.sh tests|small-tokens|search|tune" >&2; exit 2 ;;
+    echo "usage: device_run.sh tests|small-tokens|defaults|search|tune" >&2; exit 2 ;;
 esac

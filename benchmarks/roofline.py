@@ -25,7 +25,7 @@ from _parallel_compile import precompile_triton
 
 from autotune.measure import check_correct, copy_bandwidth, time_rope
 from kernels import RopeSpec, get_provider, list_providers
-from kernels.providers._triton import config_problems, default_triton_config
+from kernels.providers._triton import config_problems
 from kernels.table import library_versions
 
 # (name, head_size, rotary_dim, num_heads, num_kv_heads, is_neox)
@@ -151,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         candidates = []
         for name in args.providers.split(","):
             if name in available and get_provider(name).supports(spec):
-                candidates.append((name, "default", None))
+                # The token-aware default: what select_rope runs where no table has an entry.
+                candidates.append(
+                    (name, "default", get_provider(name).default_config(spec, tokens))
+                )
         if args.sweep:
             configs = list(triton_sweep_space(spec, tokens))
             fresh = [c for c in configs if (spec, str(c)) not in compiled]
@@ -180,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 continue
-            if label == "default" and name == "triton":
-                label = str(default_triton_config(spec, tokens))
-            key = name if config is None or name == "slice_copy" else "triton_best"
+            key = "triton_best" if name == "triton" and label != "default" else name
+            if label == "default" and config:
+                label = str(config)
             if key not in best or timing.median_us < best[key][0]:
                 best[key] = (timing.median_us, label)
             rows.append(

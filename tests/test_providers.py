@@ -172,7 +172,7 @@ def test_triton_configs_mask_tokens_and_heads(config, case, request):
     _check_exact(_run("triton", case, seed_of(request.node.nodeid), config=config))
 
 
-@pytest.mark.parametrize("num_tokens", [None, 1, 7, 300, 100_000])
+@pytest.mark.parametrize("num_tokens", [None, 1, 7, 63, 300, 1023, 1024, 4095, 4096, 100_000])
 @pytest.mark.parametrize("case", MATRIX[::3], ids=lambda c: c.id)
 def test_triton_default_config_is_valid(case, num_tokens):
     spec = _spec(case)
@@ -323,7 +323,7 @@ def test_flashinfer_converts_a_bf16_cache_once():
 
 @pytest.mark.parametrize("num_heads", [1, 3, 6, 28, 32, 48, 64, 96, 128])
 @pytest.mark.parametrize("rotary_dim", [16, 24, 32, 64, 128, 256])
-@pytest.mark.parametrize("num_tokens", [None, 1, 255, 256, 65536])
+@pytest.mark.parametrize("num_tokens", [None, 1, 255, 256, 1000, 2048, 65536])
 def test_triton_default_config_valid_for_any_head_count(num_heads, rotary_dim, num_tokens):
     # Regression: 48 heads once gave block_h=64, outside the declared space, so the selector's
     # fallback rejected its own default.
@@ -331,3 +331,24 @@ def test_triton_default_config_valid_for_any_head_count(num_heads, rotary_dim, n
     provider = get_provider("triton")
     config = provider.default_config(spec, num_tokens)
     assert provider.check_config(spec, config) == config
+
+
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads"), [(8, 1), (32, 8), (28, 4), (16, 8), (64, 64)]
+)
+@pytest.mark.parametrize("num_tokens", [1, 16, 256, 1023, 1024, 4095])
+def test_triton_default_spreads_heads_over_programs_when_tokens_are_few(
+    num_heads, num_kv_heads, num_tokens
+):
+    # Latency-bound calls: each program gets one or two head blocks (never a whole token's
+    # heads), so a decode step fills the GPU. Large calls stream whole tokens instead.
+    spec = RopeSpec(128, 128, num_heads, num_kv_heads, True, torch.bfloat16)
+    config = default_triton_config(spec, num_tokens)
+    blocks = -(-num_heads // config["block_h"]) + -(-num_kv_heads // config["block_h"])
+    assert blocks <= 2 * config["head_split"] or config["head_split"] == max(
+        PARAM_SPACE["head_split"]
+    )
+    assert config["block_h"] <= 8
+    streaming = default_triton_config(spec, 4096)
+    assert streaming["head_split"] == 1 and streaming["block_t"] == 1
+    assert streaming == default_triton_config(spec, None)

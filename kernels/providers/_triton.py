@@ -187,8 +187,12 @@ PARAM_SPACE: dict[str, tuple[Any, ...]] = {
 # Live float32 values per thread above which a tile spills registers: the kernel holds x1, x2
 # (or x) and cos, sin for BLOCK_T x BLOCK_H x rotary_dim elements.
 _MAX_ELEMS_PER_THREAD = 128
-# Below this many tokens (about two per SM on an H200), one program per token leaves SMs idle.
-_FEW_TOKENS = 256
+# Below this many tokens a call is latency-bound: spreading head blocks over programs beats
+# streaming whole tokens (H200 sweep, benchmarks/results/roofline_small_tokens_h200.csv).
+_FEW_TOKENS = 4096
+# Below this many tokens, and with at least this many heads, one head per program is fastest.
+_VERY_FEW_TOKENS = 1024
+_MANY_HEADS = 16
 
 
 def _tile_elems(spec: RopeSpec, block_t: int, block_h: int) -> int:
@@ -217,28 +221,45 @@ def config_problems(spec: RopeSpec, config: Config) -> list[str]:
     return problems
 
 
+def _floor_pow2(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
 def default_triton_config(spec: RopeSpec, num_tokens: int | None = None) -> Config:
     """A sound config without tuning, used when no table has an entry.
 
-    One token per program and up to 4096 elements per head step (on the H200 this reached
-    97-99% of the copy roofline on full rotary at 32k-64k tokens, and within 10% of the best
-    swept config on partial rotary). With few tokens, heads are split over programs so that a
-    decode step still spreads over the SMs.
+    Chosen from H200 sweeps (``benchmarks/roofline.py --sweep``):
+
+    - 4096 tokens or more (or unknown): one token per program and up to 4096 elements per head
+      step; this reached 97-99% of the copy roofline on full rotary at 32k-64k tokens.
+    - Fewer tokens: the call is latency-bound, and what wins is many programs with one head
+      block each. Below 1024 tokens with 16 or more heads, one head per program over 2-4
+      tokens; otherwise blocks of up to 8 heads, one token per program. Either was within 3%
+      of the best swept config on Llama-3 8B and 70B (TP 8), Qwen2.5-7B and Gemma-2-9B at
+      16, 256 and 1024 tokens, where the streaming layout lost up to 18%.
     """
-    row = 2 * triton.next_power_of_2(spec.rotary_dim // 2)
-    all_heads = triton.next_power_of_2(spec.num_heads)
-    block_h = min(all_heads, max(1, 4096 // row), max(PARAM_SPACE["block_h"]))
-    head_split = 1
+    heads = spec.num_heads + spec.num_kv_heads
+    max_split = max(PARAM_SPACE["head_split"])
     if num_tokens is not None and num_tokens < _FEW_TOKENS:
-        block_h = min(block_h, max(1, all_heads // 8))
-        head_blocks = triton.cdiv(spec.num_heads, block_h)
-        head_split = min(8, 1 << (head_blocks.bit_length() - 1))  # a power of two in the space
-    num_warps = 8 if block_h * row >= 2048 else 4
+        if num_tokens < _VERY_FEW_TOKENS and heads >= _MANY_HEADS:
+            block_t, block_h = (2 if num_tokens < 64 else 4), 1
+        else:
+            block_t, block_h = 1, min(8, _floor_pow2(spec.num_heads))
+        blocks = triton.cdiv(spec.num_heads, block_h) + triton.cdiv(spec.num_kv_heads, block_h)
+        return {
+            "block_t": block_t,
+            "block_h": block_h,
+            "head_split": min(max_split, _floor_pow2(blocks)),
+            "num_warps": 4,
+            "num_stages": 1,
+        }
+    row = 2 * triton.next_power_of_2(spec.rotary_dim // 2)
+    block_h = min(triton.next_power_of_2(spec.num_heads), max(1, 4096 // row), 32)
     return {
         "block_t": 1,
         "block_h": block_h,
-        "head_split": head_split,
-        "num_warps": num_warps,
+        "head_split": 1,
+        "num_warps": 8 if block_h * row >= 2048 else 4,
         "num_stages": 1,
     }
 
