@@ -7,6 +7,7 @@ on any machine, while workers are still running.
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -98,6 +99,13 @@ def build_tables(
             study._study_id, deepcopy=False, states=(TrialState.COMPLETE,)
         )
         groups.setdefault(group, []).extend(trials)
+        # "updated" is when the newest measurement was taken: a study resumed with a larger
+        # budget keeps the metadata of its creation.
+        finished = [t.datetime_complete for t in trials if t.datetime_complete is not None]
+        if finished:
+            newest = max(finished).astimezone(_dt.timezone.utc).isoformat(timespec="seconds")
+            if newest > metadata[device_name].get("updated", ""):
+                metadata[device_name] = {**metadata[device_name], "updated": newest}
 
     tables: dict[str, dict[str, Any]] = {}
     for (device_name, mode, spec_key, tokens), trials in sorted(groups.items()):

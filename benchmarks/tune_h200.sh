@@ -4,9 +4,13 @@
 # the Optuna journal lives in /tmp/tune (and is copied to $OUT); SIGINT after $1 seconds stops
 # it cleanly with what is finished written to the table. TUNE_TOKENS and TUNE_TRIALS override
 # the buckets and the budget (a larger budget resumes complete studies for more trials).
-# A fresh machine resumes from a journal and table carried in .tune/ (if any).
+# A fresh machine resumes from a journal carried in .tune/, else from the committed journal
+# of the run behind configs/NVIDIA_H200.json.
 mkdir -p /tmp/tune/configs
-test -f /tmp/tune/studies.journal || cp .tune/studies.journal /tmp/tune/ 2>/dev/null
+test -f /tmp/tune/studies.journal || cp .tune/studies.journal /tmp/tune/ 2>/dev/null \
+  || python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), \
+       open(sys.argv[2], 'wb'))" benchmarks/results/tune_h200_studies.journal.xz \
+       /tmp/tune/studies.journal
 test -f /tmp/tune/configs/NVIDIA_H200.json || cp .tune/NVIDIA_H200.json /tmp/tune/configs/ \
   2>/dev/null || cp configs/NVIDIA_H200.json /tmp/tune/configs/
 timeout -s INT "${1:-300}" python3 -m autotune --device cuda:0 \

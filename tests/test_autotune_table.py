@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import optuna
@@ -27,17 +28,26 @@ META = {"device_name": "Test GPU", "compute_capability": "9.0", "sm_count": 132,
         "versions": {"torch": "2.11"}, "updated": "2026-01-01T00:00:00+00:00"}  # fmt: skip
 
 
-def _trial(provider, median, outcome="measured", config=None, state=TrialState.COMPLETE):
+def _trial(
+    provider,
+    median,
+    outcome="measured",
+    config=None,
+    state=TrialState.COMPLETE,
+    finished=datetime(2025, 12, 31, tzinfo=timezone.utc),  # before META's "updated"
+):
     attrs = {"provider": provider, "config": config or {}, "outcome": outcome}
     if outcome in ("measured", "duplicate"):
         attrs.update(median_us=median, p20_us=median * 0.9, p80_us=median * 1.1)
-    return create_trial(
+    trial = create_trial(
         state=state,
         value=median if state == TrialState.COMPLETE else None,
         params={"provider": provider},
         distributions={"provider": CategoricalDistribution(["torch", "triton", "vllm"])},
         user_attrs=attrs,
     )
+    trial.datetime_complete = finished
+    return trial
 
 
 def _add_study(storage, name, spec, tokens, trials, mode="graph", complete=True, meta=META):
@@ -95,6 +105,19 @@ def test_build_tables_groups_and_skips_unfinished():
     assert partial["entries"]["graph"][OTHER.key]["1"]["provider"] == "torch"
     only_a = build_tables(storage, study_names=["a"])["Test GPU"]
     assert only_a["entries"]["graph"][SPEC.key]["16"]["provider"] == "triton"
+
+
+def test_build_tables_dates_the_table_by_its_newest_measurement():
+    # A study resumed with a larger budget keeps its creation metadata; the table's "updated"
+    # still says when its newest measurement was taken.
+    storage = optuna.storages.InMemoryStorage()
+    later = datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone.utc)
+    _add_study(
+        storage, "a", SPEC, 16, [_trial("torch", 9.0), _trial("triton", 7.0, finished=later)]
+    )
+    _add_study(storage, "b", SPEC, 32, [_trial("torch", 9.0)])
+    table = build_tables(storage)["Test GPU"]
+    assert table["metadata"] == {**META, "updated": "2026-03-04T05:06:07+00:00"}
 
 
 def _table(entries):
