@@ -112,6 +112,30 @@ def table_search_path() -> list[Path]:
 # -- metadata ------------------------------------------------------------------------------------
 
 
+_VERSION_LINE = re.compile(r"""^__version__\s*=\s*(?:version\s*=\s*)?["']([^"']+)["']""", re.M)
+
+
+def source_version(package: str) -> str | None:
+    """The version in ``<package>/_version.py`` of an importable package that has no
+    distribution metadata (vLLM's files put on the path without pip, as on a machine that
+    loads only its op library), read without importing the package; None when not found."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = Path(location) / "_version.py"
+        if path.is_file():
+            match = _VERSION_LINE.search(path.read_text(errors="replace"))
+            if match:
+                return match.group(1)
+    return None
+
+
 def library_versions() -> dict[str, str | None]:
     """Versions of the libraries a measurement depends on; None for those not installed."""
     from importlib import metadata
@@ -129,7 +153,7 @@ def library_versions() -> dict[str, str | None]:
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "flashinfer": version("flashinfer-python") or version("flashinfer"),
-        "vllm": version("vllm"),
+        "vllm": version("vllm") or source_version("vllm"),
         "rope_autotune": version("rope-autotune"),
     }
 

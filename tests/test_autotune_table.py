@@ -1,6 +1,7 @@
 """Tables from studies: the entry each bucket gets, schema round trip, merging into an existing
 file, and a writer that dies mid-write."""
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -19,7 +20,13 @@ from autotune.cli import main
 from autotune.export import best_entry, build_tables, export_tables, write_device_table
 from autotune.search import open_storage
 from kernels import RopeSpec
-from kernels.table import empty_table, read_table, validate_table
+from kernels.table import (
+    empty_table,
+    library_versions,
+    read_table,
+    source_version,
+    validate_table,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = RopeSpec(128, 128, 32, 8, True, torch.bfloat16)
@@ -225,3 +232,27 @@ def test_export_command_writes_the_table(tmp_path, capsys):
     export_tables(storage, tmp_path / "o", include_partial=True)
     table = read_table(tmp_path / "o" / "Test_GPU.json")
     assert set(table["entries"]["graph"][SPEC.key]) == {"16", "32"}
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["__version__ = version = '0.26.0'", '__version__ = "0.26.0"'],
+    ids=["vcs-versioning", "plain"],
+)
+def test_vllm_files_without_metadata_still_report_their_version(tmp_path, monkeypatch, line):
+    # The H200 machine has vLLM's files on the path but no installed distribution: the table's
+    # header must still name the version whose op it timed, without importing vLLM.
+    package = tmp_path / "vllm"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise RuntimeError('imported')\n")
+    (package / "_version.py").write_text(f"# generated\n{line}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    assert source_version("vllm") == "0.26.0"
+    try:  # an installed vLLM's metadata comes first
+        installed = importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        installed = "0.26.0"
+    assert library_versions()["vllm"] == installed
+    assert "vllm" not in sys.modules
+    assert source_version("no_such_package_here") is None
