@@ -118,8 +118,8 @@ def main(argv=None) -> int:
         "--sweep-limit",
         type=int,
         default=None,
-        help="sweep (and search) only the first N valid configs, e.g. "
-        "--sweep-limit 24 for a CPU smoke run (default: all)",
+        help="sweep only the first N valid configs (a search pick outside them is timed "
+        "on its own), e.g. --sweep-limit 24 for a CPU smoke run (default: all)",
     )
     parser.add_argument("--json", default=None, help="also write results, e.g. --json out.json")
     args = parser.parse_args(argv)
