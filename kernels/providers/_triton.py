@@ -2,9 +2,9 @@
 
 Design: one launch rotates q and k. A program owns ``BLOCK_T`` tokens: it loads their positions
 and cos/sin rows once, then walks over query heads and key heads ``BLOCK_H`` at a time,
-reading and writing only the first ``rotary_dim`` elements of each head. ``HEAD_SPLIT`` spreads a
-token block's heads over that many programs, for parallelism when there are few tokens (each
-then loads the token block's cos/sin once).
+reading and writing only the first ``rotary_dim`` elements of each head. ``HEAD_SPLIT`` deals a
+token block's q and k head blocks out evenly over that many programs, for parallelism when there
+are few tokens (each then loads the token block's cos/sin once).
 """
 
 from __future__ import annotations
