@@ -298,6 +298,16 @@ def read_table(path: str | os.PathLike, known_providers: Iterable[str] | None = 
     return table
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it; set straight back
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import (reading it briefly changes it, which threads could observe).
+_UMASK = _read_umask()
+
+
 def write_table(
     path: str | os.PathLike, table: Mapping[str, Any], known_providers: Iterable[str] | None = None
 ) -> Path:
@@ -314,6 +324,9 @@ def write_table(
         with os.fdopen(fd, "wb") as f:
             f.write(payload + b"\n")
             f.flush()
+            # mkstemp makes the file owner-only; a table is read by serving processes that may
+            # run as another user, so give it the permissions a plain open() would.
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -256,3 +256,13 @@ def test_vllm_files_without_metadata_still_report_their_version(tmp_path, monkey
     assert library_versions()["vllm"] == installed
     assert "vllm" not in sys.modules
     assert source_version("no_such_package_here") is None
+
+
+def test_written_table_is_readable_by_other_users(tmp_path):
+    # mkstemp creates owner-only files; a serving process of another user must read the table,
+    # so it gets what a plain open() would give: 0o666 less the umask.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    path = write_device_table(tmp_path, _table({("graph", SPEC, 1): ("torch", 5.0)}))
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert path.stat().st_mode & 0o777 != 0o600 or mask & 0o066 == 0o066
