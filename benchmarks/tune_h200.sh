@@ -2,8 +2,8 @@
 # The shipped H200 table: the model presets, bf16, nine token buckets, graph timing (the models
 # the first sessions did not reach come first; entries not re-tuned stay in the table). Resumable:
 # the Optuna journal lives in /tmp/tune (and is copied to $OUT); SIGINT after $1 seconds stops
-# it cleanly with what is finished written to the table. TUNE_TOKENS and TUNE_TRIALS override
-# the buckets and the budget (a larger budget resumes complete studies for more trials).
+# it cleanly with what is finished written to the table. TUNE_DTYPE, TUNE_TOKENS and TUNE_TRIALS
+# override the dtype, the buckets and the budget (a larger budget resumes complete studies).
 # A fresh machine resumes from a journal carried in .tune/, else from the committed journal
 # of the run behind configs/NVIDIA_H200.json.
 mkdir -p /tmp/tune/configs
@@ -16,7 +16,7 @@ test -f /tmp/tune/configs/NVIDIA_H200.json || cp .tune/NVIDIA_H200.json /tmp/tun
 timeout -s INT "${1:-300}" python3 -m autotune --device cuda:0 \
   --model pythia-6.9b --model phi-2 --model deepseek-v2 --model gpt-j-6b \
   --model llama-3-8b --model qwen2.5-7b --model gemma-2-9b --model llama-3-70b \
-  --dtype bf16 --tokens "${TUNE_TOKENS:-1,4,16,64,256,1024,4096,16384,65536}" \
+  --dtype "${TUNE_DTYPE:-bf16}" --tokens "${TUNE_TOKENS:-1,4,16,64,256,1024,4096,16384,65536}" \
   --trials "${TUNE_TRIALS:-16}" \
   --providers triton,vllm,flashinfer,torch --timing graph \
   --storage /tmp/tune/studies.journal --output /tmp/tune/configs --save-path /tmp/tune/csv \
