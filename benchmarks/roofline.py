@@ -38,6 +38,7 @@ SPECS = {
     "pythia-6.9b": (128, 32, 32, 32, True),
     "gemma2-9b": (256, 256, 16, 8, True),
     "qwen2.5-7b": (128, 128, 28, 4, True),
+    "deepseek-v2": (64, 64, 128, 1, False),  # the rope part: 64 dims, GPT-J style, one kv head
 }
 TOKENS = (1, 16, 256, 2048, 4096, 16384, 32768, 65536)
 
