@@ -17,15 +17,12 @@ from kernels.table import TIMING_MODES, user_config_dir
 from .export import export_tables
 from .models import (
     CPU_DEFAULT_TOKENS,
-    DEFAULT_DTYPES,
     DEFAULT_TOKENS,
     MODEL_PRESETS,
     default_specs,
-    get_preset,
-    load_hf_config,
+    model_specs,
     parse_tokens,
     shard_heads,
-    spec_from_hf_config,
     unique_specs,
 )
 from .search import default_storage_path, open_storage
@@ -288,18 +285,13 @@ def specs_from_args(args: argparse.Namespace, device: torch.device) -> list[Rope
         )
     if args.is_neox_style is not None and not (explicit or args.model_config):
         raise ValueError("--is-neox-style applies to an explicit spec or --model-config")
-    specs: list[RopeSpec] = []
-    for name in args.model or ():
-        preset = get_preset(name)
-        specs += preset.specs(args.dtype or DEFAULT_DTYPES, None if tp is None else [tp])
-    for path in args.model_config or ():
-        config = load_hf_config(path)
-        for dtype in args.dtype or [None]:
-            specs.append(
-                spec_from_hf_config(
-                    config, tensor_parallel_size=tp or 1, dtype=dtype, is_neox=args.is_neox_style
-                )
-            )
+    specs = model_specs(
+        args.model or (),
+        args.model_config or (),
+        tensor_parallel_size=tp,
+        dtypes=args.dtype,
+        is_neox=args.is_neox_style,
+    )
     if explicit:
         if args.head_size is None or args.num_heads is None:
             raise ValueError("an explicit spec needs both --head-size and --num-heads")

@@ -28,6 +28,7 @@ __all__ = [
     "default_specs",
     "get_preset",
     "load_hf_config",
+    "model_specs",
     "parse_tokens",
     "shard_heads",
     "spec_from_hf_config",
@@ -146,6 +147,49 @@ def get_preset(name: str) -> ModelPreset:
     if preset is None:
         raise ValueError(f"model: expected one of {sorted(MODEL_PRESETS)}, got {name!r}")
     return preset
+
+
+def model_specs(
+    models: Iterable[str],
+    model_configs: Iterable[str | os.PathLike],
+    *,
+    tensor_parallel_size: int | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    is_neox: bool | None = None,
+    preset_dtypes: Sequence[torch.dtype] = DEFAULT_DTYPES,
+) -> list[RopeSpec]:
+    """The specs of model presets and Hugging Face ``config.json`` files, on one GPU's share of
+    the heads, without repeats.
+
+    Args:
+        models: Preset names (``llama-3-8b``, ...).
+        model_configs: Paths to ``config.json`` files or directories holding one.
+        tensor_parallel_size: GPUs the heads are split over; None for each preset's own
+            sizes (and 1 for the configs).
+        dtypes: Element types; None for ``preset_dtypes`` (presets) and each config's own
+            ``torch_dtype``.
+        is_neox: Rope style of the ``model_configs``; None for the config's own.
+
+    Raises:
+        ValueError: an unknown preset, a bad config, or a tensor-parallel size that does not
+            divide the heads.
+    """
+    tp_sizes = None if tensor_parallel_size is None else [tensor_parallel_size]
+    specs = []
+    for name in models:
+        specs += get_preset(name).specs(dtypes or preset_dtypes, tp_sizes)
+    for path in model_configs:
+        config = load_hf_config(path)
+        for dtype in dtypes or [None]:
+            specs.append(
+                spec_from_hf_config(
+                    config,
+                    tensor_parallel_size=tensor_parallel_size or 1,
+                    dtype=dtype,
+                    is_neox=is_neox,
+                )
+            )
+    return unique_specs(specs)
 
 
 def unique_specs(specs: Iterable[RopeSpec]) -> list[RopeSpec]:

@@ -38,22 +38,18 @@ def model_specs(
             divide the heads, or ``autotune.models`` missing.
     """
     try:
-        from autotune.models import get_preset, load_hf_config, spec_from_hf_config
+        from autotune.models import model_specs as _model_specs
     except ImportError as exc:
         raise ValueError(
             "--model/--model-config: need autotune.models (the tuner's model presets), which "
             f"this installation lacks ({exc}); give the spec with --head-size, --rotary-dim, "
             "--num-heads and --num-kv-heads instead"
         ) from None
-    specs = []
-    for name in models:
-        specs += get_preset(name).specs(dtypes or (torch.bfloat16,), (tensor_parallel_size,))
-    for path in model_configs:
-        config = load_hf_config(path)
-        for dtype in dtypes or (None,):
-            specs.append(
-                spec_from_hf_config(
-                    config, tensor_parallel_size=tensor_parallel_size, dtype=dtype, is_neox=is_neox
-                )
-            )
-    return list(dict.fromkeys(specs))
+    return _model_specs(
+        models,
+        model_configs,
+        tensor_parallel_size=tensor_parallel_size,
+        dtypes=dtypes,
+        is_neox=is_neox,
+        preset_dtypes=(torch.bfloat16,),
+    )
