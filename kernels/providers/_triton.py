@@ -254,7 +254,9 @@ def default_triton_config(spec: RopeSpec, num_tokens: int | None = None) -> Conf
             "num_stages": 1,
         }
     row = 2 * triton.next_power_of_2(spec.rotary_dim // 2)
-    block_h = min(triton.next_power_of_2(spec.num_heads), max(1, 4096 // row), 32)
+    block_h = min(
+        triton.next_power_of_2(spec.num_heads), max(1, 4096 // row), max(PARAM_SPACE["block_h"])
+    )
     return {
         "block_t": 1,
         "block_h": block_h,
