@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             results["compiled.run direct"] = host_us(
                 lambda: compiled.run(
                     args.tokens,
-                    launcher.head_split,
+                    launcher.grid_h,
                     1,
                     stream,
                     compiled.function,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import itertools
 import sys
 from pathlib import Path
@@ -41,6 +42,19 @@ SPECS = {
     "deepseek-v2": (64, 64, 128, 1, False),  # the rope part: 64 dims, GPT-J style, one kv head
 }
 TOKENS = (1, 16, 256, 2048, 4096, 16384, 32768, 65536)
+
+
+def resolve_spec(name: str, dtype: torch.dtype) -> RopeSpec:
+    """A name of :data:`SPECS`, or a spec key such as ``q64_kv8_d128_r128_neox_bfloat16`` (as
+    in the tuning tables; its dtype is replaced by ``dtype``)."""
+    if name in SPECS:
+        head, rot, hq, hk, neox = SPECS[name]
+        return RopeSpec(head, rot, hq, hk, neox, dtype)
+    try:
+        return dataclasses.replace(RopeSpec.from_key(name), dtype=dtype)
+    except ValueError:
+        known = list(SPECS)
+        raise SystemExit(f"--specs: {name!r} is neither a spec key nor one of {known}") from None
 
 
 @triton.jit
@@ -98,7 +112,7 @@ def triton_sweep_space(spec: RopeSpec, tokens: int):
     if tokens >= FEW_TOKENS:
         axes = ((1, 2, 4, 8, 16, 32), (1, 2, 4, 8, 16, 32), (1,), (4, 8))
     else:
-        axes = ((1, 2, 4), (1, 2, 4, 8), (1, 2, 4, 8, 16, 32), (1, 2, 4))
+        axes = ((1, 2, 4), (1, 2, 4, 8), (1, 2, 4, 8, 16, 32, 64, 128), (1, 2, 4))
     for block_t, block_h, head_split, warps in itertools.product(*axes):
         config = {
             "block_t": block_t,
@@ -116,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda:0", help="e.g. cuda:0")
-    parser.add_argument("--specs", default=",".join(SPECS), help=f"from {list(SPECS)}")
+    parser.add_argument(
+        "--specs",
+        default=",".join(SPECS),
+        help=f"names from {list(SPECS)} or spec keys, e.g. q64_kv8_d128_r128_neox_bfloat16",
+    )
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="e.g. 1,4096")
     parser.add_argument("--dtypes", default="bfloat16", help="e.g. bfloat16,float16")
     parser.add_argument("--providers", default="triton,vllm,flashinfer")
@@ -146,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec_name, dtype_name, tokens in itertools.product(
         args.specs.split(","), args.dtypes.split(","), map(int, args.tokens.split(","))
     ):
-        head, rot, hq, hk, neox = SPECS[spec_name]
-        spec = RopeSpec(head, rot, hq, hk, neox, getattr(torch, dtype_name))
+        spec = resolve_spec(spec_name, getattr(torch, dtype_name))
         floor_us = spec.bytes_moved(tokens) / bandwidth * 1e6
         candidates = []
         for name in args.providers.split(","):
@@ -162,11 +179,11 @@ def main(argv: list[str] | None = None) -> int:
             precompile_triton(spec, fresh, device)
             compiled.update((spec, str(c)) for c in fresh)
             candidates += [("triton", str(c), c) for c in configs]
-            if rot < head and tokens >= FEW_TOKENS:
+            if spec.rotary_dim < spec.head_size and tokens >= FEW_TOKENS:
                 candidates += [
                     ("slice_copy", f"bt{bt}_bh{bh}_w{w}", (bt, bh, w))
                     for bt, bh, w in itertools.product((1, 2, 4, 8, 16), (1, 2, 4, 8, 16), (4, 8))
-                    if bt * bh * triton.next_power_of_2(rot) <= 64 * 32 * w
+                    if bt * bh * triton.next_power_of_2(spec.rotary_dim) <= 64 * 32 * w
                 ]
         best: dict[str, tuple[float, str]] = {}
         for name, label, config in candidates:

@@ -14,7 +14,12 @@ from _reference64 import Case, build_inputs, check_outputs, covering_matrix, see
 from kernels import RopeSpec, get_provider, list_providers, provider_names
 from kernels._cast_once import CastOnce
 from kernels.providers._torch_compile import TorchCompileProvider
-from kernels.providers._triton import PARAM_SPACE, config_problems, default_triton_config
+from kernels.providers._triton import (
+    PARAM_SPACE,
+    _Launcher,
+    config_problems,
+    default_triton_config,
+)
 
 MATRIX = covering_matrix()
 # A few cases for torch.compile on the CPU: both styles, key present and absent, three dtypes,
@@ -142,6 +147,9 @@ TRITON_CONFIGS = [
     # first key block on program 4; with 3 query blocks over 4 the one key block on program 3.
     {"block_t": 2, "block_h": 1, "head_split": 8, "num_warps": 1, "num_stages": 1},
     {"block_t": 1, "block_h": 4, "head_split": 4, "num_warps": 2, "num_stages": 1},
+    # More programs asked for than there are head blocks (15 or 16; 12 without a key): the
+    # launcher starts one per block.
+    {"block_t": 2, "block_h": 1, "head_split": 16, "num_warps": 1, "num_stages": 1},
 ]
 TRITON_MASK_CASES = [
     with_(case, num_tokens=37, cache_kind="exact")
@@ -345,9 +353,8 @@ def test_triton_default_spreads_heads_over_programs_when_tokens_are_few(
     spec = RopeSpec(128, 128, num_heads, num_kv_heads, True, torch.bfloat16)
     config = default_triton_config(spec, num_tokens)
     blocks = -(-num_heads // config["block_h"]) + -(-num_kv_heads // config["block_h"])
-    assert blocks <= 2 * config["head_split"] or config["head_split"] == max(
-        PARAM_SPACE["head_split"]
-    )
+    assert config["head_split"] >= blocks  # one head block per program: one memory round trip
+    assert _Launcher(spec, config).grid_h == blocks  # and no program without one
     assert config["block_h"] <= 8
     streaming = default_triton_config(spec, 4096)
     assert streaming["head_split"] == 1 and streaming["block_t"] == 1

@@ -4,7 +4,9 @@ Design: one launch rotates q and k. A program owns ``BLOCK_T`` tokens: it loads 
 and cos/sin rows once, then walks over query heads and key heads ``BLOCK_H`` at a time,
 reading and writing only the first ``rotary_dim`` elements of each head. ``HEAD_SPLIT`` deals a
 token block's q and k head blocks out evenly over that many programs, for parallelism when there
-are few tokens (each then loads the token block's cos/sin once).
+are few tokens (each then loads the token block's cos/sin once). A ``HEAD_SPLIT`` of at least
+the number of head blocks gives each program one head block: the launcher then starts one
+program per block, none idle.
 """
 
 from __future__ import annotations
@@ -180,7 +182,7 @@ _POW2 = (1, 2, 4, 8, 16, 32, 64)
 PARAM_SPACE: dict[str, tuple[Any, ...]] = {
     "block_t": _POW2,
     "block_h": (1, 2, 4, 8, 16, 32),
-    "head_split": (1, 2, 4, 8, 16, 32),
+    "head_split": (1, 2, 4, 8, 16, 32, 64, 128),
     "num_warps": (1, 2, 4, 8),
     "num_stages": (1, 2, 3),
 }
@@ -211,10 +213,13 @@ def config_problems(spec: RopeSpec, config: Config) -> list[str]:
     head_blocks = triton.cdiv(spec.num_heads, config["block_h"]) + triton.cdiv(
         spec.num_kv_heads, config["block_h"]
     )
-    if config["head_split"] > head_blocks:
+    # Up to the power of two at or above the block count: one block per program. Anything
+    # larger launches the same grid (the launcher clamps it) and would be a duplicate.
+    if config["head_split"] > triton.next_power_of_2(head_blocks):
         problems.append(
-            f"head_split={config['head_split']} is more than the {head_blocks} query and key "
-            "head blocks"
+            f"head_split={config['head_split']} is over "
+            f"{triton.next_power_of_2(head_blocks)}, the power of two that already gives each "
+            f"of the {head_blocks} query and key head blocks its own program"
         )
     if config["block_h"] > triton.next_power_of_2(spec.num_heads):
         problems.append(f"block_h={config['block_h']} is over the {spec.num_heads} query heads")
@@ -233,10 +238,9 @@ def default_triton_config(spec: RopeSpec, num_tokens: int | None = None) -> Conf
     - 4096 tokens or more (or unknown): one token per program and up to 4096 elements per head
       step; this reached 97-99% of the copy roofline on full rotary at 32k-64k tokens.
     - Fewer tokens: the call is latency-bound, and what wins is many programs with one head
-      block each. Below 1024 tokens with 16 or more heads, one head per program over 2-4
-      tokens; otherwise blocks of up to 8 heads, one token per program. Either was within 3%
-      of the best swept config on Llama-3 8B and 70B (TP 8), Qwen2.5-7B and Gemma-2-9B at
-      16, 256 and 1024 tokens, where the streaming layout lost up to 18%.
+      block each (a program with two blocks takes two memory round trips, and the kernel
+      waits for the slowest). Below 1024 tokens with 16 or more heads, one head per program
+      over 2-4 tokens; otherwise blocks of up to 8 heads, one token per program.
     """
     heads = spec.num_heads + spec.num_kv_heads
     max_split = max(PARAM_SPACE["head_split"])
@@ -249,7 +253,7 @@ def default_triton_config(spec: RopeSpec, num_tokens: int | None = None) -> Conf
         return {
             "block_t": block_t,
             "block_h": block_h,
-            "head_split": min(max_split, _floor_pow2(blocks)),
+            "head_split": min(max_split, triton.next_power_of_2(blocks)),
             "num_warps": 4,
             "num_stages": 1,
         }
@@ -279,7 +283,11 @@ class _Launcher:
     def __init__(self, spec: RopeSpec, config: Config) -> None:
         self.spec = spec
         self.block_t = config["block_t"]
-        self.head_split = config["head_split"]
+        # Programs per token block, with a key and without: never more than its head blocks.
+        q_blocks = triton.cdiv(spec.num_heads, config["block_h"])
+        k_blocks = triton.cdiv(spec.num_kv_heads, config["block_h"])
+        self.grid_h = min(config["head_split"], q_blocks + k_blocks)
+        self.grid_h_no_key = min(config["head_split"], q_blocks)
         half = spec.rotary_dim // 2
         self.constexprs = dict(
             NUM_Q_HEADS=spec.num_heads,
@@ -288,7 +296,7 @@ class _Launcher:
             IS_NEOX=spec.is_neox,
             BLOCK_T=self.block_t,
             BLOCK_H=config["block_h"],
-            HEAD_SPLIT=self.head_split,
+            HEAD_SPLIT=config["head_split"],
         )
         self.options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
         self.compiled: dict[tuple, Any] = {}
@@ -303,8 +311,10 @@ class _Launcher:
             q_stride_t, q_stride_h = query.stride(0), head_size
         else:
             _, _, q_stride_t, q_stride_h = qk_layout("query", query, head_size, num_tokens)
+        grid_h = self.grid_h
         if key is None:
             k, k_stride_t, k_stride_h, k_heads = query, 0, 0, 0
+            grid_h = self.grid_h_no_key
         elif key.dim() == 2:
             k, k_stride_t, k_stride_h = key, key.stride(0), head_size
             k_heads = key.shape[1] // head_size
@@ -326,13 +336,13 @@ class _Launcher:
             compiled = self.compiled.get(spec_key)
             if compiled is not None:
                 compiled.run(
-                    grid_t, self.head_split, 1, _current_stream(query.device.index),
+                    grid_t, grid_h, 1, _current_stream(query.device.index),
                     compiled.function, compiled.packed_metadata, None, None, None,
                     positions, query, k, cos_sin_cache, num_tokens, *ints,
                     *self.constexprs.values(), k_heads,
                 )  # fmt: skip
                 return
-        compiled = _rope_kernel[(grid_t, self.head_split)](
+        compiled = _rope_kernel[(grid_t, grid_h)](
             positions, query, k, cos_sin_cache, num_tokens, *ints,
             NUM_K_HEADS=k_heads, **self.constexprs, **self.options,
         )  # fmt: skip
@@ -361,7 +371,8 @@ class TritonProvider(Provider):
     description: str = "rope-autotune's Triton kernel: q and k in one launch, rotated part only"
     param_space: dict[str, tuple[Any, ...]] = field(default_factory=lambda: dict(PARAM_SPACE))
     # 2: q and k head blocks shared evenly over a token block's programs; head_split up to 32.
-    revision: int = 2
+    # 3: head_split up to 128, one program per head block when it reaches the block count.
+    revision: int = 3
 
     def unavailable_reason(self, device: torch.device | str) -> str | None:
         device = torch.device(device)
