@@ -28,14 +28,13 @@ case "$1" in
       --repeats 10 --out "$OUT/roofline_small_tokens_h200.csv" 2>&1 | grep -v FAILED ;;
   losing)
     # The buckets of configs/NVIDIA_H200.json (Triton revision 2) that FlashInfer won.
-    python3 -m pytest -m gpu -q -p no:cacheprovider -k triton tests 2>&1 | tail -3
-    for point in q128_kv1_d64_r64_gptj:64,256 q32_kv8_d128_r128_neox:64,256 \
-        q16_kv8_d256_r256_neox:16,64 q64_kv8_d128_r128_neox:4,64 q16_kv2_d128_r128_neox:256 \
-        q32_kv4_d128_r128_neox:16 q4_kv1_d128_r128_neox:4096; do
-      timeout -s INT 90 python3 benchmarks/roofline.py --device cuda:0 --sweep --repeats 10 \
-        --specs "${point%:*}_bfloat16" --tokens "${point#*:}" \
-        --out "$OUT/losing_${point%:*}.csv" 2>&1 | grep -v FAILED | grep -v "^device"
-    done ;;
+    points=q128_kv1_d64_r64_gptj_bfloat16@256,q128_kv1_d64_r64_gptj_bfloat16@64
+    points+=,q64_kv8_d128_r128_neox_bfloat16@64,gemma2-9b@64,q16_kv2_d128_r128_neox_bfloat16@256
+    points+=,llama3-8b@256,llama3-8b@64,gemma2-9b@16,q32_kv4_d128_r128_neox_bfloat16@16
+    points+=,q64_kv8_d128_r128_neox_bfloat16@4,q4_kv1_d128_r128_neox_bfloat16@4096
+    timeout -s INT "${SWEEP_SECONDS:-480}" python3 benchmarks/roofline.py --device cuda:0 \
+      --sweep --repeats 10 --points "$points" --out "$OUT/roofline_losing_h200.csv" 2>&1 \
+      | grep -v FAILED ;;
   defaults)
     python3 benchmarks/roofline.py --device cuda:0 --tokens 1,16,256,1024,2048 \
       --specs llama3-8b,qwen2.5-7b,gemma2-9b,llama3-70b-tp8,seed-32h,gptj-16h \

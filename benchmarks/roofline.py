@@ -136,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"names from {list(SPECS)} or spec keys, e.g. q64_kv8_d128_r128_neox_bfloat16",
     )
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="e.g. 1,4096")
+    parser.add_argument(
+        "--points",
+        default=None,
+        help="spec@tokens pairs measured instead of every spec at every token count, e.g. "
+        "llama3-8b@256,q64_kv8_d128_r128_neox_bfloat16@64",
+    )
     parser.add_argument("--dtypes", default="bfloat16", help="e.g. bfloat16,float16")
     parser.add_argument("--providers", default="triton,vllm,flashinfer")
     parser.add_argument(
@@ -161,9 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     available = {s.name for s in list_providers(device) if s.available}
     rows = []
     compiled: set[tuple[RopeSpec, str]] = set()
-    for spec_name, dtype_name, tokens in itertools.product(
-        args.specs.split(","), args.dtypes.split(","), map(int, args.tokens.split(","))
-    ):
+    if args.points:
+        pairs = [point.rsplit("@", 1) for point in args.points.split(",")]
+        if any(len(pair) != 2 or not pair[1].isdigit() for pair in pairs):
+            parser.error(f"--points: expected spec@tokens pairs, got {args.points!r}")
+        points = [
+            (name, dtype, int(tokens)) for name, tokens in pairs for dtype in args.dtypes.split(",")
+        ]
+    else:
+        points = itertools.product(
+            args.specs.split(","), args.dtypes.split(","), map(int, args.tokens.split(","))
+        )
+    for spec_name, dtype_name, tokens in points:
         spec = resolve_spec(spec_name, getattr(torch, dtype_name))
         floor_us = spec.bytes_moved(tokens) / bandwidth * 1e6
         candidates = []
