@@ -27,6 +27,8 @@ from kernels.table import (
     write_table,
 )
 
+from .search import stale_providers
+
 __all__ = ["best_entry", "build_tables", "export_tables", "write_device_table"]
 
 logger = logging.getLogger(__name__)
@@ -69,7 +71,8 @@ def build_tables(
     """Tables built from the studies in ``storage``, one per device name.
 
     Studies of the same device, mode, spec and bucket (run with different provider sets) are
-    combined: their measured trials compete together.
+    combined: their measured trials compete together. Studies that timed a provider at an
+    older revision than the registered one are left out (their kernel no longer runs).
 
     Args:
         storage: The Optuna storage.
@@ -87,6 +90,10 @@ def build_tables(
         if wanted is not None and study.study_name not in wanted:
             continue
         if "spec" not in attrs or not (include_partial or attrs.get("complete")):
+            continue
+        stale = stale_providers(study.study_name)
+        if stale:
+            logger.debug("%s: left out, it timed %s", study.study_name, ", ".join(stale))
             continue
         device_name = attrs["device_name"]
         meta = attrs.get("metadata") or {"device_name": device_name}

@@ -51,6 +51,7 @@ __all__ = [
     "default_storage_path",
     "device_tag",
     "open_storage",
+    "stale_providers",
     "study_name",
 ]
 
@@ -299,6 +300,27 @@ def study_name(
         revision = get_provider(name).revision
         tags.append(name if revision == 1 else f"{name}@{revision}")
     return f"rope:{device_tag(device_name)}:{mode}:{spec.key}:{tokens}:{'+'.join(tags)}"
+
+
+def stale_providers(name: str) -> list[str]:
+    """The providers a study (named by :func:`study_name`) timed at another revision than the
+    one registered now, as ``"<name>@<revision>"``; a provider no longer registered counts too.
+    Such a study's measurements describe kernels that no longer run. Names not in that form
+    have none."""
+    if not name.startswith("rope:") or name.count(":") != 5:
+        return []
+    stale = []
+    for tag in name.rsplit(":", 1)[-1].split("+"):
+        provider, _, revision = tag.partition("@")
+        if revision and not revision.isdigit():  # not a study name (a claim's, say)
+            return []
+        try:
+            current = get_provider(provider).revision
+        except KeyError:
+            current = None
+        if current != int(revision or 1):
+            stale.append(tag if revision else f"{tag}@1")
+    return stale
 
 
 def counted_trials(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:

@@ -1,5 +1,6 @@
-"""Ctrl-C during an in-process tuning run: finish the trial in flight, then stop."""
+"""Ctrl-C (or SIGTERM) during an in-process tuning run: finish the trial in flight, then stop."""
 
+import logging
 import os
 import signal
 
@@ -8,20 +9,35 @@ import pytest
 from autotune.tune import _StopAfterTrial
 
 
-def test_first_sigint_waits_for_the_trial_second_stops_at_once():
-    before = signal.getsignal(signal.SIGINT)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_first_signal_waits_for_the_trial_second_stops_at_once(sig):
+    before = signal.getsignal(sig)
     with _StopAfterTrial() as stop:
-        os.kill(os.getpid(), signal.SIGINT)  # delivered here: the handler only records it
+        os.kill(os.getpid(), sig)  # delivered here: the handler only records it
         assert stop.requested
         with pytest.raises(KeyboardInterrupt):
             stop.after_trial(None, None)
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
+    assert signal.getsignal(sig) is before
+
+
+def test_a_handler_replaced_mid_run_is_installed_again(caplog):
+    # A provider library loaded by its first trial may install its own handler; the default
+    # one would end the run on Ctrl-C without writing the table.
+    before = signal.getsignal(signal.SIGINT)
+    with _StopAfterTrial() as stop:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        with caplog.at_level(logging.WARNING, logger="autotune.tune"):
+            stop.after_trial(None, None)
+        assert "SIGINT: a library replaced" in caplog.text
+        os.kill(os.getpid(), signal.SIGINT)  # would kill the test process without the fix
+        assert stop.requested
     assert signal.getsignal(signal.SIGINT) is before
 
 
-def test_disabled_leaves_sigint_alone():
-    before = signal.getsignal(signal.SIGINT)
+def test_disabled_leaves_the_handlers_alone():
+    before = [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)]
     with _StopAfterTrial(enabled=False) as stop:
-        assert signal.getsignal(signal.SIGINT) is before
+        assert [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)] == before
         stop.after_trial(None, None)  # nothing requested: no interrupt

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from autotune import CandidateSpace, open_storage, study_name, tune
 from autotune.export import build_tables
-from autotune.search import COUNTED_OUTCOMES
+from autotune.search import COUNTED_OUTCOMES, stale_providers
 from kernels import RopeSpec, get_provider, register_provider
 from kernels.providers import Provider
 from kernels.providers._base import _REGISTRY
@@ -92,6 +92,17 @@ def test_study_names_are_deterministic():
     assert name == f"rope:NVIDIA_H200:graph:{TINY.key}:16:torch+triton@{revision}"
     assert name == study_name("NVIDIA H200", "graph", TINY, 16, ["torch", "triton"])
     assert name != study_name("NVIDIA H200", "eager", TINY, 16, ["torch", "triton"])
+
+
+def test_stale_providers_names_what_an_older_study_timed():
+    name = study_name("NVIDIA H200", "graph", TINY, 16, ["triton", "torch"])
+    revision = get_provider("triton").revision
+    assert stale_providers(name) == []
+    assert stale_providers(name.replace(f"triton@{revision}", "triton@2")) == ["triton@2"]
+    assert stale_providers(name.replace(f"triton@{revision}", "triton")) == ["triton@1"]
+    assert stale_providers(name.replace("torch", "gone")) == ["gone@1"]  # no longer registered
+    assert stale_providers(name.replace("torch", "torch@2")) == ["torch@2"]  # a newer one too
+    assert stale_providers("my study") == stale_providers(f"{name}#claim0") == []
 
 
 # -- a real search -------------------------------------------------------------------------------
@@ -262,6 +273,44 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
         assert len(keys) == len(set(keys))
         assert len([t for t in trials if t.user_attrs.get("outcome") in COUNTED_OUTCOMES]) == 3
     assert build_tables(open_storage(storage))["CPU x86_64"]["entries"] == table["entries"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_gpu_run_stopped_like_timeout_does_writes_its_table(tmp_path, sig):
+    """``timeout -s INT`` signals the run's process group once every provider's library is
+    loaded (the first study measures each provider's default first): the run still finishes
+    its trial, writes what is complete and exits 130. On the H200 such a run once ended
+    without a word and without its table."""
+    storage = tmp_path / "s.journal"
+    argv = [
+        sys.executable, "-m", "autotune", "--device", "cuda:0", "--model", "llama-3-70b",
+        "--tensor-parallel-size", "8", "--dtype", "bf16", "--tokens", "1,16,256,4096",
+        "--trials", "12", "--storage", str(storage), "--output", str(tmp_path / "out"),
+        "--seed", "0", "--quiet",
+    ]  # fmt: skip
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(
+        argv, env={**os.environ, "PYTHONPATH": path}, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group, signalled as a whole like timeout does
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if storage.exists():
+            studies = [t for ts in all_trials(open_storage(storage)).values() for t in ts]
+            if sum(t.state == TrialState.COMPLETE for t in studies) >= 16:  # a study and more
+                break
+        time.sleep(0.5)
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be stopped")
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "resume" in err
+    (path,) = (tmp_path / "out").glob("*.json")
+    assert read_table(path)["entries"]["graph"]
+    trials = all_trials(open_storage(storage))
+    assert not [t for ts in trials.values() for t in ts if t.state == TrialState.RUNNING]
 
 
 @pytest.mark.gpu

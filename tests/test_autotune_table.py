@@ -18,8 +18,8 @@ from optuna.trial import TrialState, create_trial
 
 from autotune.cli import main
 from autotune.export import best_entry, build_tables, export_tables, write_device_table
-from autotune.search import open_storage
-from kernels import RopeSpec
+from autotune.search import open_storage, study_name
+from kernels import RopeSpec, get_provider
 from kernels.table import (
     empty_table,
     library_versions,
@@ -112,6 +112,20 @@ def test_build_tables_groups_and_skips_unfinished():
     assert partial["entries"]["graph"][OTHER.key]["1"]["provider"] == "torch"
     only_a = build_tables(storage, study_names=["a"])["Test GPU"]
     assert only_a["entries"]["graph"][SPEC.key]["16"]["provider"] == "triton"
+
+
+def test_build_tables_leaves_out_studies_of_an_older_kernel():
+    # Triton's kernel changed since the first two studies timed it: their 1 us is not what runs.
+    storage = optuna.storages.InMemoryStorage()
+    current = study_name("Test GPU", "graph", SPEC, 16, ["torch", "triton"])
+    revision = get_provider("triton").revision
+    for old in ("triton", "triton@2"):
+        _add_study(storage, current.replace(f"triton@{revision}", old), SPEC, 16,
+                   [_trial("triton", 1.0)])  # fmt: skip
+    _add_study(storage, current, SPEC, 16, [_trial("torch", 9.0), _trial("triton", 7.0)])
+    entry = build_tables(storage)["Test GPU"]["entries"]["graph"][SPEC.key]["16"]
+    assert entry["median_us"] == 7.0
+    assert entry["providers_us"] == {"torch": 9.0, "triton": 7.0}
 
 
 def test_build_tables_dates_the_table_by_its_newest_measurement():
