@@ -47,6 +47,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _tokens(text: str) -> list[int]:
     try:
         return parse_tokens(text)
@@ -201,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="counted trials per spec and bucket, e.g. --trials 64 (default: "
         "48 on CUDA, 16 on the CPU)",
+    )
+    parser.add_argument(
+        "--compile-workers",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="on CUDA, processes compiling the next trials' Triton configs in parallel "
+        "before they are timed, e.g. --compile-workers 8 (default: 0, each compiles in its "
+        "trial)",
     )
     parser.add_argument(
         "--timing",
@@ -391,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             save_path=args.save_path,
             seed=args.seed,
             progress=not args.quiet,
+            compile_workers=args.compile_workers,
         )
     except KeyboardInterrupt:
         print("python -m autotune: interrupted; run the same command to resume", file=sys.stderr)

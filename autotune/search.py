@@ -371,6 +371,11 @@ class StudyRunner:
         seed: Seeds the samplers and the random inputs; None for fresh randomness.
         callbacks: Called after every trial with ``(study, frozen_trial)``.
         time_kwargs: Extra arguments to :func:`autotune.measure.time_rope` (e.g. ``repeats``).
+        precompile: Called with a spec and the Triton configs of the next ``batch`` trials
+            before they run (e.g. a :class:`autotune.precompile.TritonPrecompiler`), so they
+            compile in parallel rather than one per trial; None to compile in the trial.
+        batch: Trials asked from the sampler at once when ``precompile`` is set (its constant
+            liar keeps them apart); 1 otherwise.
     """
 
     storage: optuna.storages.BaseStorage
@@ -381,6 +386,8 @@ class StudyRunner:
     seed: int | None = None
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()
     time_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    precompile: Callable[[RopeSpec, list[Mapping[str, Any]]], object] | None = None
+    batch: int = 1
     _gate: GateCache = field(default_factory=dict, init=False, repr=False)
     _spaces: dict[tuple[RopeSpec, tuple[str, ...]], CandidateSpace] = field(
         default_factory=dict, init=False, repr=False
@@ -482,27 +489,83 @@ class StudyRunner:
                 )
                 converged = True
                 break
-            finished: list[FrozenTrial] = []
-            study.optimize(
-                lambda trial: self.objective(trial, key, space),
-                n_trials=1,
-                catch=(CandidateError,),
-                callbacks=[*self.callbacks, lambda _s, t, out=finished: out.append(t)],
-            )
-            counts = finished and finished[-1].user_attrs.get("outcome") in COUNTED_OUTCOMES
-            idle = 0 if counts else idle + 1
+            if self.precompile is None:
+                finished: list[FrozenTrial] = []
+                study.optimize(
+                    lambda trial: self.objective(trial, key, space),
+                    n_trials=1,
+                    catch=(CandidateError,),
+                    callbacks=[*self.callbacks, lambda _s, t, out=finished: out.append(t)],
+                )
+            else:
+                finished = self._run_batch(study, key, space, min(self.batch, target - counted))
+            for trial in finished:
+                counts = trial.user_attrs.get("outcome") in COUNTED_OUTCOMES
+                idle = 0 if counts else idle + 1
         done = converged or len(counted_trials(study.get_trials(deepcopy=False))) >= target
         if done:  # the target it was completed for: a rerun with a larger budget continues it
             study.set_user_attr("complete", target)
         return done
 
+    def _run_batch(
+        self, study: optuna.Study, key: StudyKey, space: CandidateSpace, size: int
+    ) -> list[FrozenTrial]:
+        """Ask ``size`` trials, compile their Triton configs together, then run them one by one
+        (what ``study.optimize`` does for one trial: tell the outcome, call the callbacks).
+
+        Raises:
+            KeyboardInterrupt: the asked trials not yet finished are failed (so they are redone
+                on resume) and the interrupt propagates.
+        """
+        asked = [study.ask() for _ in range(max(1, size))]
+        finished: list[FrozenTrial] = []
+        try:
+            candidates = [self._suggest(trial, space) for trial in asked]
+            configs = [
+                c.config for c in candidates if c.provider == "triton" and _valid(key.spec, c)
+            ]
+            if configs and self.precompile is not None:
+                self.precompile(key.spec, configs)
+            for trial, candidate in zip(asked, candidates, strict=True):
+                try:
+                    value = self.evaluate(trial, key, candidate)
+                except optuna.TrialPruned:
+                    frozen = study.tell(trial, state=TrialState.PRUNED)
+                except CandidateError:
+                    frozen = study.tell(trial, state=TrialState.FAIL)
+                else:
+                    frozen = study.tell(trial, value)
+                finished.append(frozen)
+                for callback in self.callbacks:
+                    callback(study, frozen)
+        except BaseException:
+            told = {t.number for t in finished}
+            for trial in asked:
+                if trial.number not in told:
+                    study.tell(trial, state=TrialState.FAIL)
+            raise
+        return finished
+
     # -- one trial -----------------------------------------------------------------------------
 
     def objective(self, trial: Trial, key: StudyKey, space: CandidateSpace) -> float:
         """Measure one candidate; the value is its median time in microseconds."""
+        return self.evaluate(trial, key, self._suggest(trial, space))
+
+    @staticmethod
+    def _suggest(trial: Trial, space: CandidateSpace) -> Candidate:
         candidate = space.suggest(trial)
         trial.set_user_attr("provider", candidate.provider)
         trial.set_user_attr("config", dict(candidate.config))
+        return candidate
+
+    def evaluate(self, trial: Trial, key: StudyKey, candidate: Candidate) -> float:
+        """Measure ``candidate`` as ``trial``; the value is its median time in microseconds.
+
+        Raises:
+            optuna.TrialPruned: the provider rejects the config, or it repeats a failed one.
+            CandidateError: wrong result, compile error, out of memory.
+        """
         provider = get_provider(candidate.provider)
         try:
             fn = provider.bound(key.spec, candidate.config)
@@ -593,6 +656,14 @@ class StudyRunner:
             else:
                 self._gate[cache_key] = None
         return self._gate[cache_key]
+
+
+def _valid(spec: RopeSpec, candidate: Candidate) -> bool:
+    try:
+        get_provider(candidate.provider).check_config(spec, candidate.config)
+    except ValueError:
+        return False
+    return True
 
 
 def _unique(candidates: Iterable[Candidate]) -> list[Candidate]:

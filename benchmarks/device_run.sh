@@ -8,6 +8,7 @@
 #   bash benchmarks/device_run.sh defaults      # the untuned Triton default vs FlashInfer/vLLM
 #   bash benchmarks/device_run.sh search        # #3: the search against an exhaustive sweep
 #   TUNE_SECONDS=400 bash benchmarks/device_run.sh tune   # a resumable stretch of the table run
+#   bash benchmarks/device_run.sh compile-ahead # #6: one tuning job with and without --compile-workers
 #
 # The device lacks platformdirs: carry its wheel, built here with
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl platformdirs==4.3.6
@@ -46,6 +47,24 @@ case "$1" in
       --json "$OUT/search_vs_exhaustive_h200.json" ;;
   tune)
     bash benchmarks/tune_h200.sh "${TUNE_SECONDS:-300}" ;;
+  compile-ahead)
+    # The same job from empty Triton caches and storages, with the pool first (it pays any
+    # FlashInfer JIT a fresh machine still owes, so the comparison does not favour it).
+    for workers in 8 0; do
+      scratch=$(mktemp -d)
+      start=$SECONDS
+      TRITON_CACHE_DIR=$scratch/triton python3 -m autotune --device cuda:0 \
+        --model llama-3-8b --model gpt-j-6b --tensor-parallel-size 1 --dtype bf16 \
+        --tokens 1,64,1024,16384 --trials 20 --providers triton,vllm,flashinfer,torch \
+        --storage "$scratch/s.journal" --output "$scratch/out" --seed 0 --quiet \
+        --compile-workers "$workers"
+      echo "compile_workers=$workers: $((SECONDS - start)) s"
+      python3 -c "import json, sys; t = json.load(open(sys.argv[1]))['entries']['graph']
+for s, b in sorted(t.items()):
+    print(s, {k: (e['provider'], round(e['median_us'], 2)) for k, e in b.items()})" \
+        "$scratch"/out/*.json | tee "$OUT/compile_ahead_w$workers.txt"
+    done ;;
   *)
-    echo "usage: device_run.sh tests|small-tokens|defaults|search|tune" >&2; exit 2 ;;
+    echo "usage: device_run.sh tests|small-tokens|losing|defaults|search|tune|compile-ahead" >&2
+    exit 2 ;;
 esac

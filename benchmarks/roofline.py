@@ -22,9 +22,8 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _parallel_compile import precompile_triton
-
 from autotune.measure import check_correct, copy_bandwidth, time_rope
+from autotune.precompile import precompile_triton
 from kernels import RopeSpec, get_provider, list_providers
 from kernels.providers._triton import config_problems
 from kernels.table import library_versions

@@ -30,9 +30,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _parallel_compile import precompile_triton
-
 from autotune.measure import check_correct, time_rope
+from autotune.precompile import precompile_triton
 from autotune.search import GATE_TOKENS, CandidateSpace, StudyKey, StudyRunner
 from autotune.tune import DEFAULT_TRIALS, resolve_device
 from kernels import RopeSpec, get_provider

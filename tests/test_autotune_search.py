@@ -314,15 +314,21 @@ def test_a_gpu_run_stopped_like_timeout_does_writes_its_table(tmp_path, sig):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("distributed", [False, True], ids=["in-process", "worker-process"])
-def test_short_real_tuning_run_on_the_gpu(tmp_path, distributed):
+@pytest.mark.parametrize(
+    ("distributed", "compile_workers"),
+    [(False, 0), (True, 0), (False, 4), (True, 2)],
+    ids=["in-process", "worker-process", "in-process-compile-ahead", "worker-compile-ahead"],
+)
+def test_short_real_tuning_run_on_the_gpu(tmp_path, distributed, compile_workers):
     """The lead's H200 check: every available provider, graph and eager timing, the one-GPU
-    path both in-process and through the worker-process (distributed) code path."""
+    path both in-process and through the worker-process (distributed) code path, compiling
+    each trial's config in it or ahead in a pool."""
     spec = RopeSpec(128, 128, 8, 1, True, torch.bfloat16)  # Llama-3 70B at TP 8
     where = {"devices": ["cuda:0"]} if distributed else {"device": "cuda:0"}
     table = tune(
         [spec], [1, 4096], trials=12, timing=["graph", "eager"], storage=tmp_path / "s.journal",
-        output=tmp_path / "out", seed=0, progress=False, **where,
+        output=tmp_path / "out", seed=0, progress=False, compile_workers=compile_workers,
+        **where,
     )  # fmt: skip
     for mode in ("graph", "eager"):
         for entry in table["entries"][mode][spec.key].values():

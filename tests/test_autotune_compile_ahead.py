@@ -1,0 +1,114 @@
+"""Compiling ahead: trials asked in batches, their Triton configs handed to a precompiler
+before any of them runs; budgets, resume and interrupts behave as one trial at a time."""
+
+import itertools
+
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from autotune import open_storage
+from autotune.precompile import TritonPrecompiler
+from autotune.search import COUNTED_OUTCOMES, StudyKey, StudyRunner
+from kernels import RopeSpec
+from kernels.providers._triton import config_problems
+from kernels.table import device_metadata
+
+TINY = RopeSpec(16, 16, 2, 1, True, torch.float32)
+QUICK = {"repeats": 3, "min_round_s": 0.0}
+CPU = torch.device("cpu")
+
+
+def _runner(storage, **kwargs) -> StudyRunner:
+    meta = device_metadata(CPU)
+    return StudyRunner(storage, CPU, meta["device_name"], meta, seed=0, time_kwargs=QUICK, **kwargs)
+
+
+def _key(tokens=9) -> StudyKey:
+    return StudyKey(device_metadata(CPU)["device_name"], "graph", TINY, tokens, ("torch", "triton"))
+
+
+def _trials(storage, key):
+    return storage.get_all_trials(storage.get_study_id_from_name(key.name), deepcopy=False)
+
+
+def _measured(trials):
+    return [
+        (t.user_attrs["provider"], tuple(sorted(t.user_attrs["config"].items())))
+        for t in trials
+        if t.user_attrs.get("outcome") == "measured"
+    ]
+
+
+def test_each_batch_is_compiled_before_it_runs(tmp_path):
+    storage = open_storage(tmp_path / "s.journal")
+    batches = []
+
+    def precompile(spec, configs):
+        assert spec == TINY and 1 <= len(configs) <= 4
+        assert all(not config_problems(spec, c) for c in configs)  # only valid ones
+        measured_so_far = len(_measured(_trials(storage, key)))
+        batches.append((measured_so_far, [tuple(sorted(c.items())) for c in configs]))
+
+    key = _key()
+    assert _runner(storage, trials=7, precompile=precompile, batch=4).run(key)
+    trials = _trials(storage, key)
+    assert len([t for t in trials if t.user_attrs.get("outcome") in COUNTED_OUTCOMES]) == 7
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    measured = _measured(trials)
+    assert len(measured) == len(set(measured))
+    handed = [config for _, configs in batches for config in configs]
+    for provider, config in measured:
+        if provider == "triton":
+            assert config in handed  # compiled ahead, not in its own trial
+    assert len(batches) >= 2  # 7 counted trials do not fit one batch of 4
+    assert all(b < a for (b, _), (a, _) in itertools.pairwise(batches))
+
+
+def test_an_interrupt_mid_batch_fails_what_was_asked_and_resume_completes(tmp_path):
+    storage = open_storage(tmp_path / "s.journal")
+    key = _key()
+    seen = []
+
+    def stop_on_second(study, trial):
+        seen.append(trial.number)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    runner = _runner(storage, trials=6, precompile=lambda *_: None, batch=4)
+    runner.callbacks = [stop_on_second]
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(key)
+    trials = _trials(storage, key)
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    # The two that ran keep their outcome; the two asked but not run are failed, unmeasured.
+    assert len([t for t in trials if "outcome" in t.user_attrs]) == 2
+    unrun = [t for t in trials if t.state == TrialState.FAIL and "outcome" not in t.user_attrs]
+    assert len(unrun) == 2
+
+    runner.callbacks = []
+    assert runner.run(key)
+    trials = _trials(storage, key)
+    measured = _measured(trials)
+    assert len(measured) == len(set(measured)), "a candidate was measured twice"
+    assert len([t for t in trials if t.user_attrs.get("outcome") in COUNTED_OUTCOMES]) == 6
+
+
+def test_the_precompiler_does_nothing_off_cuda():
+    with TritonPrecompiler("cpu", workers=2) as precompiler:
+        config = {"block_t": 1, "block_h": 1, "head_split": 1, "num_warps": 1, "num_stages": 1}
+        assert precompiler(TINY, [config]) == 0
+        assert precompiler._pool is None  # no processes started
+
+
+def test_a_spawned_worker_compiles_and_runs_the_configs_it_is_given():
+    # What each pool process runs, in a process started the way the pool starts them (spawn:
+    # it must import everything itself). On the CPU the kernel runs under the interpreter.
+    import multiprocessing
+
+    from autotune.precompile import _compile_some
+
+    good = {"block_t": 1, "block_h": 1, "head_split": 2, "num_warps": 1, "num_stages": 1}
+    bad = {**good, "block_t": 3}  # outside the space: reported when timed, skipped here
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        assert pool.map(_compile_some, [(TINY.key, "cpu", [good, bad])]) == [1]
