@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             stream = torch.cuda.current_stream().cuda_stream
             results["compiled.run direct"] = host_us(
                 lambda: compiled.run(
-                    args.tokens,
-                    launcher.grid_h,
+                    *launcher.grid(args.tokens, spec.num_kv_heads),
                     1,
                     stream,
                     compiled.function,

@@ -283,11 +283,9 @@ class _Launcher:
     def __init__(self, spec: RopeSpec, config: Config) -> None:
         self.spec = spec
         self.block_t = config["block_t"]
-        # Programs per token block, with a key and without: never more than its head blocks.
-        q_blocks = triton.cdiv(spec.num_heads, config["block_h"])
-        k_blocks = triton.cdiv(spec.num_kv_heads, config["block_h"])
-        self.grid_h = min(config["head_split"], q_blocks + k_blocks)
-        self.grid_h_no_key = min(config["head_split"], q_blocks)
+        self.block_h = config["block_h"]
+        self.head_split = config["head_split"]
+        self.q_blocks = triton.cdiv(spec.num_heads, self.block_h)
         half = spec.rotary_dim // 2
         self.constexprs = dict(
             NUM_Q_HEADS=spec.num_heads,
@@ -295,12 +293,20 @@ class _Launcher:
             HALF_PAD=triton.next_power_of_2(half),
             IS_NEOX=spec.is_neox,
             BLOCK_T=self.block_t,
-            BLOCK_H=config["block_h"],
-            HEAD_SPLIT=config["head_split"],
+            BLOCK_H=self.block_h,
+            HEAD_SPLIT=self.head_split,
         )
         self.options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
         self.compiled: dict[tuple, Any] = {}
         self.lean = not _interpreting()
+
+    def grid(self, num_tokens: int, k_heads: int) -> tuple[int, int]:
+        """Programs over token blocks and over the head blocks of one token block: never
+        more of the latter than there are q and k head blocks (none idle)."""
+        k_blocks = (k_heads + self.block_h - 1) // self.block_h
+        return (num_tokens + self.block_t - 1) // self.block_t, min(
+            self.head_split, self.q_blocks + k_blocks
+        )
 
     def __call__(self, positions, query, key, cos_sin_cache) -> None:
         num_tokens = positions.numel()
@@ -311,10 +317,8 @@ class _Launcher:
             q_stride_t, q_stride_h = query.stride(0), head_size
         else:
             _, _, q_stride_t, q_stride_h = qk_layout("query", query, head_size, num_tokens)
-        grid_h = self.grid_h
         if key is None:
             k, k_stride_t, k_stride_h, k_heads = query, 0, 0, 0
-            grid_h = self.grid_h_no_key
         elif key.dim() == 2:
             k, k_stride_t, k_stride_h = key, key.stride(0), head_size
             k_heads = key.shape[1] // head_size
@@ -322,7 +326,7 @@ class _Launcher:
             k = key
             _, k_heads, k_stride_t, k_stride_h = qk_layout("key", key, head_size, num_tokens)
         cache_stride = cos_sin_cache.stride(0)
-        grid_t = (num_tokens + self.block_t - 1) // self.block_t
+        grid_t, grid_h = self.grid(num_tokens, k_heads)
         ints = (q_stride_t, q_stride_h, k_stride_t, k_stride_h, cache_stride)
         # Launch hooks (profilers such as Proton) need Triton's own path and its metadata.
         lean = self.lean and not _launch_hooks_active()
