@@ -80,8 +80,9 @@ def tune(
 
     Runs one Optuna study per (timing mode, spec, token bucket) to ``trials`` counted trials
     (resuming studies already in ``storage``), then builds the device's table from the
-    finished studies. Ctrl-C stops after failing the trial in flight; what is finished is still
-    written, and calling again with the same arguments resumes.
+    finished studies. Ctrl-C or SIGTERM stops after the trial in flight (a second one at once,
+    failing it); what is finished is still written, and calling again with the same arguments
+    resumes.
 
     With ``devices``, one worker process per device shares the studies through ``storage``
     (see :mod:`autotune.distributed`); other hosts may run the same call on the same RDB
