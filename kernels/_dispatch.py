@@ -78,27 +78,30 @@ def _spec_distance(a: RopeSpec, b: RopeSpec) -> float:
 def nearest_spec_key(spec: RopeSpec, keys: Iterable[str]) -> str | None:
     """The table spec closest to ``spec``, or None.
 
-    Candidates share ``spec``'s head size, rotary dim, style and dtype (what decides the kernel's
-    inner loop); among them the one with the smallest ``|log(Hq/Hq')| + |log(Hk/Hk')|`` wins
-    (head counts differing by the same factor are equally near), ties to the smaller key.
+    Candidates share ``spec``'s head size, rotary dim, style and element size (what decides the
+    kernel's memory traffic and inner loop: bf16 and fp16 are interchangeable); among them the
+    one with the smallest ``|log(Hq/Hq')| + |log(Hk/Hk')|`` wins (head counts differing by the
+    same factor are equally near), then the one of ``spec``'s own dtype, then the smaller key.
+    On the H200 a bf16-tuned config ran fp16 at the speed of the fp16-tuned one (median ratio
+    1.00, at most 1.08, over 25 buckets; ``benchmarks/NOTES.md``).
     """
-    best: tuple[float, str] | None = None
+    best: tuple[float, bool, str] | None = None
     for key in keys:
         try:
             other = RopeSpec.from_key(key)
         except ValueError:
             continue
-        if (other.head_size, other.rotary_dim, other.is_neox, other.dtype) != (
+        if (other.head_size, other.rotary_dim, other.is_neox, other.dtype.itemsize) != (
             spec.head_size,
             spec.rotary_dim,
             spec.is_neox,
-            spec.dtype,
+            spec.dtype.itemsize,
         ):
             continue
-        candidate = (_spec_distance(spec, other), key)
+        candidate = (_spec_distance(spec, other), other.dtype != spec.dtype, key)
         if best is None or candidate < best:
             best = candidate
-    return None if best is None else best[1]
+    return None if best is None else best[-1]
 
 
 # -- entry resolution ----------------------------------------------------------------------------

@@ -6,8 +6,9 @@ Lookup, first match wins:
    the user config directory, the shipped ``configs/``), the file named by the normalized device
    name (``NVIDIA H200`` -> ``NVIDIA_H200.json``). A bad file is skipped with one warning.
 2. In the requested timing mode's entries: the exact spec (:attr:`RopeSpec.key`) in the first
-   table that has it; else the nearest spec (same head size, rotary dim, style and dtype,
-   closest head counts in log distance, see :func:`kernels._dispatch.nearest_spec_key`) in the
+   table that has it; else the nearest spec (same head size, rotary dim, style and element
+   size, so bf16 stands in for fp16 and back; closest head counts in log distance, then the
+   same dtype, see :func:`kernels._dispatch.nearest_spec_key`) in the
    first table that has one.
 3. Else the fallback: Triton's default config on CUDA, ``torch`` on the CPU, with one warning
    naming the command that tunes this device.

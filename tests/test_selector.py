@@ -299,6 +299,29 @@ def test_nearest_spec_is_used_and_named(dirs):
     assert f"nearest spec to {asked.key}" in explained.why and near.key in explained.why
 
 
+def test_the_other_16_bit_dtype_of_the_same_shape_is_nearest(dirs):
+    # A bf16-tuned config runs fp16 at fp16-tuned speed (same bytes moved); a spec of the asked
+    # dtype with other head counts is a worse guess, and fp32 (twice the bytes) is no guess.
+    asked = RopeSpec(64, 32, 12, 4, True, torch.float16)
+    same_shape_bf16 = RopeSpec(64, 32, 12, 4, True, torch.bfloat16)
+    other_heads_fp16 = RopeSpec(64, 32, 24, 4, True, torch.float16)
+    same_shape_fp32 = RopeSpec(64, 32, 12, 4, True, torch.float32)
+    graph = {
+        same_shape_bf16.key: {"8": entry("torch")},
+        other_heads_fp16.key: {"8": entry("triton")},
+        same_shape_fp32.key: {"8": entry("triton")},
+    }
+    put(dirs["env"], make_table(graph))
+    explained = no_warnings(select, asked).explain(8)
+    assert (explained.spec_key, explained.provider) == (same_shape_bf16.key, "torch")
+    # At equal head distance the asked dtype wins.
+    del graph[same_shape_bf16.key]
+    graph[RopeSpec(64, 32, 24, 4, True, torch.bfloat16).key] = {"8": entry("torch")}
+    put(dirs["env"], make_table(graph))
+    explained = no_warnings(select, asked).explain(8)
+    assert (explained.spec_key, explained.provider) == (other_heads_fp16.key, "triton")
+
+
 def test_nearest_spec_config_invalid_for_asked_spec_falls_back_to_default(dirs):
     # block_h=16 is fine for 16 query heads but over the 4 heads asked for.
     near = RopeSpec(64, 32, 16, 2, True, torch.float32)
