@@ -14,7 +14,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import torch
@@ -28,6 +31,12 @@ __all__ = ["TritonPrecompiler", "precompile_triton"]
 logger = logging.getLogger(__name__)
 
 _TOKENS = 64  # the layout matters, not the size
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C (or ``timeout -s INT``) reaches the whole process group: the tuner stops after the
+    # trial in flight, and the workers must not die under it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _compile_some(job: tuple[str, str, list[dict[str, Any]]]) -> int:
@@ -51,7 +60,8 @@ class TritonPrecompiler:
 
     Calling it compiles the configs not compiled before (by this object) and returns when they
     are in Triton's disk cache. Off CUDA it does nothing. The processes start on first use and
-    stop on :meth:`close` (or leaving a ``with`` block).
+    stop on :meth:`close` (or leaving a ``with`` block). A pool that loses a worker is reported
+    and replaced on the next call; the configs then compile in their trials as without a pool.
 
     Args:
         device: The device whose kernels are compiled (the workers compile for its target).
@@ -66,7 +76,7 @@ class TritonPrecompiler:
 
     def __call__(self, spec: RopeSpec, configs: Iterable[Mapping[str, Any]]) -> int:
         """Compile ``configs`` of the Triton provider for ``spec``; how many compiled now."""
-        if self.device.type != "cuda":
+        if not self._compiles_here:
             return 0
         fresh, keys = [], set()
         for config in configs:
@@ -76,17 +86,29 @@ class TritonPrecompiler:
                 fresh.append(dict(config))
         if not fresh:
             return 0
-        if self._pool is None:  # CUDA cannot be used in a forked child
-            self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),  # CUDA cannot be forked
+                initializer=_ignore_sigint,
+            )
         jobs = [(spec.key, str(self.device), fresh[i :: self.workers]) for i in range(self.workers)]
-        compiled = sum(self._pool.map(_compile_some, [job for job in jobs if job[2]]))
+        try:
+            compiled = sum(self._pool.map(_compile_some, [job for job in jobs if job[2]]))
+        except BrokenProcessPool as exc:
+            logger.warning("precompile: a worker died (%s); starting a new pool next time", exc)
+            self.close()
+            return 0
         self._done.update(keys)
         return compiled
 
+    @property
+    def _compiles_here(self) -> bool:
+        return self.device.type == "cuda"
+
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
     def __enter__(self) -> TritonPrecompiler:

@@ -2,6 +2,9 @@
 before any of them runs; budgets, resume and interrupts behave as one trial at a time."""
 
 import itertools
+import logging
+import os
+import signal
 
 import pytest
 import torch
@@ -101,14 +104,27 @@ def test_the_precompiler_does_nothing_off_cuda():
         assert precompiler._pool is None  # no processes started
 
 
-def test_a_spawned_worker_compiles_and_runs_the_configs_it_is_given():
-    # What each pool process runs, in a process started the way the pool starts them (spawn:
-    # it must import everything itself). On the CPU the kernel runs under the interpreter.
-    import multiprocessing
+class _InterpretingPrecompiler(TritonPrecompiler):
+    """The real pool, allowed off CUDA: its workers run the configs under the interpreter."""
 
-    from autotune.precompile import _compile_some
+    _compiles_here = True
 
-    good = {"block_t": 1, "block_h": 1, "head_split": 2, "num_warps": 1, "num_stages": 1}
-    bad = {**good, "block_t": 3}  # outside the space: reported when timed, skipped here
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        assert pool.map(_compile_some, [(TINY.key, "cpu", [good, bad])]) == [1]
+
+GOOD = {"block_t": 1, "block_h": 1, "head_split": 2, "num_warps": 1, "num_stages": 1}
+
+
+def test_the_pool_runs_each_config_once_and_survives_signals_and_a_dead_worker(caplog):
+    bad = {**GOOD, "block_t": 3}  # outside the space: reported when timed, skipped here
+    with _InterpretingPrecompiler("cpu", workers=2) as precompiler:
+        assert precompiler(TINY, [GOOD, bad, GOOD]) == 1
+        assert precompiler(TINY, [GOOD]) == 0  # done before: nothing to do
+        workers = list(precompiler._pool._processes.values())
+        for worker in workers:  # Ctrl-C reaches the whole process group
+            os.kill(worker.pid, signal.SIGINT)
+        assert precompiler(TINY, [{**GOOD, "num_warps": 2}]) == 1
+        os.kill(workers[0].pid, signal.SIGKILL)
+        workers[0].join(timeout=30)
+        with caplog.at_level(logging.WARNING, logger="autotune.precompile"):
+            assert precompiler(TINY, [{**GOOD, "num_warps": 4}]) == 0
+        assert "a worker died" in caplog.text and precompiler._pool is None
+        assert precompiler(TINY, [{**GOOD, "num_warps": 4}]) == 1  # a new pool
