@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{_triton._launch_hooks.launch_enter_hook}, {_triton._launch_hooks.launch_exit_hook}"
         )
         if launcher.compiled:
-            compiled = next(iter(launcher.compiled.values()))
+            compiled, grid_h = next(iter(launcher.compiled.values()))
+            grid_t = launcher.grid(args.tokens, spec.num_kv_heads)[0]
             q, k = x.query, x.key
             run_args = (
                 x.positions,
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             stream = torch.cuda.current_stream().cuda_stream
             results["compiled.run direct"] = host_us(
                 lambda: compiled.run(
-                    *launcher.grid(args.tokens, spec.num_kv_heads),
+                    grid_t,
+                    grid_h,
                     1,
                     stream,
                     compiled.function,

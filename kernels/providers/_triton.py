@@ -297,7 +297,8 @@ class _Launcher:
             HEAD_SPLIT=self.head_split,
         )
         self.options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
-        self.compiled: dict[tuple, Any] = {}
+        # Lean path: per specialization, the compiled kernel and its head grid (fixed by k_heads).
+        self.compiled: dict[tuple, tuple[Any, int]] = {}
         self.lean = not _interpreting()
 
     def grid(self, num_tokens: int, k_heads: int) -> tuple[int, int]:
@@ -326,7 +327,6 @@ class _Launcher:
             k = key
             _, k_heads, k_stride_t, k_stride_h = qk_layout("key", key, head_size, num_tokens)
         cache_stride = cos_sin_cache.stride(0)
-        grid_t, grid_h = self.grid(num_tokens, k_heads)
         ints = (q_stride_t, q_stride_h, k_stride_t, k_stride_h, cache_stride)
         # Launch hooks (profilers such as Proton) need Triton's own path and its metadata.
         lean = self.lean and not _launch_hooks_active()
@@ -337,8 +337,10 @@ class _Launcher:
                 k.data_ptr() % 16 == 0, cos_sin_cache.data_ptr() % 16 == 0,
                 *[(v == 1, v % 16 == 0, v < 2**31) for v in ints],
             )  # fmt: skip
-            compiled = self.compiled.get(spec_key)
-            if compiled is not None:
+            entry = self.compiled.get(spec_key)
+            if entry is not None:
+                compiled, grid_h = entry
+                grid_t = (num_tokens + self.block_t - 1) // self.block_t
                 compiled.run(
                     grid_t, grid_h, 1, _current_stream(query.device.index),
                     compiled.function, compiled.packed_metadata, None, None, None,
@@ -346,12 +348,13 @@ class _Launcher:
                     *self.constexprs.values(), k_heads,
                 )  # fmt: skip
                 return
-        compiled = _rope_kernel[(grid_t, grid_h)](
+        grid = self.grid(num_tokens, k_heads)
+        compiled = _rope_kernel[grid](
             positions, query, k, cos_sin_cache, num_tokens, *ints,
             NUM_K_HEADS=k_heads, **self.constexprs, **self.options,
         )  # fmt: skip
         if lean:
-            self.compiled[spec_key] = compiled
+            self.compiled[spec_key] = compiled, grid[1]
 
 
 def launch_rope(
