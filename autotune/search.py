@@ -23,6 +23,7 @@ resume.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -214,6 +215,14 @@ class CandidateSpace:
                 seen.add(candidate.key)
                 valid.append(candidate)
         return cls(spec, tuple(names), valid)
+
+    @functools.cached_property
+    def _valid_keys(self) -> frozenset:
+        return frozenset(c.key for c in self.valid)
+
+    def contains(self, candidate: Candidate) -> bool:
+        """Whether ``candidate`` is valid here (its provider accepts its config for the spec)."""
+        return candidate.key in self._valid_keys
 
     def default_candidates(self, num_tokens: int) -> list[Candidate]:
         """Each provider's default config for ``num_tokens`` (the first trials of a study)."""
@@ -521,9 +530,7 @@ class StudyRunner:
         finished: list[FrozenTrial] = []
         try:
             candidates = [self._suggest(trial, space) for trial in asked]
-            configs = [
-                c.config for c in candidates if c.provider == "triton" and _valid(key.spec, c)
-            ]
+            configs = [c.config for c in candidates if c.provider == "triton" and space.contains(c)]
             if configs and self.precompile is not None:
                 self.precompile(key.spec, configs)
             for trial, candidate in zip(asked, candidates, strict=True):
@@ -656,14 +663,6 @@ class StudyRunner:
             else:
                 self._gate[cache_key] = None
         return self._gate[cache_key]
-
-
-def _valid(spec: RopeSpec, candidate: Candidate) -> bool:
-    try:
-        get_provider(candidate.provider).check_config(spec, candidate.config)
-    except ValueError:
-        return False
-    return True
 
 
 def _unique(candidates: Iterable[Candidate]) -> list[Candidate]:
