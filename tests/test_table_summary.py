@@ -1,0 +1,49 @@
+"""benchmarks/table_summary.py: counts of Triton's wins and losses and the choice's speedups."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "table_summary.py"
+
+
+@pytest.fixture(scope="module")
+def summarize():
+    spec = importlib.util.spec_from_file_location("table_summary", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.summarize
+
+
+def _entry(**times: float) -> dict:
+    provider = min(times, key=times.get)
+    return {"provider": provider, "median_us": times[provider], "providers_us": times}
+
+
+def test_counts_losses_and_speedups_per_dtype(summarize):
+    table = {
+        "entries": {
+            "graph": {
+                "q8_kv1_d128_r128_neox_bfloat16": {
+                    "1": _entry(triton=1.0, flashinfer=2.0, vllm=4.0),
+                    "256": _entry(triton=3.3, flashinfer=3.0, vllm=6.0),
+                },
+                "q8_kv1_d128_r128_neox_float16": {"16": _entry(triton=1.0, vllm=1.0)},
+            }
+        }
+    }
+    text = summarize(table)
+    assert "bfloat16: 1 specs, 2 buckets" in text
+    assert "no slower than the faster of flashinfer/vllm: 1 of 2" in text
+    assert (
+        "q8_kv1_d128_r128_neox_bfloat16 @ 256: triton 3.30 us, best rival 3.00 us (+10.0%)" in text
+    )
+    # The choice (fastest provider) against FlashInfer: 2x and 1x, geomean sqrt(2).
+    assert "choice vs flashinfer: 1.41x geomean (1.00x to 2.00x, 2 buckets)" in text
+    # A tie is no loss.
+    assert (
+        "float16: 1 specs, 1 buckets\n  triton no slower than the faster of flashinfer/vllm: 1 of 1"
+        in text
+    )
+    assert summarize(table, timing="eager") == ""
