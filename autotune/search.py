@@ -36,6 +36,7 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from kernels import RopeSpec, get_provider
@@ -300,7 +301,8 @@ def study_name(
     ``rope:<device>:<mode>:<spec key>:<tokens>:<providers joined by +>``.
 
     The provider set is part of the name because Optuna fixes a categorical parameter's
-    choices per study; tables combine studies of the same bucket with different provider sets.
+    choices per study; tables combine studies of the same bucket with different provider sets,
+    and a new study starts from the trials of one over fewer providers (see ``_warm_start``).
     A provider past its first revision is named ``<name>@<revision>``: studies that timed an
     older kernel are not resumed (their measurements are stale), those of the others are.
     """
@@ -423,7 +425,7 @@ class StudyRunner:
         if int(self.storage.get_study_user_attrs(study_id).get("complete") or 0) >= target:
             return 0
         trials = self.storage.get_all_trials(study_id, deepcopy=False)
-        return max(0, target - len(counted_trials(trials)))
+        return max(target - len(counted_trials(trials)), len(_waiting(trials)))
 
     def is_complete(self, key: StudyKey) -> bool:
         return self.remaining(key) == 0
@@ -451,6 +453,8 @@ class StudyRunner:
             }.items():
                 study.set_user_attr(attr, value)
         trials = study.get_trials(deepcopy=False)
+        if not trials:
+            trials = self._warm_start(study, key, space)
         taken = {
             _params_key(t.params or t.system_attrs.get("fixed_params", {}))
             for t in trials
@@ -466,6 +470,53 @@ class StudyRunner:
                 taken.add(_params_key(params))
                 study.enqueue_trial(params, user_attrs={"enqueued": True})
         return study
+
+    def _warm_start(
+        self, study: optuna.Study, key: StudyKey, space: CandidateSpace
+    ) -> list[FrozenTrial]:
+        """Copy into a new study the finished trials of the same bucket's study over fewer
+        providers, so adding an untunable provider (torch_compile, say) costs its one trial
+        instead of a new search. The donor must have timed every provider at its current
+        revision; of several, the one with most measurements is copied.
+
+        Returns:
+            The new study's trials (the copies; none when no study qualifies).
+        """
+        prefix, _, tags = key.name.rpartition(":")
+        wanted = set(tags.split("+"))
+        best, best_trials = None, []
+        for other in self.storage.get_all_studies():
+            other_prefix, _, other_tags = other.study_name.rpartition(":")
+            donated = set(other_tags.split("+"))
+            if other_prefix != prefix or not donated < wanted or stale_providers(other.study_name):
+                continue
+            trials = self.storage.get_all_trials(other._study_id, deepcopy=False)
+            if best is None or len(counted_trials(trials)) > len(counted_trials(best_trials)):
+                best, best_trials = other.study_name, trials
+        if best is None:
+            return []
+        # The provider choices grow; every other parameter keeps its distribution.
+        widened = {"provider": CategoricalDistribution(space.providers)}
+        if space.tunable:
+            widened["tuned_provider"] = CategoricalDistribution(space.tunable)
+        copies = [
+            optuna.trial.create_trial(
+                state=trial.state,
+                value=trial.value if trial.state == TrialState.COMPLETE else None,
+                params=trial.params,
+                distributions={
+                    name: widened.get(name, dist) for name, dist in trial.distributions.items()
+                },
+                user_attrs=trial.user_attrs,
+            )
+            for trial in best_trials
+            if trial.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+            and "outcome" in trial.user_attrs  # not an interrupted trial
+        ]
+        study.add_trials(copies)
+        study.set_user_attr("warm_started_from", best)
+        logger.info("%s: starts from %d trials of %s", key.name, len(copies), best)
+        return study.get_trials(deepcopy=False)
 
     def run(self, key: StudyKey, should_stop: Callable[[], bool] = lambda: False) -> bool:
         """Run ``key``'s study until its counted trials reach the target.
@@ -485,8 +536,10 @@ class StudyRunner:
         converged = False
         while not should_stop():
             # The caller owns this study (see autotune.distributed): no trial but ours runs.
-            counted = len(counted_trials(study.get_trials(deepcopy=False)))
-            if counted >= target:
+            trials = study.get_trials(deepcopy=False)
+            counted, waiting = len(counted_trials(trials)), len(_waiting(trials))
+            # Enqueued trials (defaults, or a warm start's new providers) run past the budget.
+            if counted >= target and not waiting:
                 break
             if idle >= idle_limit:
                 logger.info(
@@ -507,11 +560,14 @@ class StudyRunner:
                     callbacks=[*self.callbacks, lambda _s, t, out=finished: out.append(t)],
                 )
             else:
-                finished = self._run_batch(study, key, space, min(self.batch, target - counted))
+                finished = self._run_batch(
+                    study, key, space, min(self.batch, max(target - counted, waiting))
+                )
             for trial in finished:
                 counts = trial.user_attrs.get("outcome") in COUNTED_OUTCOMES
                 idle = 0 if counts else idle + 1
-        done = converged or len(counted_trials(study.get_trials(deepcopy=False))) >= target
+        trials = study.get_trials(deepcopy=False)
+        done = converged or (len(counted_trials(trials)) >= target and not _waiting(trials))
         if done:  # the target it was completed for: a rerun with a larger budget continues it
             study.set_user_attr("complete", target)
         return done
@@ -663,6 +719,10 @@ class StudyRunner:
             else:
                 self._gate[cache_key] = None
         return self._gate[cache_key]
+
+
+def _waiting(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
+    return [t for t in trials if t.state == TrialState.WAITING]
 
 
 def _unique(candidates: Iterable[Candidate]) -> list[Candidate]:

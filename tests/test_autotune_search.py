@@ -336,3 +336,45 @@ def test_short_real_tuning_run_on_the_gpu(tmp_path, distributed, compile_workers
             assert {"torch", "triton"} <= set(entry["providers_us"])
     name = device_table_name(torch.cuda.get_device_properties(0).name)
     assert read_table(tmp_path / "out" / name)["entries"] == table["entries"]
+
+
+@dataclass(frozen=True)
+class _TorchTwinProvider(Provider):
+    """A correct untunable provider that a study did not have: PyTorch's op under a new name."""
+
+    name: str = "test_torch_twin"
+    description: str = "the torch provider again"
+
+    def bind(self, spec, config):
+        return get_provider("torch").bound(spec, {})
+
+
+@pytest.fixture
+def twin_provider():
+    provider = register_provider(_TorchTwinProvider())
+    yield provider.name
+    _REGISTRY.pop(provider.name)
+
+
+def test_adding_an_untunable_provider_measures_it_alone(tmp_path, twin_provider):
+    storage = open_storage(tmp_path / "s.journal")
+    kwargs = dict(device="cpu", storage=storage, seed=3, progress=False, time_kwargs=QUICK)
+    tune([TINY], [4], providers=["torch"], trials=4, **kwargs)
+    tune([TINY], [4], providers=["torch", "triton"], trials=4, **kwargs)
+    before = all_trials(storage)
+    (donor,) = [n for n in before if n.endswith(":torch+triton@3")]
+
+    table = tune([TINY], [4], providers=["torch", "triton", twin_provider], trials=4, **kwargs)
+    after = all_trials(storage)
+    (name,) = set(after) - set(before)
+    study = optuna.load_study(study_name=name, storage=storage)
+    # The larger of the two studies over fewer providers is copied; only the twin is new.
+    assert study.user_attrs["warm_started_from"] == donor
+    assert measured_keys(after[name]) == [*measured_keys(before[donor]), (twin_provider, ())]
+    assert twin_provider in table["entries"]["graph"][TINY.key]["4"]["providers_us"]
+
+    # A larger budget resumes the search in the copied study (the copies count: 5 of 6), and
+    # its widened provider choices are compatible with them.
+    tune([TINY], [4], providers=["torch", "triton", twin_provider], trials=6, **kwargs)
+    keys = measured_keys(all_trials(storage)[name])
+    assert len(keys) == 6 and len(set(keys)) == 6 and keys[5][0] == "triton"
