@@ -1,12 +1,16 @@
 """Compile Triton configs in worker processes before the trials (or sweeps) that time them.
 
-Compiling a config takes longer than timing it (0.18 s against 0.12 s per trial on the H200
-machine), one at a time in the timing process. Worker processes launch each config once on
-small inputs of the same layout as the timed ones; Triton's on-disk cache then serves the timing
-process's own launch in milliseconds. The specialization (dtypes, pointer alignment, stride
-divisibility) depends on the layout, not on the token count, so the workers' inputs produce the
-cache entries the timed launch looks up. The workers run while the timing process waits, so
-they never disturb a measurement.
+Worker processes launch each config once on small inputs of the same layout as the timed ones;
+Triton's on-disk cache then serves the timing process's own launch. The specialization (dtypes,
+pointer alignment, stride divisibility) depends on the layout, not on the token count, so the
+workers' inputs produce the cache entries the timed launch looks up. The workers run while the
+timing process waits, so they never disturb a measurement.
+
+What it buys is measured, and so far it is nothing for the tuner: on the H200 the same job (8
+studies from empty caches, ``benchmarks/device_run.sh compile-ahead``) took 60 s with 8 workers
+and 62 s without. A Triton trial's 0.31 s, against 0.12 s for a vLLM trial, is then mostly not
+compiling, or the timing process misses the workers' cache entries; ``device_run.sh
+profile-trial`` is there to tell which. The tuner leaves the pool off by default.
 """
 
 from __future__ import annotations

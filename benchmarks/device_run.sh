@@ -9,6 +9,7 @@
 #   bash benchmarks/device_run.sh search        # #3: the search against an exhaustive sweep
 #   TUNE_SECONDS=400 bash benchmarks/device_run.sh tune   # a resumable stretch of the table run
 #   bash benchmarks/device_run.sh compile-ahead # #6: one tuning job with and without --compile-workers
+#   bash benchmarks/device_run.sh profile-trial # #6: cProfile of one study (where a trial's time goes)
 #
 # The device lacks platformdirs: carry its wheel, built here with
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl platformdirs==4.3.6
@@ -64,7 +65,17 @@ for s, b in sorted(t.items()):
     print(s, {k: (e['provider'], round(e['median_us'], 2)) for k, e in b.items()})" \
         "$scratch"/out/*.json | tee "$OUT/compile_ahead_w$workers.txt"
     done ;;
+  profile-trial)
+    # Where a Triton trial's time goes beyond its 0.12 s of timing (--compile-workers did not
+    # shorten the run, so perhaps not in compiling): one bucket's study under cProfile.
+    scratch=$(mktemp -d)
+    python3 -m cProfile -o "$OUT/trial.prof" -m autotune --device cuda:0 --model llama-3-8b \
+      --tensor-parallel-size 1 --dtype bf16 --tokens 256 --trials 40 \
+      --providers triton,vllm --storage "$scratch/s.journal" --output "$scratch/out" --quiet
+    python3 -c "import pstats, sys; s = pstats.Stats(sys.argv[1]); s.sort_stats('cumulative')
+s.print_stats(45); s.sort_stats('tottime').print_stats(25)" "$OUT/trial.prof" \
+      | tee "$OUT/trial_profile.txt" | head -120 ;;
   *)
-    echo "usage: device_run.sh tests|small-tokens|losing|defaults|search|tune|compile-ahead" >&2
+    echo "usage: device_run.sh tests|small-tokens|losing|defaults|search|tune|compile-ahead|profile-trial" >&2
     exit 2 ;;
 esac
