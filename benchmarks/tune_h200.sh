@@ -4,7 +4,8 @@
 # journal lives in /tmp/tune (and is copied to $OUT); SIGINT after $1 seconds stops it after
 # the trial in flight with what is finished written to the table. TUNE_DTYPE, TUNE_TOKENS,
 # TUNE_TRIALS and TUNE_SHAPES override the dtype, the buckets, the budget (a larger budget
-# resumes complete studies) and the shape flags, e.g. TUNE_SHAPES="--model deepseek-v2".
+# resumes complete studies) and the shape flags, e.g. TUNE_SHAPES="--model deepseek-v2";
+# TUNE_SPACE=default drops them all for the tuner's default space.
 # A fresh machine resumes from a journal carried in .tune/ (studies.journal or the .xz a
 # previous call returned), else from the committed journal of the run behind
 # configs/NVIDIA_H200.json.
@@ -21,10 +22,13 @@ shapes=(--model pythia-6.9b --model phi-2 --model deepseek-v2 --model gpt-j-6b
   --model llama-3-8b --model qwen2.5-7b --model gemma-2-9b --model llama-3-70b
   --head-size 128 --rotary-dim 32 --num-heads 48)
 test -n "${TUNE_SHAPES:-}" && read -r -a shapes <<< "$TUNE_SHAPES"
-timeout -s INT "${1:-300}" python3 -m autotune --device cuda:0 "${shapes[@]}" \
-  --dtype "${TUNE_DTYPE:-bf16}" --tokens "${TUNE_TOKENS:-1,4,16,64,256,1024,4096,16384,65536}" \
-  --trials "${TUNE_TRIALS:-20}" \
-  --providers triton,vllm,flashinfer,torch --timing graph \
+space=("${shapes[@]}" --dtype "${TUNE_DTYPE:-bf16}"
+  --tokens "${TUNE_TOKENS:-1,4,16,64,256,1024,4096,16384,65536}"
+  --trials "${TUNE_TRIALS:-20}" --providers triton,vllm,flashinfer,torch)
+# TUNE_SPACE=default: the tuner's own default space, budget and providers (#6's table); its
+# studies start from these (autotune.search warm-starts a study from one over fewer providers).
+test "${TUNE_SPACE:-}" = default && space=()
+timeout -s INT "${1:-300}" python3 -m autotune --device cuda:0 "${space[@]}" --timing graph \
   --storage /tmp/tune/studies.journal --output /tmp/tune/configs --save-path /tmp/tune/csv \
   --seed 0 2>&1 | tr '\r' '\n' | grep -v "trial/s\]$" | tail -40
 # The journal outgrows what a device call returns (24 MB); compressed it is under 1 MB.
