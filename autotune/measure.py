@@ -206,6 +206,7 @@ def time_rope(
     seed: int | None = None,
     repeats: int = 50,
     min_round_s: float = 0.002,
+    phases: dict[str, float] | None = None,
 ) -> Timing:
     """Time one call of ``fn`` (microseconds).
 
@@ -218,20 +219,33 @@ def time_rope(
         rotate: Rotate input sets covering 3x the L2 so that data comes from memory.
         repeats: Timed rounds; the result is the median and p20/p80 over rounds.
         min_round_s: Each round runs enough calls to last at least this long.
+        phases: If given, receives the host seconds spent building inputs (``"inputs"``), in
+            the warm-up calls (``"warmup"``: compiling, loading) and measuring (``"measure"``).
     """
     if mode not in ("graph", "eager"):
         raise ValueError(f"mode: expected 'graph' or 'eager', got {mode!r}")
     device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _d: None)
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        sync(device)
+        clock.append(time.perf_counter())
+        if phases is not None:
+            phases[name] = clock[-1] - clock[-2]
+
     sets = _input_sets(spec, num_tokens, device, with_key, cache_dtype, rotate, seed)
     args = [s.args for s in sets]
+    lap("inputs")
     for a in args:  # warm-up: compiles, converts caches, loads modules outside the timing
         fn(*a)
-    if device.type != "cuda":
-        return _time_wall(fn, args, device, repeats, min_round_s)
-    torch.cuda.synchronize(device)
-    if mode == "eager":
-        return _time_wall(fn, args, device, repeats, min_round_s)
-    return _time_graph(fn, args, device, repeats, min_round_s)
+    lap("warmup")
+    if device.type != "cuda" or mode == "eager":
+        timing = _time_wall(fn, args, device, repeats, min_round_s)
+    else:
+        timing = _time_graph(fn, args, device, repeats, min_round_s)
+    lap("measure")
+    return timing
 
 
 def _time_wall(

@@ -28,6 +28,7 @@ import itertools
 import logging
 import math
 import os
+import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -630,6 +631,7 @@ class StudyRunner:
             CandidateError: wrong result, compile error, out of memory.
         """
         provider = get_provider(candidate.provider)
+        start = time.perf_counter()
         try:
             fn = provider.bound(key.spec, candidate.config)
         except ValueError as exc:
@@ -648,7 +650,11 @@ class StudyRunner:
                 trial.set_user_attr(attr, earlier.user_attrs[attr])
             return float(earlier.value)
 
+        bound = time.perf_counter()
         error = self._gate_error(fn, key.spec, candidate)
+        # Where a trial's time goes (seconds), for tuning the tuner: binding, the float64
+        # gate (once per spec and config in a process), then time_rope's phases.
+        phases = {"bind": bound - start, "gate": time.perf_counter() - bound}
         outcome = "wrong" if error and error.startswith("wrong result") else "error"
         if error is None:
             from .measure import time_rope
@@ -661,6 +667,7 @@ class StudyRunner:
                     self.device,
                     mode=key.mode,
                     seed=self.seed,
+                    phases=phases,
                     **self.time_kwargs,
                 )
             except Exception as exc:  # compile error, out of memory, launch failure
@@ -672,6 +679,7 @@ class StudyRunner:
                     for v in (timing.p20_us, timing.median_us, timing.p80_us)
                 ):
                     trial.set_user_attr("outcome", "measured")
+                    trial.set_user_attr("phase_s", {k: round(v, 5) for k, v in phases.items()})
                     trial.set_user_attr("median_us", timing.median_us)
                     trial.set_user_attr("p20_us", timing.p20_us)
                     trial.set_user_attr("p80_us", timing.p80_us)

@@ -378,3 +378,21 @@ def test_adding_an_untunable_provider_measures_it_alone(tmp_path, twin_provider)
     tune([TINY], [4], providers=["torch", "triton", twin_provider], trials=6, **kwargs)
     keys = measured_keys(all_trials(storage)[name])
     assert len(keys) == 6 and len(set(keys)) == 6 and keys[5][0] == "triton"
+
+
+def test_measured_trials_record_where_their_time_went(tmp_path):
+    storage = open_storage(tmp_path / "s.journal")
+    tune(
+        [TINY], [5], device="cpu", providers=["torch", "triton"], trials=3, storage=storage,
+        progress=False, time_kwargs=QUICK,
+    )  # fmt: skip
+    (trials,) = all_trials(storage).values()
+    measured = [t for t in trials if t.user_attrs.get("outcome") == "measured"]
+    assert len(measured) == 3
+    for trial in measured:
+        phases = trial.user_attrs["phase_s"]
+        assert set(phases) == {"bind", "gate", "inputs", "warmup", "measure"}
+        assert all(v >= 0 for v in phases.values())
+        # The phases are parts of the trial, so they cannot add up to more than it took.
+        took = (trial.datetime_complete - trial.datetime_start).total_seconds()
+        assert 0 < sum(phases.values()) <= took + 1e-3
