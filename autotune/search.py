@@ -404,6 +404,7 @@ class StudyRunner:
     _spaces: dict[tuple[RopeSpec, tuple[str, ...]], CandidateSpace] = field(
         default_factory=dict, init=False, repr=False
     )
+    _donors: dict[str, str | None] = field(default_factory=dict, init=False, repr=False)
 
     def space(self, spec: RopeSpec, providers: Iterable[str]) -> CandidateSpace:
         key = (spec, tuple(providers))
@@ -417,11 +418,18 @@ class StudyRunner:
 
     def remaining(self, key: StudyKey) -> int:
         """Counted trials still missing in ``key``'s study (0 when it is complete)."""
-        target = self.target(self.space(key.spec, key.providers))
+        space = self.space(key.spec, key.providers)
+        target = self.target(space)
         try:
             study_id = self.storage.get_study_id_from_name(key.name)
-        except KeyError:
-            return target
+        except KeyError:  # not started: a warm start measures its new providers' defaults
+            donor = self._donor(key)
+            if donor is None:
+                return target
+            _, trials = donor
+            donated = {t.user_attrs.get("provider") for t in counted_trials(trials)}
+            new = [c for c in space.default_candidates(key.tokens) if c.provider not in donated]
+            return max(target - len(counted_trials(trials)), len(new))
         # A study that converged before its budget was used up is complete too.
         if int(self.storage.get_study_user_attrs(study_id).get("complete") or 0) >= target:
             return 0
@@ -483,19 +491,10 @@ class StudyRunner:
         Returns:
             The new study's trials (the copies; none when no study qualifies).
         """
-        prefix, _, tags = key.name.rpartition(":")
-        wanted = set(tags.split("+"))
-        best, best_trials = None, []
-        for other in self.storage.get_all_studies():
-            other_prefix, _, other_tags = other.study_name.rpartition(":")
-            donated = set(other_tags.split("+"))
-            if other_prefix != prefix or not donated < wanted or stale_providers(other.study_name):
-                continue
-            trials = self.storage.get_all_trials(other._study_id, deepcopy=False)
-            if best is None or len(counted_trials(trials)) > len(counted_trials(best_trials)):
-                best, best_trials = other.study_name, trials
-        if best is None:
+        donor = self._donor(key)
+        if donor is None:
             return []
+        best, best_trials = donor
         # The provider choices grow; every other parameter keeps its distribution.
         widened = {"provider": CategoricalDistribution(space.providers)}
         if space.tunable:
@@ -518,6 +517,34 @@ class StudyRunner:
         study.set_user_attr("warm_started_from", best)
         logger.info("%s: starts from %d trials of %s", key.name, len(copies), best)
         return study.get_trials(deepcopy=False)
+
+    def _donor(self, key: StudyKey) -> tuple[str, list[FrozenTrial]] | None:
+        """The study :meth:`_warm_start` copies for ``key`` (name and trials), if any: same
+        device, mode, spec and bucket, a proper subset of the providers, none of them stale,
+        the most measurements. Which study it is, is looked up once per runner (the progress
+        bar asks every second); its trials are read fresh."""
+        if key.name not in self._donors:
+            prefix, _, tags = key.name.rpartition(":")
+            wanted = set(tags.split("+"))
+            best, most = None, -1
+            for other in self.storage.get_all_studies():
+                other_prefix, _, other_tags = other.study_name.rpartition(":")
+                donated = set(other_tags.split("+"))
+                if (
+                    other_prefix != prefix
+                    or not donated < wanted
+                    or stale_providers(other.study_name)
+                ):
+                    continue
+                trials = self.storage.get_all_trials(other._study_id, deepcopy=False)
+                if len(counted_trials(trials)) > most:
+                    best, most = other.study_name, len(counted_trials(trials))
+            self._donors[key.name] = best
+        name = self._donors[key.name]
+        if name is None:
+            return None
+        study_id = self.storage.get_study_id_from_name(name)
+        return name, self.storage.get_all_trials(study_id, deepcopy=False)
 
     def run(self, key: StudyKey, should_stop: Callable[[], bool] = lambda: False) -> bool:
         """Run ``key``'s study until its counted trials reach the target.

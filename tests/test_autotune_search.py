@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from autotune import CandidateSpace, open_storage, study_name, tune
 from autotune.export import build_tables
-from autotune.search import COUNTED_OUTCOMES, stale_providers
+from autotune.search import COUNTED_OUTCOMES, StudyKey, StudyRunner, stale_providers
 from kernels import RopeSpec, get_provider, register_provider
 from kernels.providers import Provider
 from kernels.providers._base import _REGISTRY
@@ -363,6 +363,11 @@ def test_adding_an_untunable_provider_measures_it_alone(tmp_path, twin_provider)
     tune([TINY], [4], providers=["torch", "triton"], trials=4, **kwargs)
     before = all_trials(storage)
     (donor,) = [n for n in before if n.endswith(":torch+triton@3")]
+    # Before the run, the progress count knows the copies will fill the budget: one trial left.
+    device_name = optuna.load_study(study_name=donor, storage=storage).user_attrs["device_name"]
+    runner = StudyRunner(storage, torch.device("cpu"), device_name, {}, trials=4)
+    space = runner.space(TINY, ["torch", "triton", twin_provider])
+    assert runner.remaining(StudyKey(device_name, "graph", TINY, 4, space.providers)) == 1
 
     table = tune([TINY], [4], providers=["torch", "triton", twin_provider], trials=4, **kwargs)
     after = all_trials(storage)
