@@ -4,7 +4,7 @@ select_rope's choice beats each provider.
 Reads the per-provider medians that every table entry records (``providers_us``), so it needs
 no GPU; the numbers are those the tuner measured on the table's device.
 
-    python benchmarks/table_summary.py configs/NVIDIA_H200.json
+    python benchmarks/table_summary.py configs/NVIDIA_H200.json --ratios bfloat16
 """
 
 from __future__ import annotations
@@ -61,6 +61,31 @@ def summarize(table: dict, timing: str = "graph") -> str:
     return "\n".join(lines)
 
 
+def ratio_table(table: dict, dtype: str, timing: str = "graph") -> str:
+    """Markdown: Triton's time over the faster rival's, a row per spec of ``dtype`` (e.g.
+    ``bfloat16``) and a column per token bucket any of them has; below 1, Triton is faster."""
+    specs = {
+        key: buckets
+        for key, buckets in table["entries"].get(timing, {}).items()
+        if key.rsplit("_", 1)[-1] == dtype
+    }
+    columns = sorted({int(tokens) for buckets in specs.values() for tokens in buckets})
+    lines = [
+        "| spec | " + " | ".join(map(str, columns)) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for key, buckets in sorted(specs.items()):
+        cells = []
+        for tokens in columns:
+            times = buckets.get(str(tokens), {}).get("providers_us", {})
+            rivals = [times[p] for p in RIVALS if p in times]
+            cells.append(
+                f"{times['triton'] / min(rivals):.2f}" if "triton" in times and rivals else "-"
+            )
+        lines.append(f"| {key.removesuffix('_' + dtype)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("table", type=Path, help="a tuned table, e.g. configs/NVIDIA_H200.json")
@@ -70,8 +95,17 @@ def main() -> None:
         default="graph",
         help="which timing mode's entries to summarize (default: graph)",
     )
+    parser.add_argument(
+        "--ratios",
+        metavar="DTYPE",
+        help="also print the Triton / faster-rival table for one dtype, e.g. --ratios bfloat16",
+    )
     args = parser.parse_args()
-    print(summarize(orjson.loads(args.table.read_bytes()), args.timing))
+    table = orjson.loads(args.table.read_bytes())
+    print(summarize(table, args.timing))
+    if args.ratios:
+        print()
+        print(ratio_table(table, args.ratios, args.timing))
 
 
 if __name__ == "__main__":

@@ -9,10 +9,15 @@ _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "table_summary.py"
 
 
 @pytest.fixture(scope="module")
-def summarize():
+def module():
     spec = importlib.util.spec_from_file_location("table_summary", _PATH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def summarize(module):
     return module.summarize
 
 
@@ -47,3 +52,24 @@ def test_counts_losses_and_speedups_per_dtype(summarize):
         in text
     )
     assert summarize(table, timing="eager") == ""
+
+
+def test_ratio_table_has_a_row_per_spec_and_a_column_per_bucket(module):
+    table = {
+        "entries": {
+            "graph": {
+                "q8_kv1_d128_r128_neox_bfloat16": {
+                    "1": _entry(triton=1.0, flashinfer=2.0, vllm=4.0),
+                    "256": _entry(triton=3.3, flashinfer=3.0, vllm=6.0),
+                },
+                "q4_kv1_d128_r128_neox_bfloat16": {"16": _entry(triton=1.8, vllm=2.0)},
+                "q4_kv1_d128_r128_neox_float16": {"64": _entry(triton=1.0, vllm=1.0)},
+            }
+        }
+    }
+    assert module.ratio_table(table, "bfloat16").splitlines() == [
+        "| spec | 1 | 16 | 256 |",
+        "|---|---|---|---|",
+        "| q4_kv1_d128_r128_neox | - | 0.90 | - |",
+        "| q8_kv1_d128_r128_neox | 0.50 | - | 1.10 |",
+    ]
