@@ -19,6 +19,11 @@ and teach the sampler where not to go (an invalid config is a pruned trial, rank
 measured one), so they do not use it up; a study whose sampler keeps proposing only those stops
 after enough of them in a row (it has converged). Interrupted trials are redone on
 resume.
+
+A measured trial also records ``provider``, ``config``, ``median_us``, ``p20_us``, ``p80_us``
+and ``phase_s`` (host seconds spent binding, in the float64 gate, building inputs, in the
+warm-up calls that compile or load the kernel, and measuring). A study started from another
+over fewer providers holds copies of that study's trials (``warm_started_from``).
 """
 
 from __future__ import annotations
