@@ -542,8 +542,9 @@ class StudyRunner:
                 ):
                     continue
                 trials = self.storage.get_all_trials(other._study_id, deepcopy=False)
-                if len(counted_trials(trials)) > most:
-                    best, most = other.study_name, len(counted_trials(trials))
+                counted = len(counted_trials(trials))
+                if counted > most:
+                    best, most = other.study_name, counted
             self._donors[key.name] = best
         name = self._donors[key.name]
         if name is None:

@@ -26,18 +26,20 @@ def _entry(**times: float) -> dict:
     return {"provider": provider, "median_us": times[provider], "providers_us": times}
 
 
-def test_counts_losses_and_speedups_per_dtype(summarize):
-    table = {
-        "entries": {
-            "graph": {
-                "q8_kv1_d128_r128_neox_bfloat16": {
-                    "1": _entry(triton=1.0, flashinfer=2.0, vllm=4.0),
-                    "256": _entry(triton=3.3, flashinfer=3.0, vllm=6.0),
-                },
-                "q8_kv1_d128_r128_neox_float16": {"16": _entry(triton=1.0, vllm=1.0)},
-            }
-        }
+def _table(**extra_graph: dict) -> dict:
+    """Llama-3-70B TP8 in bf16 (a win and a 10% loss) and fp16 (a tie), plus ``extra_graph``."""
+    graph = {
+        "q8_kv1_d128_r128_neox_bfloat16": {
+            "1": _entry(triton=1.0, flashinfer=2.0, vllm=4.0),
+            "256": _entry(triton=3.3, flashinfer=3.0, vllm=6.0),
+        },
+        "q8_kv1_d128_r128_neox_float16": {"16": _entry(triton=1.0, vllm=1.0)},
     }
+    return {"entries": {"graph": {**graph, **extra_graph}}}
+
+
+def test_counts_losses_and_speedups_per_dtype(summarize):
+    table = _table()
     text = summarize(table)
     assert "bfloat16: 1 specs, 2 buckets" in text
     assert "no slower than the faster of flashinfer/vllm: 1 of 2" in text
@@ -55,18 +57,7 @@ def test_counts_losses_and_speedups_per_dtype(summarize):
 
 
 def test_ratio_table_has_a_row_per_spec_and_a_column_per_bucket(module):
-    table = {
-        "entries": {
-            "graph": {
-                "q8_kv1_d128_r128_neox_bfloat16": {
-                    "1": _entry(triton=1.0, flashinfer=2.0, vllm=4.0),
-                    "256": _entry(triton=3.3, flashinfer=3.0, vllm=6.0),
-                },
-                "q4_kv1_d128_r128_neox_bfloat16": {"16": _entry(triton=1.8, vllm=2.0)},
-                "q4_kv1_d128_r128_neox_float16": {"64": _entry(triton=1.0, vllm=1.0)},
-            }
-        }
-    }
+    table = _table(q4_kv1_d128_r128_neox_bfloat16={"16": _entry(triton=1.8, vllm=2.0)})
     assert module.ratio_table(table, "bfloat16").splitlines() == [
         "| spec | 1 | 16 | 256 |",
         "|---|---|---|---|",
