@@ -25,7 +25,7 @@ from .models import (
     shard_heads,
     unique_specs,
 )
-from .search import default_storage_path, open_storage
+from .search import SEARCH_REPEATS, default_storage_path, open_storage
 from .tune import DeviceError, format_summary, resolve_device, tune
 
 __all__ = ["build_export_parser", "build_parser", "main", "specs_from_args"]
@@ -222,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
         "trial)",
     )
     parser.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=SEARCH_REPEATS,
+        metavar="N",
+        help="timed rounds per measurement (the median over rounds is the trial's value), "
+        f"e.g. --repeats 50 (default: {SEARCH_REPEATS})",
+    )
+    parser.add_argument(
         "--timing",
         type=_timing,
         default=["graph"],
@@ -411,6 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             progress=not args.quiet,
             compile_workers=args.compile_workers,
+            time_kwargs={"repeats": args.repeats},
         )
     except KeyboardInterrupt:
         print("python -m autotune: interrupted; run the same command to resume", file=sys.stderr)

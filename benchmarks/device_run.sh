@@ -10,6 +10,7 @@
 #   TUNE_SECONDS=400 bash benchmarks/device_run.sh tune   # a resumable stretch of the table run
 #   bash benchmarks/device_run.sh compile-ahead # #6: one tuning job with and without --compile-workers
 #   bash benchmarks/device_run.sh profile-trial # #6: cProfile of one study (where a trial's time goes)
+#   bash benchmarks/device_run.sh first-call    # #6: a Triton config's first call: compile, disk, pool
 #
 # The device lacks platformdirs: carry its wheel, built here with
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl platformdirs==4.3.6
@@ -75,7 +76,10 @@ for s, b in sorted(t.items()):
     python3 -c "import pstats, sys; s = pstats.Stats(sys.argv[1]); s.sort_stats('cumulative')
 s.print_stats(45); s.sort_stats('tottime').print_stats(25)" "$OUT/trial.prof" \
       | tee "$OUT/trial_profile.txt" | head -120 ;;
+  first-call)
+    python3 benchmarks/first_call.py --device cuda:0 --configs 16 --workers 15 --profile 2>&1 \
+      | tee "$OUT/first_call_h200.txt" ;;
   *)
-    echo "usage: device_run.sh tests|small-tokens|losing|defaults|search|tune|compile-ahead|profile-trial" >&2
+    echo "usage: device_run.sh tests|small-tokens|losing|defaults|search|tune|compile-ahead|profile-trial|first-call" >&2
     exit 2 ;;
 esac

@@ -5,7 +5,8 @@
 # the trial in flight with what is finished written to the table. TUNE_DTYPE, TUNE_TOKENS,
 # TUNE_TRIALS and TUNE_SHAPES override the dtype, the buckets, the budget (a larger budget
 # resumes complete studies) and the shape flags, e.g. TUNE_SHAPES="--model deepseek-v2";
-# TUNE_SPACE=default drops them all for the tuner's default space.
+# TUNE_SPACE=default drops them all for the tuner's default space; TUNE_ARGS adds flags (e.g.
+# "--compile-workers 15").
 # A fresh machine resumes from a journal carried in .tune/ (studies.journal or the .xz a
 # previous call returned), else from the committed journal of the run behind
 # configs/NVIDIA_H200.json.
@@ -30,7 +31,7 @@ space=("${shapes[@]}" --dtype "${TUNE_DTYPE:-bf16}"
 test "${TUNE_SPACE:-}" = default && space=()
 timeout -s INT "${1:-300}" python3 -m autotune --device cuda:0 "${space[@]}" --timing graph \
   --storage /tmp/tune/studies.journal --output /tmp/tune/configs --save-path /tmp/tune/csv \
-  --seed 0 2>&1 | tr '\r' '\n' | grep -v "trial/s\]$" | tail -40
+  --seed 0 ${TUNE_ARGS:-} 2>&1 | tr '\r' '\n' | grep -v "trial/s\]$" | tail -40
 # The journal outgrows what a device call returns (24 MB); compressed it is under 1 MB.
 xz -T0 -6 -c /tmp/tune/studies.journal > "$OUT/tune_h200_studies.journal.xz"
 cp /tmp/tune/configs/*.json "$OUT/" 2>/dev/null

@@ -11,7 +11,7 @@ import torch
 from optuna.trial import TrialState
 
 from autotune import open_storage
-from autotune.precompile import TritonPrecompiler
+from autotune.precompile import TritonPrecompiler, _compile_some, triton_cache_dir
 from autotune.search import COUNTED_OUTCOMES, StudyKey, StudyRunner
 from kernels import RopeSpec
 from kernels.providers._triton import config_problems
@@ -128,3 +128,16 @@ def test_the_pool_runs_each_config_once_and_survives_signals_and_a_dead_worker(c
             assert precompiler(TINY, [{**GOOD, "num_warps": 4}]) == 0
         assert "a worker died" in caplog.text and precompiler._pool is None
         assert precompiler(TINY, [{**GOOD, "num_warps": 4}]) == 1  # a new pool
+
+
+def test_workers_compile_into_the_cache_directory_the_tuner_reads_now(monkeypatch, tmp_path):
+    # Inductor repoints TRITON_CACHE_DIR the first time torch.compile compiles; workers started
+    # before that must still fill the directory the tuning process loads kernels from.
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "at_start"))
+    assert triton_cache_dir() == str(tmp_path / "at_start")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "inductor"))
+    now = triton_cache_dir()
+    assert now == str(tmp_path / "inductor")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "worker_started_with"))
+    assert _compile_some((TINY.key, "cpu", [], now)) == 0
+    assert os.environ["TRITON_CACHE_DIR"] == now and triton_cache_dir() == now
