@@ -215,11 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--compile-workers",
         type=_non_negative_int,
-        default=0,
+        default=None,
         metavar="N",
         help="on CUDA, processes compiling the next trials' Triton configs in parallel "
-        "before they are timed, e.g. --compile-workers 8 (default: 0, each compiles in its "
-        "trial)",
+        "before they are timed, e.g. --compile-workers 8 (default: one per spare CPU core, "
+        "up to 16; 0: each compiles in its trial)",
     )
     parser.add_argument(
         "--repeats",

@@ -41,6 +41,7 @@ __all__ = [
     "CPU_DEFAULT_TRIALS",
     "DEFAULT_TRIALS",
     "DeviceError",
+    "default_compile_workers",
     "format_summary",
     "resolve_device",
     "tune",
@@ -74,7 +75,7 @@ def tune(
     time_kwargs: Mapping[str, Any] | None = None,
     devices: Sequence[torch.device | str] | None = None,
     claim_grace_s: float = DEFAULT_GRACE_S,
-    compile_workers: int = 0,
+    compile_workers: int | None = None,
 ) -> dict[str, Any]:
     """Tune RoPE for ``specs`` at every token count in ``tokens`` on one device.
 
@@ -113,8 +114,9 @@ def tune(
         claim_grace_s: Seconds without a heartbeat after which another worker takes over a
             study (at once when the owner was on this host and its process is gone).
         compile_workers: On CUDA, processes that compile the Triton configs of the next
-            trials (up to 8 asked at once) in parallel before they are timed; 0 compiles each
-            in its own trial. Per tuning process (``devices`` starts one per device).
+            trials (up to 16 asked at once) in parallel before they are timed; 0 compiles each
+            in its own trial; None for :func:`default_compile_workers`. Per tuning process
+            (``devices`` starts one per device).
 
     Returns:
         The table of this run's finished studies (schema of :mod:`kernels.table`): its
@@ -146,6 +148,8 @@ def tune(
         trials = DEFAULT_TRIALS if device.type == "cuda" else CPU_DEFAULT_TRIALS
     if not isinstance(trials, int) or trials <= 0:
         raise ValueError(f"trials: expected a positive int, got {trials!r}")
+    if compile_workers is None:
+        compile_workers = default_compile_workers(device, len(devices or [device]))
     if not isinstance(compile_workers, int) or compile_workers < 0:
         raise ValueError(f"compile_workers: expected an int >= 0, got {compile_workers!r}")
     storage_url = storage
@@ -204,8 +208,23 @@ def tune(
 
 
 # Trials asked from the sampler at once when compiling ahead: replaying the sampler on recorded
-# H200 sweeps, batches of 4 and 8 found configs as good as one trial at a time did.
-_COMPILE_BATCH = 8
+# H200 sweeps, batches of 4, 8 and 16 found configs as good as one trial at a time did
+# (benchmarks/results/search_replay_batch*.txt).
+_COMPILE_BATCH = 16
+
+
+def default_compile_workers(device: torch.device | str, processes: int = 1) -> int:
+    """Compile workers per tuning process when not given: on CUDA one per spare CPU core
+    (shared among ``processes``), at most one per trial of a batch; none elsewhere.
+
+    On the H200, a Triton config's first call takes 228 ms (median) when it compiles and 2 ms
+    when the workers compiled it, and a batch waits 0.34 s for its compiles
+    (``benchmarks/first_call.py`` and the tuning journal, NOTES "Session 7").
+    """
+    if torch.device(device).type != "cuda":
+        return 0
+    spare = max(0, (os.cpu_count() or 1) - processes)
+    return min(_COMPILE_BATCH, spare // max(1, processes))
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import torch
 
 from autotune.cli import build_export_parser, build_parser, main, specs_from_args
 from autotune.models import CPU_DEFAULT_MODELS, get_preset
+from autotune.search import SEARCH_REPEATS
 from kernels import RopeSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,7 @@ def test_defaults():
     assert args.is_neox_style is None and args.dtype is None and args.tokens is None
     assert args.timing == ["graph"] and args.verbose is False and args.quiet is False
     assert args.output is None and args.storage is None and args.save_path is None
-    assert args.compile_workers == 0
+    assert args.compile_workers is None and args.repeats == SEARCH_REPEATS
 
 
 def test_every_flag_parses():
@@ -49,7 +50,7 @@ def test_every_flag_parses():
         "--num-heads", "8", "--num-kv-heads", "2", "--no-is-neox-style", "--dtype", "bf16,float16",
         "--tokens", "256,1,16", "--providers", "triton,torch", "--trials", "7", "--timing",
         "graph,eager", "--output", "out", "--storage", "s.journal", "--save-path", "csv",
-        "--seed", "3", "--verbose", "--no-quiet", "--compile-workers", "6",
+        "--seed", "3", "--verbose", "--no-quiet", "--compile-workers", "6", "--repeats", "25",
     )  # fmt: skip
     assert args.device == "cpu" and args.model == ["llama-3-8b", "phi-2"]
     assert args.model_config == ["cfg.json"] and args.tensor_parallel_size == 2
@@ -59,6 +60,7 @@ def test_every_flag_parses():
     assert args.trials == 7 and args.timing == ["graph", "eager"] and args.seed == 3
     assert (args.output, args.storage, args.save_path) == ("out", "s.journal", "csv")
     assert args.verbose is True and args.quiet is False and args.compile_workers == 6
+    assert args.repeats == 25
 
 
 @pytest.mark.parametrize(
@@ -96,6 +98,7 @@ def test_export_flags():
         ["--tensor-parallel-size", "-2"],
         ["--compile-workers", "-1"],
         ["--compile-workers", "two"],
+        ["--repeats", "0"],
     ],
 )
 def test_bad_flags_exit_2(argv, capsys):

@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 from autotune import open_storage
 from autotune.precompile import TritonPrecompiler, _compile_some, triton_cache_dir
 from autotune.search import COUNTED_OUTCOMES, StudyKey, StudyRunner
+from autotune.tune import default_compile_workers
 from kernels import RopeSpec
 from kernels.providers._triton import config_problems
 from kernels.table import device_metadata
@@ -141,3 +142,18 @@ def test_workers_compile_into_the_cache_directory_the_tuner_reads_now(monkeypatc
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "worker_started_with"))
     assert _compile_some((TINY.key, "cpu", [], now)) == 0
     assert os.environ["TRITON_CACHE_DIR"] == now and triton_cache_dir() == now
+
+
+@pytest.mark.parametrize(
+    ("device", "cores", "processes", "expected"),
+    [
+        ("cpu", 16, 1, 0),  # nothing to compile ahead off CUDA
+        ("cuda:0", 16, 1, 15),  # one core stays with the timing process
+        ("cuda:0", 64, 1, 16),  # no more workers than trials in a batch
+        ("cuda:0", 16, 2, 7),  # --devices: the spare cores shared among the processes
+        ("cuda:0", 1, 1, 0),
+    ],
+)
+def test_default_compile_workers(monkeypatch, device, cores, processes, expected):
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert default_compile_workers(device, processes) == expected
