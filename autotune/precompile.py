@@ -21,6 +21,8 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -37,12 +39,23 @@ __all__ = ["TritonPrecompiler", "precompile_triton", "triton_cache_dir"]
 logger = logging.getLogger(__name__)
 
 _TOKENS = 64  # the layout matters, not the size
+_PARENT_POLL_S = 1.0
 
 
-def _ignore_sigint() -> None:
-    # Ctrl-C (or ``timeout -s INT``) reaches the whole process group: the tuner stops after the
-    # trial in flight, and the workers must not die under it.
+def _init_worker() -> None:
+    # Ctrl-C and ``timeout`` (SIGINT or SIGTERM) reach the whole process group: the tuner stops
+    # after the trial in flight and then closes the pool, and the workers must not die under it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A tuner killed outright (SIGKILL, out of memory) cannot close the pool, and an idle worker
+    # would wait on its call queue forever: leave when the parent is gone.
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(_PARENT_POLL_S)
+    os._exit(1)
 
 
 def triton_cache_dir() -> str:
@@ -104,7 +117,7 @@ class TritonPrecompiler:
             self._pool = ProcessPoolExecutor(
                 self.workers,
                 mp_context=multiprocessing.get_context("spawn"),  # CUDA cannot be forked
-                initializer=_ignore_sigint,
+                initializer=_init_worker,
             )
         cache_dir = triton_cache_dir()
         jobs = [

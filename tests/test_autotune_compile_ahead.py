@@ -5,6 +5,10 @@ import itertools
 import logging
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,8 +124,9 @@ def test_the_pool_runs_each_config_once_and_survives_signals_and_a_dead_worker(c
         assert precompiler(TINY, [GOOD, bad, GOOD]) == 1
         assert precompiler(TINY, [GOOD]) == 0  # done before: nothing to do
         workers = list(precompiler._pool._processes.values())
-        for worker in workers:  # Ctrl-C reaches the whole process group
+        for worker in workers:  # Ctrl-C and timeout reach the whole process group
             os.kill(worker.pid, signal.SIGINT)
+            os.kill(worker.pid, signal.SIGTERM)
         assert precompiler(TINY, [{**GOOD, "num_warps": 2}]) == 1
         os.kill(workers[0].pid, signal.SIGKILL)
         workers[0].join(timeout=30)
@@ -157,3 +162,55 @@ def test_workers_compile_into_the_cache_directory_the_tuner_reads_now(monkeypatc
 def test_default_compile_workers(monkeypatch, device, cores, processes, expected):
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     assert default_compile_workers(device, processes) == expected
+
+
+_ORPHANING_TUNER = """
+import time, torch
+from autotune.precompile import TritonPrecompiler
+from kernels import RopeSpec
+
+class Interpreting(TritonPrecompiler):
+    _compiles_here = True
+
+if __name__ == "__main__":
+    pool = Interpreting("cpu", workers=2)
+    configs = [{**GOOD, "num_warps": w} for w in (1, 2)]
+    pool(RopeSpec(16, 16, 2, 1, True, torch.float32), configs)
+    print(*pool._pool._processes, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_workers_exit_when_the_tuner_is_killed_outright(tmp_path):
+    script = tmp_path / "tuner.py"
+    script.write_text(f"GOOD = {GOOD!r}\n{_ORPHANING_TUNER}")
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
+    tuner = subprocess.Popen(
+        [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    workers: list[int] = []
+    try:
+        workers = [int(pid) for pid in tuner.stdout.readline().split()]
+        assert workers, "the pool started no worker"
+        tuner.kill()  # SIGKILL: no chance to close the pool
+        tuner.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+            time.sleep(0.2)
+        assert not [pid for pid in workers if _alive(pid)]
+    finally:
+        tuner.kill()
+        for pid in workers:  # a failed check leaves none behind
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by init) is gone too.
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "zombie" in status.read_text())
