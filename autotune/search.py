@@ -633,8 +633,9 @@ class StudyRunner:
             if configs and self.precompile is not None:
                 start = time.perf_counter()
                 self.precompile(key.spec, configs)
+                waited = round(time.perf_counter() - start, 5)
                 for trial in asked:  # the batch's wait for its compiles, beside phase_s
-                    trial.set_user_attr("batch_precompile_s", round(time.perf_counter() - start, 5))
+                    trial.set_user_attr("batch_precompile_s", waited)
             for trial, candidate in zip(asked, candidates, strict=True):
                 try:
                     value = self.evaluate(trial, key, candidate)

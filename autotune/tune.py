@@ -218,7 +218,7 @@ def default_compile_workers(device: torch.device | str, processes: int = 1) -> i
     (shared among ``processes``), at most one per trial of a batch; none elsewhere.
 
     On the H200, a Triton config's first call takes 228 ms (median) when it compiles and 2 ms
-    when the workers compiled it, and a batch waits 0.34 s for its compiles
+    when the workers compiled it, and a batch of 8 waits 0.30 s (median) for its compiles
     (``benchmarks/first_call.py`` and the tuning journal, NOTES "Session 7").
     """
     if torch.device(device).type != "cuda":

@@ -6,7 +6,7 @@
 # TUNE_TRIALS and TUNE_SHAPES override the dtype, the buckets, the budget (a larger budget
 # resumes complete studies) and the shape flags, e.g. TUNE_SHAPES="--model deepseek-v2";
 # TUNE_SPACE=default drops them all for the tuner's default space; TUNE_ARGS adds flags (e.g.
-# "--compile-workers 15").
+# "--repeats 50").
 # A fresh machine resumes from a journal carried in .tune/ (studies.journal or the .xz a
 # previous call returned), else from the committed journal of the run behind
 # configs/NVIDIA_H200.json.
