@@ -222,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
         "up to 16; 0: each compiles in its trial)",
     )
     parser.add_argument(
+        "--compile-overlap",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="with compile workers, compile the next batch of trials while the current one is "
+        "timed, e.g. --compile-overlap (default: off, each batch waits for its compiles)",
+    )
+    parser.add_argument(
         "--repeats",
         type=_positive_int,
         default=SEARCH_REPEATS,
@@ -419,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             progress=not args.quiet,
             compile_workers=args.compile_workers,
+            compile_overlap=args.compile_overlap,
             time_kwargs={"repeats": args.repeats},
         )
     except KeyboardInterrupt:

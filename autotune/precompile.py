@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -34,19 +34,22 @@ from kernels import RopeSpec, get_provider
 
 from .measure import make_inputs
 
-__all__ = ["TritonPrecompiler", "precompile_triton", "triton_cache_dir"]
+__all__ = ["Compiling", "TritonPrecompiler", "precompile_triton", "triton_cache_dir"]
 
 logger = logging.getLogger(__name__)
 
 _TOKENS = 64  # the layout matters, not the size
 _PARENT_POLL_S = 1.0
+_NICE = 10
 
 
 def _init_worker() -> None:
-    # Ctrl-C and ``timeout`` (SIGINT or SIGTERM) reach the whole process group: the tuner stops
-    # after the trial in flight and then closes the pool, and the workers must not die under it.
+    # Ctrl-C (or ``timeout -s INT``) reaches the whole process group: the tuner stops after the
+    # trial in flight and then closes the pool, and the workers must not die under it. SIGTERM
+    # stays fatal: the executor terminates the workers of a broken pool with it (a pool that
+    # loses its workers to a group SIGTERM is reported, and the tuner is stopping anyway).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.nice(_NICE)  # the tuner may be measuring while they compile (``overlap``)
     # A tuner killed outright (SIGKILL, out of memory) cannot close the pool, and an idle worker
     # would wait on its call queue forever: leave when the parent is gone.
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
@@ -56,6 +59,12 @@ def _exit_with_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(_PARENT_POLL_S)
     os._exit(1)
+
+
+def _failed(exc: BaseException) -> Future:
+    future: Future = Future()
+    future.set_exception(exc)
+    return future
 
 
 def triton_cache_dir() -> str:
@@ -82,13 +91,34 @@ def _compile_some(job: tuple[str, str, list[dict[str, Any]], str]) -> int:
     return compiled
 
 
+class Compiling:
+    """Configs handed to the workers; :meth:`wait` returns when they are in the disk cache."""
+
+    def __init__(self, owner: TritonPrecompiler, pool: Any, futures: list, keys: set) -> None:
+        self._owner, self._pool, self._futures, self._keys = owner, pool, futures, keys
+
+    def wait(self) -> int:
+        """Wait for the compiles; how many compiled (0 when the pool broke: the configs then
+        compile in their trials)."""
+        try:
+            return sum(future.result() for future in self._futures)
+        except (BrokenProcessPool, CancelledError) as exc:
+            logger.warning("precompile: a worker died (%r); starting a new pool next time", exc)
+            self._owner._done -= self._keys
+            if self._owner._pool is self._pool:  # not one started since
+                self._owner.close()
+            return 0
+
+
 class TritonPrecompiler:
     """A pool of worker processes compiling Triton configs for one CUDA device.
 
     Calling it compiles the configs not compiled before (by this object) and returns when they
-    are in Triton's disk cache. Off CUDA it does nothing. The processes start on first use and
-    stop on :meth:`close` (or leaving a ``with`` block). A pool that loses a worker is reported
-    and replaced on the next call; the configs then compile in their trials as without a pool.
+    are in Triton's disk cache; :meth:`submit` starts the same and returns at once. Off CUDA it
+    does nothing. The processes start on first use and stop on :meth:`close` (or leaving a
+    ``with`` block); they run at a lower priority than the tuner (``nice`` 10), which matters
+    when they compile while it measures. A pool that loses a worker is reported and replaced on
+    the next call; the configs then compile in their trials as without a pool.
 
     Args:
         device: The device whose kernels are compiled (the workers compile for its target).
@@ -103,8 +133,12 @@ class TritonPrecompiler:
 
     def __call__(self, spec: RopeSpec, configs: Iterable[Mapping[str, Any]]) -> int:
         """Compile ``configs`` of the Triton provider for ``spec``; how many compiled now."""
+        return self.submit(spec, configs).wait()
+
+    def submit(self, spec: RopeSpec, configs: Iterable[Mapping[str, Any]]) -> Compiling:
+        """Start compiling ``configs`` (those not compiled or started before) and return."""
         if not self._compiles_here:
-            return 0
+            return Compiling(self, None, [], set())
         fresh, keys = [], set()
         for config in configs:
             key = (spec, tuple(sorted(config.items())))
@@ -112,7 +146,7 @@ class TritonPrecompiler:
                 keys.add(key)
                 fresh.append(dict(config))
         if not fresh:
-            return 0
+            return Compiling(self, None, [], set())
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 self.workers,
@@ -124,14 +158,13 @@ class TritonPrecompiler:
             (spec.key, str(self.device), fresh[i :: self.workers], cache_dir)
             for i in range(self.workers)
         ]
+        # Started counts as done, so a batch asked while this one compiles does not repeat it.
+        self._done |= keys
         try:
-            compiled = sum(self._pool.map(_compile_some, [job for job in jobs if job[2]]))
+            futures = [self._pool.submit(_compile_some, job) for job in jobs if job[2]]
         except BrokenProcessPool as exc:
-            logger.warning("precompile: a worker died (%s); starting a new pool next time", exc)
-            self.close()
-            return 0
-        self._done.update(keys)
-        return compiled
+            return Compiling(self, self._pool, [_failed(exc)], keys)
+        return Compiling(self, self._pool, futures, keys)
 
     @property
     def _compiles_here(self) -> bool:

@@ -379,6 +379,33 @@ def make_sampler(
         )
 
 
+@dataclass
+class _Batch:
+    """Trials asked together, their candidates, and the compile started for them."""
+
+    trials: list[Trial]
+    candidates: list[Candidate]
+    compiling: Any = None  # a pending compile with ``wait()``, or None
+    told: list[FrozenTrial] = field(default_factory=list)
+
+    def record_wait(self, seconds: float) -> None:
+        for trial in self.trials:  # the batch's wait for its compiles, beside phase_s
+            trial.set_user_attr("batch_precompile_s", round(seconds, 5))
+
+    def wait_compiled(self) -> None:
+        if self.compiling is not None:
+            start = time.perf_counter()
+            self.compiling.wait()
+            self.compiling = None
+            self.record_wait(time.perf_counter() - start)
+
+    def fail_untold(self, study: optuna.Study) -> None:
+        told = {t.number for t in self.told}
+        for trial in self.trials:
+            if trial.number not in told:
+                study.tell(trial, state=TrialState.FAIL)
+
+
 GateCache = dict[tuple[str, RopeSpec, str, tuple], "str | None"]
 
 
@@ -402,6 +429,10 @@ class StudyRunner:
             compile in parallel rather than one per trial; None to compile in the trial.
         batch: Trials asked from the sampler at once when ``precompile`` is set (its constant
             liar keeps them apart); 1 otherwise.
+        overlap: With ``precompile`` (which must then have ``submit``, like
+            :class:`autotune.precompile.TritonPrecompiler`): ask the next batch and start
+            compiling it before timing the current one, so the workers compile while this
+            process measures.
     """
 
     storage: optuna.storages.BaseStorage
@@ -414,6 +445,7 @@ class StudyRunner:
     time_kwargs: Mapping[str, Any] = field(default_factory=dict)
     precompile: Callable[[RopeSpec, list[Mapping[str, Any]]], object] | None = None
     batch: int = 1
+    overlap: bool = False
     _gate: GateCache = field(default_factory=dict, init=False, repr=False)
     _spaces: dict[tuple[RopeSpec, tuple[str, ...]], CandidateSpace] = field(
         default_factory=dict, init=False, repr=False
@@ -577,66 +609,95 @@ class StudyRunner:
         idle_limit = _MAX_IDLE_ASKS + _MAX_IDLE_ASKS_PER_TRIAL * target
         idle = 0
         converged = False
-        while not should_stop():
-            # The caller owns this study (see autotune.distributed): no trial but ours runs.
-            trials = study.get_trials(deepcopy=False)
-            counted, waiting = len(counted_trials(trials)), len(_waiting(trials))
-            # Enqueued trials (defaults, or a warm start's new providers) run past the budget.
-            if counted >= target and not waiting:
-                break
-            if idle >= idle_limit:
-                logger.info(
-                    "%s: converged after %d measurements (%d repeated or invalid "
-                    "proposals in a row)",
-                    key.name,
-                    counted,
-                    idle,
-                )
-                converged = True
-                break
-            if self.precompile is None:
-                finished: list[FrozenTrial] = []
-                study.optimize(
-                    lambda trial: self.objective(trial, key, space),
-                    n_trials=1,
-                    catch=(CandidateError,),
-                    callbacks=[*self.callbacks, lambda _s, t, out=finished: out.append(t)],
-                )
-            else:
-                finished = self._run_batch(
-                    study, key, space, min(self.batch, max(target - counted, waiting))
-                )
-            for trial in finished:
-                counts = trial.user_attrs.get("outcome") in COUNTED_OUTCOMES
-                idle = 0 if counts else idle + 1
+        pending: _Batch | None = None  # asked and compiling while the batch before it is timed
+        try:
+            while not should_stop():
+                # The caller owns this study (see autotune.distributed): no trial but ours runs.
+                trials = study.get_trials(deepcopy=False)
+                counted, waiting = len(counted_trials(trials)), len(_waiting(trials))
+                # Enqueued trials (defaults, a warm start's new providers) run past the budget.
+                if pending is None and counted >= target and not waiting:
+                    break
+                if idle >= idle_limit:
+                    logger.info(
+                        "%s: converged after %d measurements (%d repeated or invalid "
+                        "proposals in a row)",
+                        key.name,
+                        counted,
+                        idle,
+                    )
+                    converged = True
+                    break
+                if self.precompile is None:
+                    finished: list[FrozenTrial] = []
+                    study.optimize(
+                        lambda trial: self.objective(trial, key, space),
+                        n_trials=1,
+                        catch=(CandidateError,),
+                        callbacks=[*self.callbacks, lambda _s, t, out=finished: out.append(t)],
+                    )
+                else:
+                    size = min(self.batch, max(target - counted, waiting))
+                    batch = pending or self._ask_batch(study, key, space, size)
+                    pending = None
+                    try:
+                        batch.wait_compiled()
+                        left = max(target - counted, waiting) - len(batch.trials)
+                        # Only sampled trials are asked ahead: an enqueued one (a default, a
+                        # new provider) must not be lost if its batch is dropped unrun.
+                        ahead = self.overlap and left > 0 and waiting <= len(batch.trials)
+                        if ahead and not should_stop():
+                            pending = self._ask_batch(study, key, space, min(self.batch, left))
+                    except BaseException:
+                        batch.fail_untold(study)
+                        raise
+                    finished = self._finish_batch(study, key, batch)
+                for trial in finished:
+                    counts = trial.user_attrs.get("outcome") in COUNTED_OUTCOMES
+                    idle = 0 if counts else idle + 1
+        finally:
+            if pending is not None:  # asked but never timed: failed, so the sampler asks anew
+                pending.fail_untold(study)
         trials = study.get_trials(deepcopy=False)
         done = converged or (len(counted_trials(trials)) >= target and not _waiting(trials))
         if done:  # the target it was completed for: a rerun with a larger budget continues it
             study.set_user_attr("complete", target)
         return done
 
-    def _run_batch(
+    def _ask_batch(
         self, study: optuna.Study, key: StudyKey, space: CandidateSpace, size: int
-    ) -> list[FrozenTrial]:
-        """Ask ``size`` trials, compile their Triton configs together, then run them one by one
-        (what ``study.optimize`` does for one trial: tell the outcome, call the callbacks).
+    ) -> _Batch:
+        """Ask ``size`` trials and start compiling their Triton configs (with ``overlap``) or
+        compile them now."""
+        asked = [study.ask() for _ in range(max(1, size))]
+        batch = _Batch(asked, [])
+        try:
+            batch.candidates = [self._suggest(trial, space) for trial in asked]
+            configs = [
+                c.config for c in batch.candidates if c.provider == "triton" and space.contains(c)
+            ]
+            if configs and self.precompile is not None:
+                if self.overlap:
+                    batch.compiling = self.precompile.submit(key.spec, configs)
+                else:
+                    start = time.perf_counter()
+                    self.precompile(key.spec, configs)
+                    batch.record_wait(time.perf_counter() - start)
+        except BaseException:
+            batch.fail_untold(study)
+            raise
+        return batch
+
+    def _finish_batch(self, study: optuna.Study, key: StudyKey, batch: _Batch) -> list[FrozenTrial]:
+        """Run a batch's trials one by one (what ``study.optimize`` does for one trial: tell
+        the outcome, call the callbacks).
 
         Raises:
-            KeyboardInterrupt: the asked trials not yet finished are failed (so they are redone
-                on resume) and the interrupt propagates.
+            KeyboardInterrupt: the batch's trials not yet finished are failed (so they are
+                redone on resume) and the interrupt propagates.
         """
-        asked = [study.ask() for _ in range(max(1, size))]
-        finished: list[FrozenTrial] = []
         try:
-            candidates = [self._suggest(trial, space) for trial in asked]
-            configs = [c.config for c in candidates if c.provider == "triton" and space.contains(c)]
-            if configs and self.precompile is not None:
-                start = time.perf_counter()
-                self.precompile(key.spec, configs)
-                waited = round(time.perf_counter() - start, 5)
-                for trial in asked:  # the batch's wait for its compiles, beside phase_s
-                    trial.set_user_attr("batch_precompile_s", waited)
-            for trial, candidate in zip(asked, candidates, strict=True):
+            for trial, candidate in zip(batch.trials, batch.candidates, strict=True):
                 try:
                     value = self.evaluate(trial, key, candidate)
                 except optuna.TrialPruned:
@@ -645,16 +706,13 @@ class StudyRunner:
                     frozen = study.tell(trial, state=TrialState.FAIL)
                 else:
                     frozen = study.tell(trial, value)
-                finished.append(frozen)
+                batch.told.append(frozen)
                 for callback in self.callbacks:
                     callback(study, frozen)
         except BaseException:
-            told = {t.number for t in finished}
-            for trial in asked:
-                if trial.number not in told:
-                    study.tell(trial, state=TrialState.FAIL)
+            batch.fail_untold(study)
             raise
-        return finished
+        return batch.told
 
     # -- one trial -----------------------------------------------------------------------------
 

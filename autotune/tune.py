@@ -76,6 +76,7 @@ def tune(
     devices: Sequence[torch.device | str] | None = None,
     claim_grace_s: float = DEFAULT_GRACE_S,
     compile_workers: int | None = None,
+    compile_overlap: bool = False,
 ) -> dict[str, Any]:
     """Tune RoPE for ``specs`` at every token count in ``tokens`` on one device.
 
@@ -117,6 +118,9 @@ def tune(
             trials (up to 16 asked at once) in parallel before they are timed; 0 compiles each
             in its own trial; None for :func:`default_compile_workers`. Per tuning process
             (``devices`` starts one per device).
+        compile_overlap: With compile workers, ask the next batch of trials and compile it
+            while the current one is timed (the workers, at a lower priority, then share the
+            CPU with the measurements); False waits for each batch's compiles.
 
     Returns:
         The table of this run's finished studies (schema of :mod:`kernels.table`): its
@@ -177,7 +181,7 @@ def tune(
     try:
         with progress_bar, stop:
             if devices is None:
-                with _ahead_of_time_compiling(runner, compile_workers):
+                with _ahead_of_time_compiling(runner, compile_workers, compile_overlap):
                     run_worker(runner, keys, grace_s=claim_grace_s, on_study=progress_bar.describe)
             else:
                 _run_processes(
@@ -188,6 +192,7 @@ def tune(
                     claim_grace_s,
                     progress_bar,
                     compile_workers,
+                    compile_overlap,
                 )
     except KeyboardInterrupt:
         interrupted = True
@@ -228,18 +233,22 @@ def default_compile_workers(device: torch.device | str, processes: int = 1) -> i
 
 
 @contextlib.contextmanager
-def _ahead_of_time_compiling(runner: StudyRunner, workers: int) -> Iterator[None]:
+def _ahead_of_time_compiling(
+    runner: StudyRunner, workers: int, overlap: bool = False
+) -> Iterator[None]:
     """Give ``runner`` a pool compiling its next trials' Triton configs (on CUDA, when
-    ``workers`` > 0), and stop the pool afterwards."""
+    ``workers`` > 0), while it times the batch before them with ``overlap``, and stop the pool
+    afterwards."""
     if workers == 0 or runner.device.type != "cuda":
         yield
         return
     with TritonPrecompiler(runner.device, workers) as precompiler:
         runner.precompile, runner.batch = precompiler, min(workers, _COMPILE_BATCH)
+        runner.overlap = overlap
         try:
             yield
         finally:
-            runner.precompile, runner.batch = None, 1
+            runner.precompile, runner.batch, runner.overlap = None, 1, False
 
 
 # Signals that stop an in-process run after the trial in flight: Ctrl-C, and what a job
@@ -323,7 +332,7 @@ def _check_devices(devices, device, callbacks, storage) -> list[torch.device]:
 
 
 def _run_processes(
-    devices, runner, keys, storage_url, grace_s, progress_bar, compile_workers
+    devices, runner, keys, storage_url, grace_s, progress_bar, compile_workers, compile_overlap
 ) -> None:
     """One spawned worker process per device on the shared storage; the progress bar follows
     the storage. A worker that dies is reported; the others take over its studies."""
@@ -345,6 +354,7 @@ def _run_processes(
             grace_s,
             level,
             compile_workers,
+            compile_overlap,
         )
         process = context.Process(target=_worker_main, args=args, name=f"autotune-{index}")
         process.start()
@@ -377,7 +387,7 @@ def _run_processes(
 
 def _worker_main(
     index, count, device, keys, storage_url, trials, seed, time_kwargs, grace_s, level,
-    compile_workers,
+    compile_workers, compile_overlap,
 ) -> None:  # fmt: skip
     """A worker process: the studies of ``keys`` on ``device``, claiming each first."""
     import sys
@@ -391,7 +401,7 @@ def _worker_main(
         storage, device, metadata["device_name"], metadata, trials, seed, time_kwargs=time_kwargs
     )
     try:
-        with _ahead_of_time_compiling(runner, compile_workers):
+        with _ahead_of_time_compiling(runner, compile_workers, compile_overlap):
             run_worker(
                 runner,
                 keys,

@@ -41,6 +41,7 @@ def test_defaults():
     assert args.timing == ["graph"] and args.verbose is False and args.quiet is False
     assert args.output is None and args.storage is None and args.save_path is None
     assert args.compile_workers is None and args.repeats == SEARCH_REPEATS
+    assert args.compile_overlap is False
 
 
 def test_every_flag_parses():
@@ -51,6 +52,7 @@ def test_every_flag_parses():
         "--tokens", "256,1,16", "--providers", "triton,torch", "--trials", "7", "--timing",
         "graph,eager", "--output", "out", "--storage", "s.journal", "--save-path", "csv",
         "--seed", "3", "--verbose", "--no-quiet", "--compile-workers", "6", "--repeats", "25",
+        "--compile-overlap",
     )  # fmt: skip
     assert args.device == "cpu" and args.model == ["llama-3-8b", "phi-2"]
     assert args.model_config == ["cfg.json"] and args.tensor_parallel_size == 2
@@ -60,7 +62,7 @@ def test_every_flag_parses():
     assert args.trials == 7 and args.timing == ["graph", "eager"] and args.seed == 3
     assert (args.output, args.storage, args.save_path) == ("out", "s.journal", "csv")
     assert args.verbose is True and args.quiet is False and args.compile_workers == 6
-    assert args.repeats == 25
+    assert args.repeats == 25 and args.compile_overlap is True
 
 
 @pytest.mark.parametrize(
@@ -72,6 +74,8 @@ def test_every_flag_parses():
         ("--no-verbose", "verbose", False),
         ("--quiet", "quiet", True),
         ("--no-quiet", "quiet", False),
+        ("--compile-overlap", "compile_overlap", True),
+        ("--no-compile-overlap", "compile_overlap", False),
     ],
 )
 def test_boolean_flags(flag, attr, expected):

@@ -124,9 +124,8 @@ def test_the_pool_runs_each_config_once_and_survives_signals_and_a_dead_worker(c
         assert precompiler(TINY, [GOOD, bad, GOOD]) == 1
         assert precompiler(TINY, [GOOD]) == 0  # done before: nothing to do
         workers = list(precompiler._pool._processes.values())
-        for worker in workers:  # Ctrl-C and timeout reach the whole process group
+        for worker in workers:  # Ctrl-C reaches the whole process group
             os.kill(worker.pid, signal.SIGINT)
-            os.kill(worker.pid, signal.SIGTERM)
         assert precompiler(TINY, [{**GOOD, "num_warps": 2}]) == 1
         os.kill(workers[0].pid, signal.SIGKILL)
         workers[0].join(timeout=30)
@@ -214,3 +213,88 @@ def _alive(pid: int) -> bool:
     # A zombie (exited, not yet reaped by init) is gone too.
     status = Path(f"/proc/{pid}/status")
     return not (status.exists() and "zombie" in status.read_text())
+
+
+class _RecordingAsyncCompiler:
+    """Stands in for the pool with ``overlap``: records when each batch was handed over and
+    when the runner waited for it, against the measurements made so far."""
+
+    def __init__(self, storage, key):
+        self.storage, self.key, self.events = storage, key, []
+
+    def _measured(self):
+        return len(_measured(_trials(self.storage, self.key)))
+
+    def submit(self, spec, configs):
+        assert spec == TINY and configs and all(not config_problems(spec, c) for c in configs)
+        number = len([e for e in self.events if e[0] == "submit"])
+        self.events.append(("submit", number, self._measured()))
+        return _Waited(self, number)
+
+
+class _Waited:
+    def __init__(self, compiler, number):
+        self.compiler, self.number = compiler, number
+
+    def wait(self):
+        self.compiler.events.append(("wait", self.number, self.compiler._measured()))
+        return 1
+
+
+def test_with_overlap_the_next_batch_compiles_while_this_one_is_timed(tmp_path):
+    storage = open_storage(tmp_path / "s.journal")
+    key = _key()
+    compiler = _RecordingAsyncCompiler(storage, key)
+    runner = _runner(storage, trials=12, precompile=compiler, batch=3, overlap=True)
+    assert runner.run(key)
+    trials = _trials(storage, key)
+    assert len([t for t in trials if t.user_attrs.get("outcome") in COUNTED_OUTCOMES]) == 12
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    measured = _measured(trials)
+    assert len(measured) == len(set(measured))
+    events = compiler.events
+    waits = {n: m for kind, n, m in events if kind == "wait"}
+    submits = {n: m for kind, n, m in events if kind == "submit"}
+    assert set(waits) <= set(submits) and len(submits) >= 3
+    # Batch n+1 is handed over after batch n's compiles are waited for and before any of
+    # batch n is measured: the workers compile it while batch n is timed.
+    overlapped = [n for n in submits if n - 1 in waits and submits[n] == waits[n - 1]]
+    assert overlapped, events
+    ordered = [(kind, n) for kind, n, _ in events]
+    for n in overlapped:
+        assert ordered.index(("submit", n)) == ordered.index(("wait", n - 1)) + 1
+
+
+def test_with_overlap_an_interrupt_fails_both_batches_and_resume_completes(tmp_path):
+    storage = open_storage(tmp_path / "s.journal")
+    key = _key()
+    seen = []
+
+    def stop_on_fifth(study, trial):
+        seen.append(trial.number)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+
+    compiler = _RecordingAsyncCompiler(storage, key)
+    runner = _runner(storage, trials=10, precompile=compiler, batch=3, overlap=True)
+    runner.callbacks = [stop_on_fifth]
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(key)
+    trials = _trials(storage, key)
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert len([t for t in trials if "outcome" in t.user_attrs]) == 5
+    runner.callbacks = []
+    assert runner.run(key)
+    trials = _trials(storage, key)
+    measured = _measured(trials)
+    assert len(measured) == len(set(measured)), "a candidate was measured twice"
+    assert len([t for t in trials if t.user_attrs.get("outcome") in COUNTED_OUTCOMES]) == 10
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+
+def test_two_batches_in_flight_compile_a_shared_config_once():
+    with _InterpretingPrecompiler("cpu", workers=2) as precompiler:
+        first = precompiler.submit(TINY, [GOOD, {**GOOD, "num_warps": 2}])
+        second = precompiler.submit(TINY, [GOOD, {**GOOD, "num_warps": 4}])  # GOOD is started
+        assert (first.wait(), second.wait()) == (2, 1)
+        assert precompiler(TINY, [GOOD, {**GOOD, "num_warps": 4}]) == 0

@@ -315,11 +315,14 @@ def test_a_gpu_run_stopped_like_timeout_does_writes_its_table(tmp_path, sig):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    ("distributed", "compile_workers"),
-    [(False, 0), (True, 0), (False, 4), (True, 2)],
-    ids=["in-process", "worker-process", "in-process-compile-ahead", "worker-compile-ahead"],
-)
-def test_short_real_tuning_run_on_the_gpu(tmp_path, distributed, compile_workers):
+    ("distributed", "compile_workers", "overlap"),
+    [(False, 0, False), (True, 0, False), (False, 4, False), (True, 2, False), (False, 4, True)],
+    ids=[
+        "in-process", "worker-process", "in-process-compile-ahead", "worker-compile-ahead",
+        "in-process-compile-overlap",
+    ],
+)  # fmt: skip
+def test_short_real_tuning_run_on_the_gpu(tmp_path, distributed, compile_workers, overlap):
     """The lead's H200 check: every available provider, graph and eager timing, the one-GPU
     path both in-process and through the worker-process (distributed) code path, compiling
     each trial's config in it or ahead in a pool."""
@@ -328,7 +331,7 @@ def test_short_real_tuning_run_on_the_gpu(tmp_path, distributed, compile_workers
     table = tune(
         [spec], [1, 4096], trials=12, timing=["graph", "eager"], storage=tmp_path / "s.journal",
         output=tmp_path / "out", seed=0, progress=False, compile_workers=compile_workers,
-        **where,
+        compile_overlap=overlap, **where,
     )  # fmt: skip
     for mode in ("graph", "eager"):
         for entry in table["entries"][mode][spec.key].values():

@@ -1,0 +1,102 @@
+"""Does compiling in the background disturb a measurement? (``python -m autotune
+--compile-overlap`` times one batch while the workers compile the next.)
+
+    python benchmarks/overlap_check.py --device cuda:0
+
+Times Triton configs of one spec at a few token counts with the tuner's own measurement (graph
+replay, 10 rounds), three times each: on a quiet machine, while ``autotune.precompile``'s
+workers compile configs of other specs, and quiet again. Prints per token count the median over
+configs of busy/quiet (the effect) next to quiet/quiet (the noise floor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import random
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from autotune.measure import time_rope
+from autotune.precompile import TritonPrecompiler
+from autotune.search import SEARCH_REPEATS
+from autotune.tune import default_compile_workers
+from kernels import RopeSpec, get_provider
+from kernels.providers._triton import PARAM_SPACE, config_problems
+
+# Specs whose configs keep the workers busy: none is the timed one, so nothing is served from
+# the cache the timed process uses.
+_BUSY_SPECS = (
+    "q16_kv8_d256_r256_neox_float16",
+    "q32_kv32_d128_r32_neox_float16",
+    "q64_kv8_d128_r128_neox_float16",
+    "q128_kv1_d64_r64_gptj_float16",
+)
+
+
+def valid_configs(spec: RopeSpec) -> list[dict]:
+    grid = [dict(zip(PARAM_SPACE, values, strict=True)) for values in itertools.product(
+        *PARAM_SPACE.values()
+    )]  # fmt: skip
+    return [config for config in grid if not config_problems(spec, config)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--spec", default="q32_kv8_d128_r128_neox_bfloat16")
+    parser.add_argument("--tokens", default="1,256,16384", help="e.g. 1,256,16384")
+    parser.add_argument("--configs", type=int, default=8, help="timed configs per token count")
+    parser.add_argument("--workers", type=int, default=None, help="default: the tuner's")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    rng = random.Random(args.seed)
+    spec = RopeSpec.from_key(args.spec)
+    workers = args.workers or default_compile_workers(args.device) or 1
+    busy_work = [
+        (busy, config)
+        for busy in map(RopeSpec.from_key, _BUSY_SPECS)
+        for config in valid_configs(busy)
+    ]
+    rng.shuffle(busy_work)
+    busy_queue = iter(busy_work)
+    triton = get_provider("triton")
+
+    def measure(config: dict, tokens: int) -> float:
+        fn = triton.bound(spec, config)
+        return time_rope(
+            fn, spec, tokens, args.device, repeats=SEARCH_REPEATS, seed=args.seed
+        ).median_us
+
+    print(f"{spec.key}, {workers} compile workers, {SEARCH_REPEATS} rounds per measurement")
+    print("tokens | configs | busy / quiet (median, min, max) | quiet / quiet (median, min, max)")
+    with TritonPrecompiler(args.device, workers) as pool:
+        pool(*next(busy_queue))  # start the pool outside any measurement
+        for tokens in (int(t) for t in args.tokens.split(",")):
+            effect, noise = [], []
+            for config in rng.sample(valid_configs(spec), args.configs):
+                measure(config, tokens)  # compile and load outside the comparison
+                quiet = measure(config, tokens)
+                batch = [next(busy_queue) for _ in range(2 * workers)]
+                handles = [pool.submit(busy, [cfg]) for busy, cfg in batch]
+                busy_us = measure(config, tokens)
+                for handle in handles:
+                    handle.wait()
+                quiet_again = measure(config, tokens)
+                effect.append(busy_us / quiet)
+                noise.append(quiet_again / quiet)
+            print(
+                f"{tokens} | {len(effect)} | {statistics.median(effect):.4f} ({min(effect):.4f}, "
+                f"{max(effect):.4f}) | {statistics.median(noise):.4f} ({min(noise):.4f}, "
+                f"{max(noise):.4f})"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
