@@ -34,19 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from autotune.measure import make_inputs
 from autotune.precompile import precompile_triton
+from autotune.search import CandidateSpace
 from kernels import RopeSpec, get_provider
-from kernels.providers._triton import PARAM_SPACE, config_problems
 
 GATE_TOKENS = 101
 
 
-def sample_configs(spec: RopeSpec, count: int, seed: int) -> list[dict]:
-    """``count`` distinct valid Triton configs for ``spec``, drawn at random."""
-    keys = list(PARAM_SPACE)
-    grid = [{}]
-    for key in keys:
-        grid = [{**config, key: value} for config in grid for value in PARAM_SPACE[key]]
-    valid = [config for config in grid if not config_problems(spec, config)]
+def sample_configs(spec: RopeSpec, device: str, count: int, seed: int) -> list[dict]:
+    """``count`` distinct valid Triton configs for ``spec`` (the tuner's space), at random."""
+    valid = [dict(c.config) for c in CandidateSpace.build(spec, ["triton"], device).valid]
     return random.Random(seed).sample(valid, min(count, len(valid)))
 
 
@@ -56,7 +52,7 @@ def cache_entries(cache_dir: str) -> int:
 
 def child(args: argparse.Namespace) -> None:
     spec = RopeSpec.from_key(args.spec)
-    configs = sample_configs(spec, args.configs, args.seed)
+    configs = sample_configs(spec, args.device, args.configs, args.seed)
     cache_dir = os.environ["TRITON_CACHE_DIR"]
     if args.child == "workers":
         start = time.perf_counter()

@@ -12,7 +12,6 @@ configs of busy/quiet (the effect) next to quiet/quiet (the noise floor).
 from __future__ import annotations
 
 import argparse
-import itertools
 import random
 import statistics
 import sys
@@ -22,10 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from autotune.measure import time_rope
 from autotune.precompile import TritonPrecompiler
-from autotune.search import SEARCH_REPEATS
+from autotune.search import SEARCH_REPEATS, CandidateSpace
 from autotune.tune import default_compile_workers
 from kernels import RopeSpec, get_provider
-from kernels.providers._triton import PARAM_SPACE, config_problems
 
 # Specs whose configs keep the workers busy: none is the timed one, so nothing is served from
 # the cache the timed process uses.
@@ -37,11 +35,9 @@ _BUSY_SPECS = (
 )
 
 
-def valid_configs(spec: RopeSpec) -> list[dict]:
-    grid = [dict(zip(PARAM_SPACE, values, strict=True)) for values in itertools.product(
-        *PARAM_SPACE.values()
-    )]  # fmt: skip
-    return [config for config in grid if not config_problems(spec, config)]
+def valid_configs(spec: RopeSpec, device: str) -> list[dict]:
+    """Every valid Triton config for ``spec`` (the tuner's space)."""
+    return [dict(c.config) for c in CandidateSpace.build(spec, ["triton"], device).valid]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     busy_work = [
         (busy, config)
         for busy in map(RopeSpec.from_key, _BUSY_SPECS)
-        for config in valid_configs(busy)
+        for config in valid_configs(busy, args.device)
     ]
     rng.shuffle(busy_work)
     busy_queue = iter(busy_work)
@@ -79,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         pool(*next(busy_queue))  # start the pool outside any measurement
         for tokens in (int(t) for t in args.tokens.split(",")):
             effect, noise = [], []
-            for config in rng.sample(valid_configs(spec), args.configs):
+            for config in rng.sample(valid_configs(spec, args.device), args.configs):
                 measure(config, tokens)  # compile and load outside the comparison
                 quiet = measure(config, tokens)
                 batch = [next(busy_queue) for _ in range(2 * workers)]
