@@ -45,5 +45,8 @@ timeout -s INT "${1:-300}" python3 -m autotune --device cuda:0 "${space[@]}" --t
 xz -T0 -6 -c /tmp/tune/studies.journal > "$OUT/tune_h200_studies.journal.xz"
 cp /tmp/tune/configs/*.json "$OUT/" 2>/dev/null
 cp /tmp/tune/csv/*.csv "$OUT/" 2>/dev/null
-test -d ~/.cache/flashinfer && tar -C ~ -cf - .cache/flashinfer | xz -T0 -3 > "$OUT/fi_cache.tar.xz"
+# (a module loaded from the AOT directory leaves no build in ~/.cache: pass the carried one on)
+if [ -f .tune/fi_cache.tar.xz ]; then cp .tune/fi_cache.tar.xz "$OUT/"
+elif [ -d ~/.cache/flashinfer ]; then tar -C ~ -cf - .cache/flashinfer | xz -T0 -3 > "$OUT/fi_cache.tar.xz"
+fi
 ls -la "$OUT"
