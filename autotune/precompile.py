@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -61,12 +61,6 @@ def _exit_with_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(_PARENT_POLL_S)
     os._exit(1)
-
-
-def _failed(exc: BaseException) -> Future:
-    future: Future = Future()
-    future.set_exception(exc)
-    return future
 
 
 def triton_cache_dir() -> str:
@@ -105,10 +99,7 @@ class Compiling:
         try:
             return sum(future.result() for future in self._futures)
         except (BrokenProcessPool, CancelledError) as exc:
-            logger.warning("precompile: a worker died (%r); starting a new pool next time", exc)
-            self._owner._done -= self._keys
-            if self._owner._pool is self._pool:  # not one started since
-                self._owner.close()
+            self._owner._lost(self._pool, self._keys, exc)
             return 0
 
 
@@ -156,17 +147,24 @@ class TritonPrecompiler:
                 initializer=_init_worker,
             )
         cache_dir = triton_cache_dir()
-        jobs = [
-            (spec.key, str(self.device), fresh[i :: self.workers], cache_dir)
-            for i in range(self.workers)
-        ]
+        workers = min(self.workers, len(fresh))
+        jobs = [(spec.key, str(self.device), fresh[i::workers], cache_dir) for i in range(workers)]
         # Started counts as done, so a batch asked while this one compiles does not repeat it.
         self._done |= keys
         try:
-            futures = [self._pool.submit(_compile_some, job) for job in jobs if job[2]]
+            futures = [self._pool.submit(_compile_some, job) for job in jobs]
         except BrokenProcessPool as exc:
-            return Compiling(self, self._pool, [_failed(exc)], keys)
+            self._lost(self._pool, keys, exc)
+            return Compiling(self, None, [], set())
         return Compiling(self, self._pool, futures, keys)
+
+    def _lost(self, pool: Any, keys: set, exc: BaseException) -> None:
+        """``pool`` lost a worker before ``keys`` compiled: they compile in their trials, and
+        the next call starts a new pool."""
+        logger.warning("precompile: a worker died (%r); starting a new pool next time", exc)
+        self._done -= keys
+        if self._pool is pool:  # not one started since
+            self.close()
 
     @property
     def _compiles_here(self) -> bool:

@@ -676,7 +676,7 @@ class StudyRunner:
             configs = [
                 c.config for c in batch.candidates if c.provider == "triton" and space.contains(c)
             ]
-            if configs and self.precompile is not None:
+            if configs:  # a batch is asked only with a precompiler
                 if self.overlap:
                     batch.compiling = self.precompile.submit(key.spec, configs)
                 else:
