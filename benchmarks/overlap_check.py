@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{spec.key}, {workers} compile workers, {SEARCH_REPEATS} rounds per measurement")
     print("tokens | configs | busy / quiet (median, min, max) | quiet / quiet (median, min, max)")
     with TritonPrecompiler(args.device, workers) as pool:
-        pool(*next(busy_queue))  # start the pool outside any measurement
+        first_spec, first_config = next(busy_queue)
+        pool(first_spec, [first_config])  # start the pool outside any measurement
         for tokens in (int(t) for t in args.tokens.split(",")):
             effect, noise = [], []
             for config in rng.sample(valid_configs(spec, args.device), args.configs):
