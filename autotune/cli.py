@@ -226,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="with compile workers, compile the next batch of trials while the current one is "
-        "timed, e.g. --compile-overlap (default: off, each batch waits for its compiles)",
+        "timed, e.g. --compile-overlap (default: off, each batch waits for its compiles; on "
+        "the H200, timings taken while the workers compile read up to 7%% faster, so this "
+        "speeds up a search at the cost of fair comparisons)",
     )
     parser.add_argument(
         "--repeats",

@@ -120,7 +120,9 @@ def tune(
             (``devices`` starts one per device).
         compile_overlap: With compile workers, ask the next batch of trials and compile it
             while the current one is timed (the workers, at a lower priority, then share the
-            CPU with the measurements); False waits for each batch's compiles.
+            CPU with the measurements); False waits for each batch's compiles. On the H200,
+            configs timed while the workers compile read 2.5-7% faster at 1-256 tokens
+            (``benchmarks/overlap_check.py``), so trials timed then can win unfairly.
 
     Returns:
         The table of this run's finished studies (schema of :mod:`kernels.table`): its
