@@ -45,8 +45,12 @@ timeout -s INT "${1:-300}" python3 -m autotune --device cuda:0 "${space[@]}" --t
 xz -T0 -6 -c /tmp/tune/studies.journal > "$OUT/tune_h200_studies.journal.xz"
 cp /tmp/tune/configs/*.json "$OUT/" 2>/dev/null
 cp /tmp/tune/csv/*.csv "$OUT/" 2>/dev/null
-# (a module loaded from the AOT directory leaves no build in ~/.cache: pass the carried one on)
-if [ -f .tune/fi_cache.tar.xz ]; then cp .tune/fi_cache.tar.xz "$OUT/"
-elif [ -d ~/.cache/flashinfer ]; then tar -C ~ -cf - .cache/flashinfer | xz -T0 -3 > "$OUT/fi_cache.tar.xz"
+# A module loaded from the AOT directory leaves no build in ~/.cache: pass on the one unpacked
+# above (on this machine's first call, so also when a later call does not carry .tune), else
+# FlashInfer's own build; never an archive without the module.
+if find /tmp/fi_cache -path "*/cached_ops/rope/rope.so" 2>/dev/null | grep -q .; then
+  tar -C /tmp/fi_cache -cf - . | xz -T0 -3 > "$OUT/fi_cache.tar.xz"
+elif find ~/.cache/flashinfer -path "*/cached_ops/rope/rope.so" 2>/dev/null | grep -q .; then
+  tar -C ~/.cache/flashinfer -cf - . | xz -T0 -3 > "$OUT/fi_cache.tar.xz"
 fi
 ls -la "$OUT"
