@@ -130,6 +130,10 @@ class TritonPrecompiler:
 
     def submit(self, spec: RopeSpec, configs: Iterable[Mapping[str, Any]]) -> Compiling:
         """Start compiling ``configs`` (those not compiled or started before) and return."""
+        configs = list(configs)
+        for config in configs:  # checked everywhere, so a wrong call fails off CUDA too
+            if not isinstance(config, Mapping):
+                raise TypeError(f"configs: expected mappings of parameters, got {config!r}")
         if not self._compiles_here:
             return Compiling(self, None, [], set())
         fresh, keys = [], set()

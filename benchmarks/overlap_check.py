@@ -4,23 +4,34 @@
     python benchmarks/overlap_check.py --device cuda:0
 
 Times Triton configs of one spec at a few token counts with the tuner's own measurement (graph
-replay, 10 rounds), three times each: on a quiet machine, while ``autotune.precompile``'s
-workers compile configs of other specs, and quiet again. Prints per token count the median over
-configs of busy/quiet (the effect) next to quiet/quiet (the noise floor).
+replay, 10 rounds), three times each: on a quiet machine, while other processes are busy, and
+quiet again. Prints per token count the median over configs of busy/quiet (the effect) next to
+quiet/quiet (the noise floor).
+
+``--busy compile``: ``autotune.precompile``'s workers compile configs of other specs (and, as
+they do, launch each once on the GPU). ``--busy spin``: as many processes, at the same
+priority, only burn CPU; no CUDA. On the H200 (session 8) busy compiles made timings read 2.5%
+(1 token) and 7% (256 tokens) faster; comparing the two modes tells whether CPU load alone does
+that or the workers' use of the GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
+import multiprocessing.synchronize
+import os
 import random
 import statistics
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from autotune.measure import time_rope
-from autotune.precompile import TritonPrecompiler
+from autotune.precompile import _NICE, TritonPrecompiler
 from autotune.search import SEARCH_REPEATS, CandidateSpace
 from autotune.tune import default_compile_workers
 from kernels import RopeSpec, get_provider
@@ -40,6 +51,79 @@ def valid_configs(spec: RopeSpec, device: str) -> list[dict]:
     return [dict(c.config) for c in CandidateSpace.build(spec, ["triton"], device).valid]
 
 
+def _spin(
+    ready: multiprocessing.synchronize.Semaphore,
+    go: multiprocessing.synchronize.Event,
+    stop: multiprocessing.synchronize.Event,
+) -> None:
+    """Burn CPU while ``go`` is set, at the compile workers' priority, until ``stop``."""
+    os.nice(_NICE)
+    ready.release()
+    while not stop.is_set():
+        if go.wait(0.05):
+            count = 0
+            while go.is_set():
+                for _ in range(10_000):
+                    count += 1
+
+
+@contextlib.contextmanager
+def compile_load(device: str, workers: int, rng: random.Random) -> Iterator[Callable]:
+    """Yields ``busy()``: a context manager in which ``workers`` compile processes are busy."""
+    busy_work = [
+        (busy, config)
+        for busy in map(RopeSpec.from_key, _BUSY_SPECS)
+        for config in valid_configs(busy, device)
+    ]
+    rng.shuffle(busy_work)
+    busy_queue = iter(busy_work)
+    with TritonPrecompiler(device, workers) as pool:
+        first_spec, first_config = next(busy_queue)
+        pool(first_spec, [first_config])  # start the pool outside any measurement
+
+        @contextlib.contextmanager
+        def busy() -> Iterator[None]:
+            batch = [next(busy_queue) for _ in range(2 * workers)]
+            handles = [pool.submit(spec, [config]) for spec, config in batch]
+            yield
+            for handle in handles:
+                handle.wait()
+
+        yield busy
+
+
+@contextlib.contextmanager
+def spin_load(workers: int, start_timeout_s: float = 120.0) -> Iterator[Callable]:
+    """Yields ``busy()``: a context manager in which ``workers`` processes burn CPU. They are
+    started (and past their imports) before it yields."""
+    context = multiprocessing.get_context("spawn")
+    ready, go, stop = context.Semaphore(0), context.Event(), context.Event()
+    spinners = [
+        context.Process(target=_spin, args=(ready, go, stop), daemon=True) for _ in range(workers)
+    ]
+    for process in spinners:
+        process.start()
+
+    @contextlib.contextmanager
+    def busy() -> Iterator[None]:
+        go.set()
+        try:
+            yield
+        finally:
+            go.clear()
+
+    try:
+        for _ in spinners:
+            if not ready.acquire(timeout=start_timeout_s):
+                raise RuntimeError(f"spin_load: a spinner did not start in {start_timeout_s} s")
+        yield busy
+    finally:
+        stop.set()
+        go.clear()
+        for process in spinners:
+            process.join(timeout=5)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -49,18 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", default="1,256,16384", help="e.g. 1,256,16384")
     parser.add_argument("--configs", type=int, default=8, help="timed configs per token count")
     parser.add_argument("--workers", type=int, default=None, help="default: the tuner's")
+    parser.add_argument(
+        "--busy", choices=("compile", "spin"), default="compile", help="what keeps the CPU busy"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     spec = RopeSpec.from_key(args.spec)
     workers = args.workers or default_compile_workers(args.device) or 1
-    busy_work = [
-        (busy, config)
-        for busy in map(RopeSpec.from_key, _BUSY_SPECS)
-        for config in valid_configs(busy, args.device)
-    ]
-    rng.shuffle(busy_work)
-    busy_queue = iter(busy_work)
     triton = get_provider("triton")
 
     def measure(config: dict, tokens: int) -> float:
@@ -69,21 +149,17 @@ def main(argv: list[str] | None = None) -> int:
             fn, spec, tokens, args.device, repeats=SEARCH_REPEATS, seed=args.seed
         ).median_us
 
-    print(f"{spec.key}, {workers} compile workers, {SEARCH_REPEATS} rounds per measurement")
+    print(f"{spec.key}, {workers} {args.busy} workers, {SEARCH_REPEATS} rounds per measurement")
     print("tokens | configs | busy / quiet (median, min, max) | quiet / quiet (median, min, max)")
-    with TritonPrecompiler(args.device, workers) as pool:
-        first_spec, first_config = next(busy_queue)
-        pool(first_spec, [first_config])  # start the pool outside any measurement
+    load = compile_load(args.device, workers, rng) if args.busy == "compile" else spin_load(workers)
+    with load as busy:
         for tokens in (int(t) for t in args.tokens.split(",")):
             effect, noise = [], []
             for config in rng.sample(valid_configs(spec, args.device), args.configs):
                 measure(config, tokens)  # compile and load outside the comparison
                 quiet = measure(config, tokens)
-                batch = [next(busy_queue) for _ in range(2 * workers)]
-                handles = [pool.submit(busy, [cfg]) for busy, cfg in batch]
-                busy_us = measure(config, tokens)
-                for handle in handles:
-                    handle.wait()
+                with busy():
+                    busy_us = measure(config, tokens)
                 quiet_again = measure(config, tokens)
                 effect.append(busy_us / quiet)
                 noise.append(quiet_again / quiet)

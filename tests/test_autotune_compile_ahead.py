@@ -80,6 +80,14 @@ def test_the_precompiler_does_nothing_off_cuda():
         assert precompiler._pool is None  # no processes started
 
 
+def test_configs_must_be_mappings_on_every_device():
+    # overlap_check.py once handed one config where a list belongs; off CUDA that went unseen.
+    config = {"block_t": 1, "block_h": 1, "head_split": 1, "num_warps": 1, "num_stages": 1}
+    precompiler = TritonPrecompiler("cpu", workers=2)
+    with pytest.raises(TypeError, match="configs: expected mappings"):
+        precompiler.submit(TINY, config)  # iterates over the dict's keys
+
+
 class _InterpretingPrecompiler(TritonPrecompiler):
     """The real pool, allowed off CUDA: its workers run the configs under the interpreter."""
 
