@@ -68,14 +68,14 @@ def _spin(
 
 
 @contextlib.contextmanager
-def compile_load(device: str, workers: int, rng: random.Random) -> Iterator[Callable]:
+def compile_load(device: str, workers: int, seed: int) -> Iterator[Callable]:
     """Yields ``busy()``: a context manager in which ``workers`` compile processes are busy."""
     busy_work = [
         (busy, config)
         for busy in map(RopeSpec.from_key, _BUSY_SPECS)
         for config in valid_configs(busy, device)
     ]
-    rng.shuffle(busy_work)
+    random.Random(seed).shuffle(busy_work)
     busy_queue = iter(busy_work)
     with TritonPrecompiler(device, workers) as pool:
         first_spec, first_config = next(busy_queue)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    rng = random.Random(args.seed)
+    rng = random.Random(args.seed)  # the timed configs, the same under either load
     spec = RopeSpec.from_key(args.spec)
     workers = args.workers or default_compile_workers(args.device) or 1
     triton = get_provider("triton")
@@ -151,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{spec.key}, {workers} {args.busy} workers, {SEARCH_REPEATS} rounds per measurement")
     print("tokens | configs | busy / quiet (median, min, max) | quiet / quiet (median, min, max)")
-    load = compile_load(args.device, workers, rng) if args.busy == "compile" else spin_load(workers)
+    load = (
+        compile_load(args.device, workers, args.seed)
+        if args.busy == "compile"
+        else spin_load(workers)
+    )
     with load as busy:
         for tokens in (int(t) for t in args.tokens.split(",")):
             effect, noise = [], []

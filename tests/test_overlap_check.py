@@ -3,7 +3,6 @@ end on the CPU (a call that only failed on the H200 would have failed here)."""
 
 import multiprocessing
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ def test_spinners_burn_cpu_only_inside_busy():
 
 
 def test_compile_load_hands_the_pool_lists_of_configs():
-    with overlap_check.compile_load("cpu", 1, random.Random(0)) as busy, busy():
+    with overlap_check.compile_load("cpu", 1, seed=0) as busy, busy():
         pass
 
 
