@@ -387,6 +387,7 @@ class _Batch:
     candidates: list[Candidate]
     compiling: Any = None  # a pending compile with ``wait()``, or None
     told: list[FrozenTrial] = field(default_factory=list)
+    fresh: int = 0  # trials that will be measured (valid, not repeats): what counts
 
     def record_wait(self, seconds: float) -> None:
         for trial in self.trials:  # the batch's wait for its compiles, beside phase_s
@@ -427,8 +428,9 @@ class StudyRunner:
         precompile: Called with a spec and the Triton configs of the next ``batch`` trials
             before they run (e.g. a :class:`autotune.precompile.TritonPrecompiler`), so they
             compile in parallel rather than one per trial; None to compile in the trial.
-        batch: Trials asked from the sampler at once when ``precompile`` is set (its constant
-            liar keeps them apart); 1 otherwise.
+        batch: Trials measured per batch when ``precompile`` is set: asked from the sampler
+            before any is told (its constant liar keeps them apart), plus the invalid and
+            repeated asks among them; 1 otherwise.
         overlap: With ``precompile`` (which must then have ``submit``, like
             :class:`autotune.precompile.TritonPrecompiler`): ask the next batch and start
             compiling it before timing the current one, so the workers compile while this
@@ -642,7 +644,7 @@ class StudyRunner:
                     pending = None
                     try:
                         batch.wait_compiled()
-                        left = max(target - counted, waiting) - len(batch.trials)
+                        left = max(target - counted, waiting) - batch.fresh
                         # Only sampled trials are asked ahead: an enqueued one (a default, a
                         # new provider) must not be lost if its batch is dropped unrun.
                         ahead = self.overlap and left > 0 and waiting <= len(batch.trials)
@@ -667,12 +669,31 @@ class StudyRunner:
     def _ask_batch(
         self, study: optuna.Study, key: StudyKey, space: CandidateSpace, size: int
     ) -> _Batch:
-        """Ask ``size`` trials and start compiling their Triton configs (with ``overlap``) or
-        compile them now."""
-        asked = [study.ask() for _ in range(max(1, size))]
-        batch = _Batch(asked, [])
+        """Ask trials until ``size`` of them will be measured, and start compiling their Triton
+        configs (with ``overlap``) or compile them now.
+
+        Invalid and repeated configs (about 45% of a TPE study's asks on the H200) need no
+        compile and use no budget, so they do not fill a batch: each batch gives the workers
+        ``size`` configs. What the sampler sees is ``size`` measurements asked before any is
+        told, which ``benchmarks/search_replay.py --batch`` replays. At most
+        ``size + _MAX_IDLE_ASKS`` asks, so a converged sampler still gets its trials told.
+        """
+        size = max(1, size)
+        batch = _Batch([], [])
         try:
-            batch.candidates = [self._suggest(trial, space) for trial in asked]
+            known = {
+                _candidate_key(t)
+                for t in study.get_trials(deepcopy=False)
+                if t.user_attrs.get("outcome") in COUNTED_OUTCOMES
+            }
+            while batch.fresh < size and len(batch.trials) < size + _MAX_IDLE_ASKS:
+                trial = study.ask()
+                batch.trials.append(trial)
+                candidate = self._suggest(trial, space)
+                batch.candidates.append(candidate)
+                if space.contains(candidate) and candidate.key not in known:
+                    known.add(candidate.key)
+                    batch.fresh += 1
             configs = [
                 c.config for c in batch.candidates if c.provider == "triton" and space.contains(c)
             ]

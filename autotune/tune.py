@@ -115,9 +115,9 @@ def tune(
         claim_grace_s: Seconds without a heartbeat after which another worker takes over a
             study (at once when the owner was on this host and its process is gone).
         compile_workers: On CUDA, processes that compile the Triton configs of the next
-            trials (up to 16 asked at once) in parallel before they are timed; 0 compiles each
-            in its own trial; None for :func:`default_compile_workers`. Per tuning process
-            (``devices`` starts one per device).
+            trials (up to 16 new configs asked at once) in parallel before they are timed; 0
+            compiles each in its own trial; None for :func:`default_compile_workers`. Per
+            tuning process (``devices`` starts one per device).
         compile_overlap: With compile workers, ask the next batch of trials and compile it
             while the current one is timed (the workers, at a lower priority, then share the
             CPU with the measurements); False waits for each batch's compiles. On the H200,
@@ -214,8 +214,9 @@ def tune(
     return table
 
 
-# Trials asked from the sampler at once when compiling ahead: replaying the sampler on recorded
-# H200 sweeps, batches of 4, 8 and 16 found configs as good as one trial at a time did
+# New measurements asked from the sampler before any is told when compiling ahead (invalid and
+# repeated proposals come on top and need no compile): replaying the sampler on recorded H200
+# sweeps, batches of 4, 8 and 16 found configs as good as one trial at a time did
 # (benchmarks/results/search_replay_batch*.txt).
 _COMPILE_BATCH = 16
 
@@ -225,8 +226,9 @@ def default_compile_workers(device: torch.device | str, processes: int = 1) -> i
     (shared among ``processes``), at most one per trial of a batch; none elsewhere.
 
     On the H200, a Triton config's first call takes 228 ms (median) when it compiles and 2 ms
-    when the workers compiled it, and a batch of 8 waits 0.30 s (median) for its compiles
-    (``benchmarks/first_call.py`` and the tuning journal, NOTES "Session 7").
+    when the workers compiled it (``benchmarks/first_call.py``). With 15 workers, batches of
+    16 asks (about 9 configs to compile, before batches counted measurements rather than asks)
+    waited 0.31-0.37 s (median) for their compiles (the tuning journal, NOTES "Session 8").
     """
     if torch.device(device).type != "cuda":
         return 0

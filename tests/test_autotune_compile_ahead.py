@@ -73,6 +73,32 @@ def test_each_batch_is_compiled_before_it_runs(tmp_path):
     assert all(b < a for (b, _), (a, _) in itertools.pairwise(batches))
 
 
+def test_a_batch_is_filled_with_measurements_not_asks(tmp_path):
+    # Invalid and repeated asks need no compile and use no budget: a batch of 4 hands the
+    # workers 4 new measurements however many of those come with them.
+    storage = open_storage(tmp_path / "s.journal")
+    key = _key()
+    asked_by_batch = []
+
+    def precompile(spec, configs):
+        asked_by_batch.append(len(_trials(storage, key)))  # this batch's asks are in
+
+    assert _runner(storage, trials=13, precompile=precompile, batch=4).run(key)
+    trials = sorted(_trials(storage, key), key=lambda t: t.number)
+    batches = [(b - a, counted_in(trials[a:b])) for a, b in itertools.pairwise(asked_by_batch)]
+    batches = [(asked_by_batch[0], counted_in(trials[: asked_by_batch[0]])), *batches]
+    # 4 measurements each, unless the sampler proposed 20 asks beyond them (the cap): TINY's
+    # space is mostly invalid, and its first batch, sampled at random, reaches it.
+    *full, (_, last) = batches
+    assert all(counted == 4 or asked == 4 + 20 for asked, counted in full), batches
+    assert any(asked > counted for asked, counted in full)  # invalid asks came along
+    assert last == 13 - sum(counted for _, counted in full) <= 4
+
+
+def counted_in(trials) -> int:
+    return sum(t.user_attrs.get("outcome") in COUNTED_OUTCOMES for t in trials)
+
+
 def test_the_precompiler_does_nothing_off_cuda():
     with TritonPrecompiler("cpu", workers=2) as precompiler:
         config = {"block_t": 1, "block_h": 1, "head_split": 1, "num_warps": 1, "num_stages": 1}
@@ -244,8 +270,8 @@ def test_with_overlap_the_next_batch_compiles_while_this_one_is_timed(tmp_path):
         assert ordered.index(("submit", n)) == ordered.index(("wait", n - 1)) + 1
 
 
-@pytest.mark.parametrize(("overlap", "unrun"), [(False, 1), (True, 4)])
-def test_an_interrupt_mid_batch_fails_what_was_asked_and_resume_completes(tmp_path, overlap, unrun):
+@pytest.mark.parametrize(("overlap", "ahead"), [(False, 0), (True, 3)])
+def test_an_interrupt_mid_batch_fails_what_was_asked_and_resume_completes(tmp_path, overlap, ahead):
     storage = open_storage(tmp_path / "s.journal")
     key = _key()
     seen = []
@@ -263,10 +289,14 @@ def test_an_interrupt_mid_batch_fails_what_was_asked_and_resume_completes(tmp_pa
     trials = _trials(storage, key)
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     # The five that ran keep their outcome. The rest of their batch (and, with overlap, the
-    # batch asked ahead) are failed unmeasured, so the sampler asks anew on resume.
-    assert len([t for t in trials if "outcome" in t.user_attrs]) == 5
+    # batch asked ahead: 3 measurements and any invalid asks) are failed unmeasured, so the
+    # sampler asks anew on resume.
+    told = [t.number for t in trials if "outcome" in t.user_attrs]
+    assert len(told) == 5
     failed = [t for t in trials if t.state == TrialState.FAIL and "outcome" not in t.user_attrs]
-    assert len(failed) == unrun
+    assert len(failed) == len(trials) - 5
+    assert all(t.number > max(told) for t in failed)  # asked after them, never run
+    assert len(failed) >= ahead
 
     runner.callbacks = []
     assert runner.run(key)
