@@ -70,19 +70,24 @@ def triton_cache_dir() -> str:
     return knobs.cache.dir
 
 
-def _compile_some(job: tuple[str, str, list[dict[str, Any]], str]) -> int:
-    spec_key, device, configs, cache_dir = job
+def _compile_some(job: tuple[str, str, list[dict[str, Any]], str, bool]) -> int:
+    spec_key, device, configs, cache_dir, launch = job
     os.environ["TRITON_CACHE_DIR"] = cache_dir  # Triton reads it at every compile
     spec = RopeSpec.from_key(spec_key)
-    inputs = make_inputs(spec, _TOKENS, device)
+    # Compiling only needs the arguments' dtypes and layout: host tensors, no GPU work.
+    inputs = make_inputs(spec, _TOKENS, device if launch else "cpu")
     compiled = 0
     for config in configs:
         try:
-            get_provider("triton").bound(spec, config)(*inputs.args)
+            launcher = get_provider("triton").bound(spec, config)
+            if launch:
+                launcher(*inputs.args)
+            else:
+                launcher.compile(*inputs.args)
             compiled += 1
         except Exception as exc:  # a config that fails here fails (and is reported) when timed
             logger.debug("precompile %s: %s", config, exc)
-    if torch.device(device).type == "cuda":
+    if launch and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     return compiled
 
@@ -116,11 +121,16 @@ class TritonPrecompiler:
     Args:
         device: The device whose kernels are compiled (the workers compile for its target).
         workers: Worker processes; 0 for one per CPU core less one.
+        launch: Whether the workers launch each config once on the device (how its first call
+            compiles it, so the cache holds what that call looks up), or only compile it
+            (``_Launcher.compile``: host tensors, no GPU work; ``benchmarks/first_call.py``
+            checks the timing process still finds the kernels).
     """
 
-    def __init__(self, device: torch.device | str, workers: int = 0) -> None:
+    def __init__(self, device: torch.device | str, workers: int = 0, launch: bool = True) -> None:
         self.device = torch.device(device)
         self.workers = workers or max(1, (os.cpu_count() or 2) - 1)
+        self.launch = launch
         self._pool: Any = None
         self._done: set[tuple[RopeSpec, tuple]] = set()
 
@@ -152,7 +162,10 @@ class TritonPrecompiler:
             )
         cache_dir = triton_cache_dir()
         workers = min(self.workers, len(fresh))
-        jobs = [(spec.key, str(self.device), fresh[i::workers], cache_dir) for i in range(workers)]
+        jobs = [
+            (spec.key, str(self.device), fresh[i::workers], cache_dir, self.launch)
+            for i in range(workers)
+        ]
         # Started counts as done, so a batch asked while this one compiles does not repeat it.
         self._done |= keys
         try:
@@ -191,11 +204,13 @@ def precompile_triton(
     configs: Iterable[Mapping[str, Any]],
     device: torch.device | str,
     workers: int = 0,
+    launch: bool = True,
 ) -> int:
-    """Compile ``configs`` for ``spec`` once, in a pool started and stopped for the purpose.
+    """Compile ``configs`` for ``spec`` once, in a pool started and stopped for the purpose
+    (``launch`` as for :class:`TritonPrecompiler`).
 
     Returns:
         How many configs compiled.
     """
-    with TritonPrecompiler(device, workers) as precompiler:
+    with TritonPrecompiler(device, workers, launch) as precompiler:
         return precompiler(spec, configs)

@@ -12,6 +12,7 @@
 #   bash benchmarks/device_run.sh profile-trial # #6: cProfile of one study (where a trial's time goes)
 #   bash benchmarks/device_run.sh first-call    # #6: a Triton config's first call: compile, disk, pool
 #   bash benchmarks/device_run.sh overlap-check # #6: timing while compile workers (or spinners) are busy
+#   bash benchmarks/device_run.sh pool-throughput # #6: configs/s of the compile pool per worker count
 #
 # The device lacks platformdirs: carry its wheel, built here with
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl platformdirs==4.3.6
@@ -81,11 +82,14 @@ s.print_stats(45); s.sort_stats('tottime').print_stats(25)" "$OUT/trial.prof" \
     python3 benchmarks/first_call.py --device cuda:0 --configs 16 --workers 15 --profile 2>&1 \
       | tee "$OUT/first_call_h200.txt" ;;
   overlap-check)
-    # busy compiles, then busy CPU alone (no CUDA): is the speed-up CPU load or the workers' GPU use?
-    for busy in compile spin; do
+    # busy compiles (launching, then not), then busy CPU alone (no CUDA): is the speed-up CPU
+    # load or the workers' GPU use?
+    for busy in compile compile-only spin; do
       python3 benchmarks/overlap_check.py --device cuda:0 --busy "$busy" 2>&1
     done | tee "$OUT/overlap_check_h200.txt" ;;
+  pool-throughput)
+    python3 benchmarks/pool_throughput.py --device cuda:0 2>&1 | tee "$OUT/pool_throughput_h200.txt" ;;
   *)
-    echo "usage: device_run.sh tests|small-tokens|losing|defaults|search|tune|compile-ahead|profile-trial|first-call|overlap-check" >&2
+    echo "usage: device_run.sh tests|small-tokens|losing|defaults|search|tune|compile-ahead|profile-trial|first-call|overlap-check|pool-throughput" >&2
     exit 2 ;;
 esac

@@ -8,6 +8,8 @@ The same configs of one spec are first-called in three fresh processes (nothing 
 2. ``disk``: the same directory, now holding those kernels, so the first call loads them.
 3. ``workers``: another empty directory that ``autotune.precompile``'s worker pool fills first
    (what ``python -m autotune --compile-workers N`` does), then the first calls here.
+4. ``compile-only``: the same with workers that compile without launching (host tensors, no
+   GPU work): its first calls must find their kernels as well (no cache entries added).
 
 Each prints the median and mean first-call time and how many cache entries the calls added
 (none when they hit what was there). ``--profile`` adds a cProfile of the ``disk`` run.
@@ -54,12 +56,14 @@ def child(args: argparse.Namespace) -> None:
     spec = RopeSpec.from_key(args.spec)
     configs = sample_configs(spec, args.device, args.configs, args.seed)
     cache_dir = os.environ["TRITON_CACHE_DIR"]
-    if args.child == "workers":
+    if args.child in ("workers", "compile-only"):
         start = time.perf_counter()
-        compiled = precompile_triton(spec, configs, args.device, workers=args.workers)
+        launch = args.child == "workers"
+        compiled = precompile_triton(spec, configs, args.device, args.workers, launch)
         print(
-            f"  workers: {compiled}/{len(configs)} compiled in {time.perf_counter() - start:.2f} s "
-            f"(pool start included); cache entries {cache_entries(cache_dir)}"
+            f"  {args.child}: {compiled}/{len(configs)} compiled in "
+            f"{time.perf_counter() - start:.2f} s (pool start included); cache entries "
+            f"{cache_entries(cache_dir)}"
         )
     inputs = make_inputs(spec, GATE_TOKENS, args.device)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda _device: None)
@@ -97,14 +101,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=8, help="compile workers (workers run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=False)
-    parser.add_argument("--child", choices=("cold", "disk", "workers"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=("cold", "disk", "workers", "compile-only"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.child:
         child(args)
         return 0
     passed = list(sys.argv[1:] if argv is None else argv)
-    with tempfile.TemporaryDirectory() as shared, tempfile.TemporaryDirectory() as pooled:
-        for mode, cache_dir in (("cold", shared), ("disk", shared), ("workers", pooled)):
+    with (
+        tempfile.TemporaryDirectory() as shared,
+        tempfile.TemporaryDirectory() as pooled,
+        tempfile.TemporaryDirectory() as compiled_only,
+    ):
+        modes = (
+            ("cold", shared),
+            ("disk", shared),
+            ("workers", pooled),
+            ("compile-only", compiled_only),
+        )
+        for mode, cache_dir in modes:
             env = {**os.environ, "TRITON_CACHE_DIR": cache_dir}
             command = [sys.executable, __file__, *passed, "--child", mode]
             subprocess.run(command, env=env, check=True)

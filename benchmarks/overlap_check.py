@@ -9,9 +9,10 @@ quiet again. Prints per token count the median over configs of busy/quiet (the e
 quiet/quiet (the noise floor).
 
 ``--busy compile``: ``autotune.precompile``'s workers compile configs of other specs (and, as
-they do, launch each once on the GPU). ``--busy spin``: as many processes, at the same
+they do, launch each once on the GPU). ``--busy compile-only``: the same workers compiling
+without launching (host tensors, no GPU work). ``--busy spin``: as many processes, at the same
 priority, only burn CPU; no CUDA. On the H200 (session 8) busy compiles made timings read 2.5%
-(1 token) and 7% (256 tokens) faster; comparing the two modes tells whether CPU load alone does
+(1 token) and 7% (256 tokens) faster; comparing the modes tells whether CPU load alone does
 that or the workers' use of the GPU.
 """
 
@@ -68,8 +69,9 @@ def _spin(
 
 
 @contextlib.contextmanager
-def compile_load(device: str, workers: int, seed: int) -> Iterator[Callable]:
-    """Yields ``busy()``: a context manager in which ``workers`` compile processes are busy."""
+def compile_load(device: str, workers: int, seed: int, launch: bool = True) -> Iterator[Callable]:
+    """Yields ``busy()``: a context manager in which ``workers`` compile processes are busy
+    (launching each config once on ``device``, or with ``launch=False`` only compiling)."""
     busy_work = [
         (busy, config)
         for busy in map(RopeSpec.from_key, _BUSY_SPECS)
@@ -77,7 +79,7 @@ def compile_load(device: str, workers: int, seed: int) -> Iterator[Callable]:
     ]
     random.Random(seed).shuffle(busy_work)
     busy_queue = iter(busy_work)
-    with TritonPrecompiler(device, workers) as pool:
+    with TritonPrecompiler(device, workers, launch) as pool:
         first_spec, first_config = next(busy_queue)
         pool(first_spec, [first_config])  # start the pool outside any measurement
 
@@ -134,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", type=int, default=8, help="timed configs per token count")
     parser.add_argument("--workers", type=int, default=None, help="default: the tuner's")
     parser.add_argument(
-        "--busy", choices=("compile", "spin"), default="compile", help="what keeps the CPU busy"
+        "--busy",
+        choices=("compile", "compile-only", "spin"),
+        default="compile",
+        help="what keeps the CPU busy",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -151,11 +156,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{spec.key}, {workers} {args.busy} workers, {SEARCH_REPEATS} rounds per measurement")
     print("tokens | configs | busy / quiet (median, min, max) | quiet / quiet (median, min, max)")
-    load = (
-        compile_load(args.device, workers, args.seed)
-        if args.busy == "compile"
-        else spin_load(workers)
-    )
+    if args.busy == "spin":
+        load = spin_load(workers)
+    else:
+        load = compile_load(args.device, workers, args.seed, launch=args.busy == "compile")
     with load as busy:
         for tokens in (int(t) for t in args.tokens.split(",")):
             effect, noise = [], []

@@ -15,10 +15,16 @@ import torch
 from optuna.trial import TrialState
 
 from autotune import open_storage
-from autotune.precompile import TritonPrecompiler, _compile_some, triton_cache_dir
+from autotune.measure import check_correct, make_inputs
+from autotune.precompile import (
+    TritonPrecompiler,
+    _compile_some,
+    precompile_triton,
+    triton_cache_dir,
+)
 from autotune.search import COUNTED_OUTCOMES, StudyKey, StudyRunner
 from autotune.tune import default_compile_workers
-from kernels import RopeSpec
+from kernels import RopeSpec, get_provider
 from kernels.providers._triton import config_problems
 from kernels.table import device_metadata
 
@@ -140,6 +146,38 @@ def test_the_pool_runs_each_config_once_and_survives_signals_and_a_dead_worker(c
         assert precompiler(TINY, [{**GOOD, "num_warps": 4}]) == 1  # a new pool
 
 
+@pytest.mark.parametrize("launch", [True, False])
+def test_a_job_counts_what_it_compiled_with_or_without_launching(launch):
+    bad = {**GOOD, "block_t": 3}
+    job = (TINY.key, "cpu", [GOOD, bad, {**GOOD, "num_warps": 2}], triton_cache_dir(), launch)
+    assert _compile_some(job) == 2
+
+
+def test_compile_without_launch_leaves_the_arguments_alone(monkeypatch):
+    launcher = get_provider("triton").bound(TINY, GOOD)
+    inputs = make_inputs(TINY, 5, "cpu", generator=torch.Generator().manual_seed(0))
+    before = inputs.qkv.clone()
+    launcher.compile(*inputs.args)
+    assert torch.equal(inputs.qkv, before)  # nothing ran
+    launcher(*inputs.args)
+    assert not torch.equal(inputs.qkv, before)  # while a call rotates them
+
+
+@pytest.mark.gpu
+def test_a_compile_without_launch_is_what_the_first_call_loads(monkeypatch, tmp_path):
+    # Host tensors, no launch: the timing process's first call on device tensors of the same
+    # layout must find the kernel in the cache (no new entry), and compute the right result.
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    spec = RopeSpec(128, 128, 32, 8, True, torch.bfloat16)  # Llama-3-8B
+    config = {"block_t": 2, "block_h": 2, "head_split": 8, "num_warps": 2, "num_stages": 2}
+    assert precompile_triton(spec, [config], "cuda:0", workers=1, launch=False) == 1
+    entries = sorted(p.name for p in tmp_path.iterdir())
+    assert entries
+    fn = get_provider("triton").bound(spec, config)
+    check_correct(fn, spec, 101, "cuda:0", seed=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == entries
+
+
 def test_workers_compile_into_the_cache_directory_the_tuner_reads_now(monkeypatch, tmp_path):
     # Inductor repoints TRITON_CACHE_DIR the first time torch.compile compiles; workers started
     # before that must still fill the directory the tuning process loads kernels from.
@@ -149,7 +187,7 @@ def test_workers_compile_into_the_cache_directory_the_tuner_reads_now(monkeypatc
     now = triton_cache_dir()
     assert now == str(tmp_path / "inductor")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "worker_started_with"))
-    assert _compile_some((TINY.key, "cpu", [], now)) == 0
+    assert _compile_some((TINY.key, "cpu", [], now, True)) == 0
     assert os.environ["TRITON_CACHE_DIR"] == now and triton_cache_dir() == now
 
 

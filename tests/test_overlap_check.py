@@ -39,7 +39,7 @@ def test_compile_load_hands_the_pool_lists_of_configs():
         pass
 
 
-@pytest.mark.parametrize("load", ["compile", "spin"])
+@pytest.mark.parametrize("load", ["compile", "compile-only", "spin"])
 def test_it_runs_end_to_end_on_the_cpu(load, capsys):
     argv = ["--device", "cpu", "--tokens", "1", "--configs", "1", "--workers", "1"]
     assert overlap_check.main([*argv, "--busy", load]) == 0
