@@ -1,12 +1,14 @@
 """Compile Triton configs in worker processes before the trials (or sweeps) that time them.
 
-Worker processes launch each config once on small inputs of the same layout as the timed ones;
-Triton's on-disk cache then serves the timing process's own launch. The specialization (dtypes,
-pointer alignment, stride divisibility) depends on the layout, not on the token count, so the
-workers' inputs produce the cache entries the timed launch looks up. Called, the pool works
-while the timing process waits, so it never disturbs a measurement; :meth:`TritonPrecompiler.submit`
-lets the tuner time one batch while the next compiles (``--compile-overlap``), with the workers
-at a lower priority, which ``benchmarks/overlap_check.py`` checks on a device.
+Worker processes launch each config once on small inputs of the same layout as the timed ones
+(or, with ``launch=False``, only compile it for host tensors of that layout); Triton's on-disk
+cache then serves the timing process's own launch. The specialization (dtypes, pointer
+alignment, stride divisibility) depends on the layout, not on the token count or the device,
+so the workers' inputs produce the cache entries the timed launch looks up. Called, the pool
+works while the timing process waits, so it never disturbs a measurement;
+:meth:`TritonPrecompiler.submit` lets the tuner time one batch while the next compiles
+(``--compile-overlap``), with the workers at a lower priority. On the H200 that made timings
+read up to 7% faster (``benchmarks/overlap_check.py``), so the tuner does not do it by default.
 
 Each job carries the timing process's Triton cache directory *at that moment*: torch.compile's
 Inductor points ``TRITON_CACHE_DIR`` at a directory of its own the first time it compiles, so
