@@ -686,6 +686,7 @@ class StudyRunner:
                 for t in study.get_trials(deepcopy=False)
                 if t.user_attrs.get("outcome") in COUNTED_OUTCOMES
             }
+            configs = []  # the new Triton configs: the only ones to compile
             while batch.fresh < size and len(batch.trials) < size + _MAX_IDLE_ASKS:
                 trial = study.ask()
                 batch.trials.append(trial)
@@ -694,9 +695,8 @@ class StudyRunner:
                 if space.contains(candidate) and candidate.key not in known:
                     known.add(candidate.key)
                     batch.fresh += 1
-            configs = [
-                c.config for c in batch.candidates if c.provider == "triton" and space.contains(c)
-            ]
+                    if candidate.provider == "triton":
+                        configs.append(candidate.config)
             if configs:  # a batch is asked only with a precompiler
                 if self.overlap:
                     batch.compiling = self.precompile.submit(key.spec, configs)

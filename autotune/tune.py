@@ -223,7 +223,7 @@ _COMPILE_BATCH = 16
 
 def default_compile_workers(device: torch.device | str, processes: int = 1) -> int:
     """Compile workers per tuning process when not given: on CUDA one per spare CPU core
-    (shared among ``processes``), at most one per trial of a batch; none elsewhere.
+    (shared among ``processes``), at most one per new config of a batch; none elsewhere.
 
     On the H200, a Triton config's first call takes 228 ms (median) when it compiles and 2 ms
     when the workers compiled it (``benchmarks/first_call.py``). With 15 workers, batches of
