@@ -7,8 +7,9 @@ alignment, stride divisibility) depends on the layout, not on the token count or
 so the workers' inputs produce the cache entries the timed launch looks up. Called, the pool
 works while the timing process waits, so it never disturbs a measurement;
 :meth:`TritonPrecompiler.submit` lets the tuner time one batch while the next compiles
-(``--compile-overlap``), with the workers at a lower priority. On the H200 that made timings
-read up to 7% faster (``benchmarks/overlap_check.py``), so the tuner does not do it by default.
+(``--compile-overlap``), with the workers at a lower priority. On the H200, timings taken while
+launching workers compile read 2.5-7% faster; while compile-only workers compile, within 0.4%
+(``benchmarks/overlap_check.py``): overlapping workers only compile.
 
 Each job carries the timing process's Triton cache directory *at that moment*: torch.compile's
 Inductor points ``TRITON_CACHE_DIR`` at a directory of its own the first time it compiles, so
@@ -16,7 +17,10 @@ after the first ``torch_compile`` trial, workers that kept the directory they st
 compiled into a cache the tuner no longer read.
 
 Measured on the H200 (``benchmarks/first_call.py``, 16 Llama-3-8B configs): a first call that
-compiles takes 228 ms (median), one served by the workers' cache entries 2.1 ms.
+compiles takes 183-228 ms (median), one served by launching workers' cache entries 1.4-2.1 ms,
+by compile-only workers' 1.7 ms (the first of them also builds Triton's launcher stub, which
+only a launch builds). The pool compiles 11-12 configs/s with 15 workers either way
+(``benchmarks/pool_throughput.py``).
 """
 
 from __future__ import annotations

@@ -120,9 +120,11 @@ def tune(
             tuning process (``devices`` starts one per device).
         compile_overlap: With compile workers, ask the next batch of trials and compile it
             while the current one is timed (the workers, at a lower priority, then share the
-            CPU with the measurements); False waits for each batch's compiles. On the H200,
-            configs timed while the workers compile read 2.5-7% faster at 1-256 tokens
-            (``benchmarks/overlap_check.py``), so trials timed then can win unfairly.
+            CPU with the measurements, and compile without launching); False waits for each
+            batch's compiles. On the H200, configs timed while launching workers compile read
+            2.5-7% faster at 1-256 tokens, while compile-only workers leave the timings within
+            0.4% (``benchmarks/overlap_check.py``). Off by default until a tuning stretch
+            measures what it saves.
 
     Returns:
         The table of this run's finished studies (schema of :mod:`kernels.table`): its
@@ -246,7 +248,10 @@ def _ahead_of_time_compiling(
     if workers == 0 or runner.device.type != "cuda":
         yield
         return
-    with TritonPrecompiler(runner.device, workers) as precompiler:
+    # Workers that launch while the tuner times make its timings read faster (their GPU work:
+    # compile-only and CPU-only loads do not, benchmarks/overlap_check.py): overlapping
+    # workers only compile, and the timed launch loads their kernels all the same.
+    with TritonPrecompiler(runner.device, workers, launch=not overlap) as precompiler:
         runner.precompile, runner.batch = precompiler, min(workers, _COMPILE_BATCH)
         runner.overlap = overlap
         try:

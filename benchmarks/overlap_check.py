@@ -11,9 +11,10 @@ quiet/quiet (the noise floor).
 ``--busy compile``: ``autotune.precompile``'s workers compile configs of other specs (and, as
 they do, launch each once on the GPU). ``--busy compile-only``: the same workers compiling
 without launching (host tensors, no GPU work). ``--busy spin``: as many processes, at the same
-priority, only burn CPU; no CUDA. On the H200 (session 8) busy compiles made timings read 2.5%
-(1 token) and 7% (256 tokens) faster; comparing the modes tells whether CPU load alone does
-that or the workers' use of the GPU.
+priority, only burn CPU; no CUDA. On the H200, busy compiles made timings read 2.5-4% (1 token)
+and 5-7% (256 tokens) faster (sessions 8 and 9), compile-only workers and spinners left them
+within 0.4% (session 9): the workers' GPU work does it, not the CPU load. So the tuner's
+``--compile-overlap`` uses compile-only workers.
 """
 
 from __future__ import annotations
