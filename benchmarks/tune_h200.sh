@@ -10,6 +10,11 @@
 # A fresh machine resumes from a journal carried in .tune/ (studies.journal or the .xz a
 # previous call returned), else from the committed journal of the run behind
 # configs/NVIDIA_H200.json.
+# The tuner imports platformdirs, which the machine lacks: it travels as a wheel in .whl (as for
+# device_run.sh, which calls this).
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v -i warn
+fi
 mkdir -p /tmp/tune/configs
 test -f /tmp/tune/studies.journal || cp .tune/studies.journal /tmp/tune/ 2>/dev/null \
   || { test -f .tune/tune_h200_studies.journal.xz \
