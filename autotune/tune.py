@@ -227,10 +227,11 @@ def default_compile_workers(device: torch.device | str, processes: int = 1) -> i
     """Compile workers per tuning process when not given: on CUDA one per spare CPU core
     (shared among ``processes``), at most one per new config of a batch; none elsewhere.
 
-    On the H200, a Triton config's first call takes 228 ms (median) when it compiles and 2 ms
-    when the workers compiled it (``benchmarks/first_call.py``). With 15 workers, batches of
-    16 asks (about 9 configs to compile, before batches counted measurements rather than asks)
-    waited 0.31-0.37 s (median) for their compiles (the tuning journal, NOTES "Session 8").
+    On the H200, a Triton config's first call takes 183-228 ms (median) when it compiles and
+    1.4-2.1 ms when the workers compiled it (``benchmarks/first_call.py``). The pool compiles
+    3.6 configs/s with one worker and 11.6 with 15 (``benchmarks/pool_throughput.py``), so
+    batches of 13-15 new configs wait 0.75-0.93 s (median) for their compiles (the tuning
+    journal, NOTES "Session 9").
     """
     if torch.device(device).type != "cuda":
         return 0
