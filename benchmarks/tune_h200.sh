@@ -10,11 +10,8 @@
 # A fresh machine resumes from a journal carried in .tune/ (studies.journal or the .xz a
 # previous call returned), else from the committed journal of the run behind
 # configs/NVIDIA_H200.json.
-# The tuner imports platformdirs, which the machine lacks: it travels as a wheel in .whl (as for
-# device_run.sh, which calls this).
-if ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v -i warn
-fi
+# Run it as `TUNE_SECONDS=530 bash benchmarks/device_run.sh tune`, which first installs the
+# platformdirs wheel from .whl that the tuner imports and the machine lacks.
 mkdir -p /tmp/tune/configs
 test -f /tmp/tune/studies.journal || cp .tune/studies.journal /tmp/tune/ 2>/dev/null \
   || { test -f .tune/tune_h200_studies.journal.xz \
@@ -46,7 +43,7 @@ test "${TUNE_SPACE:-}" = default && space=()
 timeout -s INT "${1:-300}" python3 -m autotune --device cuda:0 "${space[@]}" --timing graph \
   --storage /tmp/tune/studies.journal --output /tmp/tune/configs --save-path /tmp/tune/csv \
   --seed 0 ${TUNE_ARGS:-} 2>&1 | tr '\r' '\n' | grep -v "trial/s\]$" | tail -40
-# The journal outgrows what a device call returns (over 60 MB); compressed it is about 2.5 MB.
+# The journal outgrows what a device call returns (over 60 MB); compressed it is about 4.6 MB.
 xz -T0 -6 -c /tmp/tune/studies.journal > "$OUT/tune_h200_studies.journal.xz"
 cp /tmp/tune/configs/*.json "$OUT/" 2>/dev/null
 cp /tmp/tune/csv/*.csv "$OUT/" 2>/dev/null
