@@ -1,7 +1,12 @@
-"""Shared test setup. Without CUDA, Triton kernels run under the interpreter on the CPU; the
-variable must be set before any kernel is defined, so it is set here, at collection start."""
+"""Shared test setup and fixtures.
+
+Without CUDA, Triton kernels run under the interpreter on the CPU; the variable must be set
+before any kernel is defined, so it is set here, at collection start. Test modules import the
+shared constants below with ``from conftest import ...``.
+"""
 
 import os
+import platform
 
 import pytest
 import torch
@@ -9,6 +14,17 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels import RopeSpec  # noqa: E402  (after TRITON_INTERPRET is set)
+from kernels.table import device_table_name  # noqa: E402
+
+# The smallest spec the tuner tests run: 16-wide heads, 2 query heads, 1 key head, float32
+# (the Triton interpreter has no bf16 math).
+TINY = RopeSpec(16, 16, 2, 1, True, torch.float32)
+# time_rope arguments for a quick CPU measurement: few rounds, no minimum round length.
+QUICK = {"repeats": 3, "min_round_s": 0.0}
+# The table file the tuner writes on this machine's CPU (``CPU <machine>.json``).
+CPU_TABLE = device_table_name(f"CPU {platform.machine()}")
 
 
 def pytest_collection_modifyitems(config, items):
