@@ -14,6 +14,7 @@ import torch
 from kernels import RopeSpec, parse_dtype, provider_names
 from kernels.table import TIMING_MODES, user_config_dir
 
+from ._device import DeviceError, resolve_device
 from .export import export_tables
 from .models import (
     CPU_DEFAULT_TOKENS,
@@ -25,8 +26,10 @@ from .models import (
     shard_heads,
     unique_specs,
 )
-from .search import SEARCH_REPEATS, default_storage_path, open_storage
-from .tune import DeviceError, format_summary, resolve_device, tune
+from .objective import SEARCH_REPEATS
+from .report import format_summary
+from .storage import default_storage_path, open_storage
+from .tuning import tune
 
 __all__ = ["build_export_parser", "build_parser", "main", "specs_from_args"]
 
@@ -211,25 +214,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="counted trials per spec and bucket, e.g. --trials 64 (default: "
         "48 on CUDA, 16 on the CPU)",
-    )
-    parser.add_argument(
-        "--compile-workers",
-        type=_non_negative_int,
-        default=None,
-        metavar="N",
-        help="on CUDA, processes compiling the next trials' Triton configs in parallel "
-        "before they are timed, e.g. --compile-workers 8 (default: one per spare CPU core, "
-        "up to 16; 0: each compiles in its trial)",
-    )
-    parser.add_argument(
-        "--compile-overlap",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="with compile workers, compile the next batch of trials while the current one is "
-        "timed, the workers then compiling without launching, e.g. --compile-overlap (default: "
-        "off, each batch waits for its compiles; on the H200, timings taken while launching "
-        "workers compile read 2.5-7%% faster, while compile-only workers leave them within "
-        "0.4%%)",
     )
     parser.add_argument(
         "--repeats",
@@ -428,8 +412,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             save_path=args.save_path,
             seed=args.seed,
             progress=not args.quiet,
-            compile_workers=args.compile_workers,
-            compile_overlap=args.compile_overlap,
             time_kwargs={"repeats": args.repeats},
         )
     except KeyboardInterrupt:

@@ -39,7 +39,8 @@ from optuna.exceptions import DuplicatedStudyError, UpdateFinishedTrialError
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
-from .search import StudyKey, StudyRunner
+from .runner import StudyRunner
+from .studies import StudyKey
 
 __all__ = ["DEFAULT_GRACE_S", "Claim", "ClaimBook", "host_id", "run_worker"]
 

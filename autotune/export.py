@@ -27,7 +27,7 @@ from kernels.table import (
     write_table,
 )
 
-from .search import stale_providers
+from .studies import StudyKey, is_complete
 
 __all__ = ["best_entry", "build_tables", "export_tables", "write_device_table"]
 
@@ -89,22 +89,24 @@ def build_tables(
         attrs = study.user_attrs
         if wanted is not None and study.study_name not in wanted:
             continue
-        if "spec" not in attrs or not (include_partial or attrs.get("complete")):
+        key = StudyKey.from_attrs(attrs)
+        if key is None:
             continue
-        stale = stale_providers(study.study_name)
+        stale = key.stale()
         if stale:
             logger.debug("%s: left out, it timed %s", study.study_name, ", ".join(stale))
             continue
-        device_name = attrs["device_name"]
+        trials = storage.get_all_trials(study._study_id, deepcopy=False)
+        if not (include_partial or is_complete(attrs, trials)):
+            continue
+        trials = [t for t in trials if t.state == TrialState.COMPLETE]
+        device_name = key.device_name
         meta = attrs.get("metadata") or {"device_name": device_name}
         if device_name not in metadata or meta.get("updated", "") > metadata[device_name].get(
             "updated", ""
         ):
             metadata[device_name] = meta
-        group = (device_name, attrs["mode"], attrs["spec"], int(attrs["tokens"]))
-        trials = storage.get_all_trials(
-            study._study_id, deepcopy=False, states=(TrialState.COMPLETE,)
-        )
+        group = (device_name, key.timing, key.spec.key, key.tokens)
         groups.setdefault(group, []).extend(trials)
         # "updated" is when the newest measurement was taken: a study resumed with a larger
         # budget keeps the metadata of its creation.
@@ -115,12 +117,12 @@ def build_tables(
                 metadata[device_name] = {**metadata[device_name], "updated": newest}
 
     tables: dict[str, dict[str, Any]] = {}
-    for (device_name, mode, spec_key, tokens), trials in sorted(groups.items()):
+    for (device_name, timing, spec_key, tokens), trials in sorted(groups.items()):
         entry = best_entry(trials)
         if entry is None:
             continue
         table = tables.setdefault(device_name, empty_table(metadata[device_name]))
-        table["entries"].setdefault(mode, {}).setdefault(spec_key, {})[str(tokens)] = entry
+        table["entries"].setdefault(timing, {}).setdefault(spec_key, {})[str(tokens)] = entry
     return tables
 
 

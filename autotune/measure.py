@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -25,7 +25,6 @@ __all__ = [
     "check_correct",
     "copy_bandwidth",
     "make_inputs",
-    "rope_bytes",
     "time_rope",
 ]
 
@@ -34,6 +33,8 @@ MAX_POSITION = 8192
 _L2_COVER = 3
 _MAX_SETS = 64
 _MAX_ROTATION_BYTES = 8 << 30
+# Warm-up rounds at most, when a call keeps getting faster (see _warm_up).
+_MAX_WARMUP_ROUNDS = 20
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,6 @@ class Timing:
     p20_us: float
     median_us: float
     p80_us: float
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -63,28 +61,17 @@ class RopeInputs:
         return self.positions, self.query, self.key, self.cos_sin_cache
 
 
-def rope_bytes(
-    spec: RopeSpec,
-    num_tokens: int,
-    *,
-    with_key: bool = True,
-    cache_dtype: torch.dtype = torch.float32,
-) -> int:
-    """Fewest bytes one call moves (see :meth:`RopeSpec.bytes_moved`)."""
-    return spec.bytes_moved(num_tokens, cache_dtype=cache_dtype, with_key=with_key)
-
-
 def make_inputs(
     spec: RopeSpec,
     num_tokens: int,
     device: torch.device | str,
     *,
     with_key: bool = True,
-    cache_dtype: torch.dtype = torch.float32,
     generator: torch.Generator | None = None,
     cache: torch.Tensor | None = None,
 ) -> RopeInputs:
-    """Random inputs for one call, q and k as strided views of a fused qkv tensor."""
+    """Random inputs for one call, q and k as strided views of a fused qkv tensor (``key`` None
+    without ``with_key``), a float32 cos/sin cache unless ``cache`` is given."""
     device = torch.device(device)
     q_width = spec.num_heads * spec.head_size
     kv_width = spec.num_kv_heads * spec.head_size
@@ -95,7 +82,7 @@ def make_inputs(
         0, MAX_POSITION, (num_tokens,), generator=generator, device=device, dtype=torch.int64
     )
     if cache is None:
-        cache = cos_sin_cache(MAX_POSITION, spec.rotary_dim, dtype=cache_dtype, device=device)
+        cache = cos_sin_cache(MAX_POSITION, spec.rotary_dim, dtype=torch.float32, device=device)
     query = qkv[:, :q_width]
     key = qkv[:, q_width : q_width + kv_width] if with_key else None
     return RopeInputs(positions, qkv, query, key, cache)
@@ -107,11 +94,11 @@ def check_correct(
     num_tokens: int,
     device: torch.device | str,
     *,
-    with_key: bool = True,
-    cache_dtype: torch.dtype = torch.float32,
+    keyless: bool = True,
     seed: int | None = None,
 ) -> None:
-    """Run ``fn`` once on fresh random inputs and compare with the float64 reference.
+    """Run ``fn`` on fresh random inputs, with a key and (with ``keyless``, for providers that
+    take calls without one) without, and compare with the float64 reference.
 
     Also checks that everything outside the rotated slices (head tails, the v columns) is
     bit-identical.
@@ -123,26 +110,30 @@ def check_correct(
     device = torch.device(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else torch.seed() % (1 << 62))
-    inputs = make_inputs(
-        spec, num_tokens, device, with_key=with_key, cache_dtype=cache_dtype, generator=gen
-    )
+    for with_key in (True, False) if keyless else (True,):
+        inputs = make_inputs(spec, num_tokens, device, with_key=with_key, generator=gen)
+        _check_once(fn, spec, inputs)
+
+
+def _check_once(fn: RopeFn, spec: RopeSpec, inputs: RopeInputs) -> None:
     before = inputs.qkv.clone()
     expected_q, expected_k = rope_reference(*inputs.args, spec.head_size, spec.is_neox)
     fn(*inputs.args)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if inputs.qkv.device.type == "cuda":
+        torch.cuda.synchronize(inputs.qkv.device)
     assert_rope_close(inputs.query, expected_q, spec.dtype, "query")
-    if with_key:
+    if inputs.key is not None:
         assert_rope_close(inputs.key, expected_k, spec.dtype, "key")
     # Everything the kernel must not touch: compare raw bits.
     untouched = torch.ones_like(before, dtype=torch.bool)
-    heads = spec.num_heads + (spec.num_kv_heads if with_key else 0)
-    rotated = untouched[:, : heads * spec.head_size].view(num_tokens, heads, spec.head_size)
+    heads = spec.num_heads + (spec.num_kv_heads if inputs.key is not None else 0)
+    rotated = untouched[:, : heads * spec.head_size].view(-1, heads, spec.head_size)
     rotated[..., : spec.rotary_dim] = False
     bits = _int_type(spec.dtype)
     same = before.view(bits) == inputs.qkv.view(bits)
     if not bool(same[untouched].all()):
-        raise AssertionError("elements outside the rotated slices changed")
+        where = "without a key" if inputs.key is None else "with a key"
+        raise AssertionError(f"elements outside the rotated slices changed ({where})")
 
 
 def _int_type(dtype: torch.dtype) -> torch.dtype:
@@ -150,40 +141,24 @@ def _int_type(dtype: torch.dtype) -> torch.dtype:
 
 
 def _input_sets(
-    spec: RopeSpec,
-    num_tokens: int,
-    device: torch.device,
-    with_key: bool,
-    cache_dtype: torch.dtype,
-    rotate: bool,
-    seed: int | None,
+    spec: RopeSpec, num_tokens: int, device: torch.device, rotate: bool, seed: int | None
 ) -> list[RopeInputs]:
     gen = torch.Generator(device=device)
     gen.manual_seed(0 if seed is None else seed)
-    first = make_inputs(
-        spec, num_tokens, device, with_key=with_key, cache_dtype=cache_dtype, generator=gen
-    )
+    first = make_inputs(spec, num_tokens, device, generator=gen)
     count = 1
     if rotate and device.type == "cuda":
         l2 = torch.cuda.get_device_properties(device).L2_cache_size
-        touched = rope_bytes(spec, num_tokens, with_key=with_key, cache_dtype=cache_dtype)
+        touched = spec.bytes_moved(num_tokens)
         footprint = first.qkv.nbytes + first.positions.nbytes
         count = min(
             _MAX_SETS, math.ceil(_L2_COVER * l2 / touched), max(1, _MAX_ROTATION_BYTES // footprint)
         )
-    sets = [first]
-    for _ in range(count - 1):  # one cache for all sets: serving stacks share one too
-        sets.append(
-            make_inputs(
-                spec,
-                num_tokens,
-                device,
-                with_key=with_key,
-                generator=gen,
-                cache=first.cos_sin_cache,
-            )
-        )
-    return sets
+    # One cache for all sets: serving stacks share one too.
+    return [first] + [
+        make_inputs(spec, num_tokens, device, generator=gen, cache=first.cos_sin_cache)
+        for _ in range(count - 1)
+    ]
 
 
 def _percentiles(per_call_us: list[float]) -> Timing:
@@ -200,8 +175,6 @@ def time_rope(
     device: torch.device | str,
     *,
     mode: str = "graph",
-    with_key: bool = True,
-    cache_dtype: torch.dtype = torch.float32,
     rotate: bool = True,
     seed: int | None = None,
     repeats: int = 50,
@@ -234,11 +207,10 @@ def time_rope(
         if phases is not None:
             phases[name] = clock[-1] - clock[-2]
 
-    sets = _input_sets(spec, num_tokens, device, with_key, cache_dtype, rotate, seed)
+    sets = _input_sets(spec, num_tokens, device, rotate, seed)
     args = [s.args for s in sets]
     lap("inputs")
-    for a in args:  # warm-up: compiles, converts caches, loads modules outside the timing
-        fn(*a)
+    _warm_up(fn, args, device)
     lap("warmup")
     if device.type != "cuda" or mode == "eager":
         timing = _time_wall(fn, args, device, repeats, min_round_s)
@@ -246,6 +218,24 @@ def time_rope(
         timing = _time_graph(fn, args, device, repeats, min_round_s)
     lap("measure")
     return timing
+
+
+def _warm_up(fn: RopeFn, args: list[tuple], device: torch.device) -> None:
+    """Call ``fn`` over every input set until a round is no faster than 0.9x the round before
+    (at least two rounds, at most :data:`_MAX_WARMUP_ROUNDS`), so that compiles, recompiles at
+    a new token count, cache conversions and module loads all happen before the timed rounds."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _d: None)
+    previous = math.inf
+    for _ in range(_MAX_WARMUP_ROUNDS):
+        sync(device)
+        start = time.perf_counter()
+        for a in args:
+            fn(*a)
+        sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= 0.9 * previous:
+            break
+        previous = elapsed
 
 
 def _time_wall(

@@ -7,6 +7,7 @@ shared constants below with ``from conftest import ...``.
 
 import os
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,15 +17,37 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kernels import RopeSpec  # noqa: E402  (after TRITON_INTERPRET is set)
+from kernels.providers import _base  # noqa: E402
 from kernels.table import device_table_name  # noqa: E402
+
+# The repository root (scripts in benchmarks/, subprocesses that import the tree).
+ROOT = Path(__file__).resolve().parent.parent
 
 # The smallest spec the tuner tests run: 16-wide heads, 2 query heads, 1 key head, float32
 # (the Triton interpreter has no bf16 math).
 TINY = RopeSpec(16, 16, 2, 1, True, torch.float32)
+# A GPT-J style, grouped-query spec with partial rotary, in bf16 (stored; math in float32).
+TINY_GPTJ = RopeSpec(32, 16, 4, 2, False, torch.bfloat16)
 # time_rope arguments for a quick CPU measurement: few rounds, no minimum round length.
 QUICK = {"repeats": 3, "min_round_s": 0.0}
 # The table file the tuner writes on this machine's CPU (``CPU <machine>.json``).
 CPU_TABLE = device_table_name(f"CPU {platform.machine()}")
+
+
+@pytest.fixture
+def registered():
+    """Register providers for one test: ``registered(provider)`` returns it; all are
+    unregistered afterwards."""
+    names = []
+
+    def register(provider):
+        _base.register_provider(provider)
+        names.append(provider.name)
+        return provider
+
+    yield register
+    for name in names:
+        _base._REGISTRY.pop(name, None)
 
 
 def pytest_collection_modifyitems(config, items):

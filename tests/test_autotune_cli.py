@@ -10,7 +10,7 @@ import torch
 
 from autotune.cli import build_export_parser, build_parser, main, specs_from_args
 from autotune.models import CPU_DEFAULT_MODELS, get_preset
-from autotune.search import SEARCH_REPEATS
+from autotune.objective import SEARCH_REPEATS
 from kernels import RopeSpec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,20 +14,17 @@ from glob import glob
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import CPU_TABLE, QUICK, TINY
 from optuna.trial import TrialState
 
 from autotune import open_storage, tune
 from autotune.cli import main
 from autotune.distributed import ClaimBook, fail_orphans
 from autotune.export import build_tables
-from autotune.search import COUNTED_OUTCOMES
-from kernels import RopeSpec
+from autotune.studies import COUNTED_OUTCOMES
 from kernels.table import read_table
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = RopeSpec(16, 16, 2, 1, True, torch.float32)
-QUICK = {"repeats": 3, "min_round_s": 0.0}
 
 
 # -- a PostgreSQL server of our own, on loopback -------------------------------------------------
@@ -150,7 +147,7 @@ def test_two_cpu_workers_fill_one_table(storage_url, tmp_path):
         storage=storage_url, output=tmp_path / "out", seed=0, progress=False, time_kwargs=QUICK,
     )  # fmt: skip
     assert set(table["entries"]["graph"][TINY.key]) == {str(b) for b in buckets}
-    assert read_table(tmp_path / "out" / "CPU_x86_64.json")["entries"] == table["entries"]
+    assert read_table(tmp_path / "out" / CPU_TABLE)["entries"] == table["entries"]
     storage = open_storage(storage_url)
     tuning, claims = assert_complete_without_duplicates(storage, buckets, target=2)
     # Each study was claimed once (no contention, no takeover), and both workers took some.
@@ -161,7 +158,7 @@ def test_two_cpu_workers_fill_one_table(storage_url, tmp_path):
     assert (
         main(["export", "--storage", storage_url, "--output", str(tmp_path / "x"), "--quiet"]) == 0
     )
-    assert read_table(tmp_path / "x" / "CPU_x86_64.json")["entries"] == table["entries"]
+    assert read_table(tmp_path / "x" / CPU_TABLE)["entries"] == table["entries"]
 
 
 def test_killed_worker_loses_no_finished_trial(storage_url, tmp_path):
@@ -210,7 +207,7 @@ def test_killed_worker_loses_no_finished_trial(storage_url, tmp_path):
     for t in after.values():
         if t.state == TrialState.FAIL:
             assert t.user_attrs.get("outcome") not in COUNTED_OUTCOMES or "error" in t.user_attrs
-    table = read_table(tmp_path / "out" / "CPU_x86_64.json")
+    table = read_table(tmp_path / "out" / CPU_TABLE)
     assert set(table["entries"]["graph"][TINY.key]) == {str(b) for b in buckets}
 
 

@@ -6,13 +6,13 @@ import signal
 
 import pytest
 
-from autotune.tune import _StopAfterTrial
+from autotune.stop import StopAfterTrial
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
 def test_first_signal_waits_for_the_trial_second_stops_at_once(sig):
     before = signal.getsignal(sig)
-    with _StopAfterTrial() as stop:
+    with StopAfterTrial() as stop:
         os.kill(os.getpid(), sig)  # delivered here: the handler only records it
         assert stop.requested
         with pytest.raises(KeyboardInterrupt):
@@ -27,7 +27,7 @@ def test_a_handler_replaced_mid_run_is_installed_again(caplog):
     # one would end the run on Ctrl-C without writing the table.
     before = signal.getsignal(signal.SIGINT)
     theirs = []
-    with _StopAfterTrial() as stop:
+    with StopAfterTrial() as stop:
         signal.signal(signal.SIGINT, lambda *_: theirs.append(1))  # (SIG_DFL would kill)
         with caplog.at_level(logging.WARNING, logger="autotune.tune"):
             stop.after_trial(None, None)
@@ -39,6 +39,6 @@ def test_a_handler_replaced_mid_run_is_installed_again(caplog):
 
 def test_disabled_leaves_the_handlers_alone():
     before = [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)]
-    with _StopAfterTrial(enabled=False) as stop:
+    with StopAfterTrial(enabled=False) as stop:
         assert [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)] == before
         stop.after_trial(None, None)  # nothing requested: no interrupt

@@ -8,27 +8,23 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import optuna
 import pytest
 import torch
+from conftest import CPU_TABLE, QUICK, ROOT, TINY, TINY_GPTJ
 from optuna.trial import TrialState
 
-from autotune import CandidateSpace, open_storage, study_name, tune
+from autotune import open_storage, tune
 from autotune.export import build_tables
-from autotune.search import COUNTED_OUTCOMES, StudyKey, StudyRunner, stale_providers
-from kernels import RopeSpec, get_provider, register_provider
+from autotune.objective import Objective
+from autotune.runner import StudyRunner
+from autotune.space import CandidateSpace
+from autotune.studies import COUNTED_OUTCOMES, StudyKey
+from kernels import RopeSpec, get_provider
 from kernels.providers import Provider
-from kernels.providers._base import _REGISTRY
 from kernels.providers._triton import PARAM_SPACE, config_problems
-from kernels.table import device_table_name, read_table
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY = RopeSpec(16, 16, 2, 1, True, torch.float32)
-TINY_GPTJ = RopeSpec(32, 16, 4, 2, False, torch.bfloat16)
-# Few timing rounds: these tests check the search, not the numbers.
-QUICK = {"repeats": 3, "min_round_s": 0.0}
+from kernels.table import device_metadata, device_table_name, read_table
 
 
 def all_trials(storage):
@@ -85,24 +81,29 @@ def test_no_provider_for_the_device():
         CandidateSpace.build(TINY, ["vllm", "flashinfer"], "cpu")
 
 
-def test_study_names_are_deterministic():
-    name = study_name("NVIDIA H200", "graph", TINY, 16, ["triton", "torch"])
+def test_study_keys_name_deterministically_and_record_themselves():
+    key = StudyKey.current("NVIDIA H200", "graph", TINY, 16, ["triton", "torch"])
     revision = get_provider("triton").revision
     assert revision > 1  # a stale study of an older kernel is not resumed
-    assert name == f"rope:NVIDIA_H200:graph:{TINY.key}:16:torch+triton@{revision}"
-    assert name == study_name("NVIDIA H200", "graph", TINY, 16, ["torch", "triton"])
-    assert name != study_name("NVIDIA H200", "eager", TINY, 16, ["torch", "triton"])
+    assert key.name == f"rope:NVIDIA_H200:graph:{TINY.key}:16:torch+triton@{revision}"
+    assert key == StudyKey.current("NVIDIA H200", "graph", TINY, 16, ["torch", "triton"])
+    assert key.name != StudyKey.current("NVIDIA H200", "eager", TINY, 16, ["torch"]).name
+    assert StudyKey.from_attrs(key.attrs({"device_name": "NVIDIA H200"})) == key
+    assert StudyKey.from_attrs({"worker": "w", "heartbeat": 1.0}) is None  # a claim
 
 
-def test_stale_providers_names_what_an_older_study_timed():
-    name = study_name("NVIDIA H200", "graph", TINY, 16, ["triton", "torch"])
-    revision = get_provider("triton").revision
-    assert stale_providers(name) == []
-    assert stale_providers(name.replace(f"triton@{revision}", "triton@2")) == ["triton@2"]
-    assert stale_providers(name.replace(f"triton@{revision}", "triton")) == ["triton@1"]
-    assert stale_providers(name.replace("torch", "gone")) == ["gone@1"]  # no longer registered
-    assert stale_providers(name.replace("torch", "torch@2")) == ["torch@2"]  # a newer one too
-    assert stale_providers("my study") == stale_providers(f"{name}#claim0") == []
+def test_stale_providers_are_read_from_the_recorded_revisions():
+    key = StudyKey.current("NVIDIA H200", "graph", TINY, 16, ["triton", "torch"])
+    assert key.stale() == []
+
+    def recorded(**revisions):
+        attrs = key.attrs({})
+        attrs["revisions"] = {**attrs["revisions"], **revisions}
+        return StudyKey.from_attrs(attrs)
+
+    assert recorded(triton=2).stale() == ["triton@2"]
+    assert recorded(torch=2).stale() == ["torch@2"]  # a newer one too
+    assert recorded(gone=1).stale() == ["gone@1"]  # no longer registered
 
 
 # -- a real search -------------------------------------------------------------------------------
@@ -126,7 +127,7 @@ def test_real_search_on_cpu(tmp_path):
             assert entry["p20_us"] <= entry["median_us"] <= entry["p80_us"]
             if entry["provider"] == "triton":
                 assert not config_problems(spec, entry["config"])
-    written = read_table(tmp_path / "out" / "CPU_x86_64.json")
+    written = read_table(tmp_path / "out" / CPU_TABLE)
     assert written["entries"] == table["entries"]
     assert written["metadata"]["device_name"] == table["metadata"]["device_name"]
 
@@ -142,7 +143,7 @@ def test_real_search_on_cpu(tmp_path):
             assert t.state in (TrialState.COMPLETE, TrialState.PRUNED), (name, t)
             if t.user_attrs["outcome"] == "invalid":
                 assert t.state == TrialState.PRUNED and "config" in t.user_attrs["error"]
-    csv_rows = (tmp_path / "csv" / "CPU_x86_64.csv").read_text().splitlines()
+    csv_rows = (tmp_path / "csv" / CPU_TABLE.replace(".json", ".csv")).read_text().splitlines()
     assert len(csv_rows) == 1 + sum(len(t) for t in trials.values())
 
 
@@ -172,11 +173,8 @@ class _FailingProvider(Provider):
 
 
 @pytest.fixture
-def broken_providers():
-    providers = [register_provider(_NoOpProvider()), register_provider(_FailingProvider())]
-    yield [p.name for p in providers]
-    for p in providers:
-        _REGISTRY.pop(p.name)
+def broken_providers(registered):
+    return [registered(_NoOpProvider()).name, registered(_FailingProvider()).name]
 
 
 def test_failed_candidates_are_recorded_and_never_win(tmp_path, broken_providers):
@@ -217,7 +215,7 @@ def test_resume_after_interrupt(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         tune([TINY], [1, 9], callbacks=[interrupt_on_fourth], **kwargs)
     # What finished was written: the first bucket's study only.
-    partial = read_table(tmp_path / "out" / "CPU_x86_64.json")
+    partial = read_table(tmp_path / "out" / CPU_TABLE)
     assert set(partial["entries"]["graph"][TINY.key]) == {"1"}
     before = all_trials(open_storage(storage_path))
     measured_before = {n: measured_keys(t) for n, t in before.items()}
@@ -240,6 +238,7 @@ def test_resume_after_interrupt(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
     argv = [
         sys.executable, "-m", "autotune", "--device", "cpu", "--head-size", "16",
@@ -266,7 +265,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
 
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    table = read_table(tmp_path / "out" / "CPU_x86_64.json")
+    table = read_table(tmp_path / "out" / CPU_TABLE)
     assert set(table["entries"]["graph"][TINY.key]) == {"1", "3"}
     for trials in all_trials(open_storage(storage)).values():
         keys = measured_keys(trials)
@@ -280,8 +279,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
 def test_a_gpu_run_stopped_like_timeout_does_writes_its_table(tmp_path, sig):
     """``timeout -s INT`` signals the run's process group once every provider's library is
     loaded (the first study measures each provider's default first): the run still finishes
-    its trial, writes what is complete and exits 130. On the H200 such a run once ended
-    without a word and without its table."""
+    its trial, writes what is complete and exits 130."""
     storage = tmp_path / "s.journal"
     argv = [
         sys.executable, "-m", "autotune", "--device", "cuda:0", "--model", "llama-3-70b",
@@ -314,27 +312,18 @@ def test_a_gpu_run_stopped_like_timeout_does_writes_its_table(tmp_path, sig):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    ("distributed", "compile_workers", "overlap"),
-    [(False, 0, False), (True, 0, False), (False, 4, False), (True, 2, False), (False, 4, True)],
-    ids=[
-        "in-process", "worker-process", "in-process-compile-ahead", "worker-compile-ahead",
-        "in-process-compile-overlap",
-    ],
-)  # fmt: skip
-def test_short_real_tuning_run_on_the_gpu(tmp_path, distributed, compile_workers, overlap):
-    """The lead's H200 check: every available provider, graph and eager timing, the one-GPU
-    path both in-process and through the worker-process (distributed) code path, compiling
-    each trial's config in it or ahead in a pool."""
+@pytest.mark.parametrize("distributed", [False, True], ids=["in-process", "worker-process"])
+def test_short_real_tuning_run_on_the_gpu(tmp_path, distributed):
+    """Every available provider, graph and eager timing, the one-GPU path both in-process and
+    through the worker-process (distributed) code path."""
     spec = RopeSpec(128, 128, 8, 1, True, torch.bfloat16)  # Llama-3 70B at TP 8
     where = {"devices": ["cuda:0"]} if distributed else {"device": "cuda:0"}
     table = tune(
         [spec], [1, 4096], trials=12, timing=["graph", "eager"], storage=tmp_path / "s.journal",
-        output=tmp_path / "out", seed=0, progress=False, compile_workers=compile_workers,
-        compile_overlap=overlap, **where,
+        output=tmp_path / "out", seed=0, progress=False, **where,
     )  # fmt: skip
-    for mode in ("graph", "eager"):
-        for entry in table["entries"][mode][spec.key].values():
+    for timing in ("graph", "eager"):
+        for entry in table["entries"][timing][spec.key].values():
             assert entry["median_us"] == min(entry["providers_us"].values())
             assert {"torch", "triton"} <= set(entry["providers_us"])
     name = device_table_name(torch.cuda.get_device_properties(0).name)
@@ -353,10 +342,8 @@ class _TorchTwinProvider(Provider):
 
 
 @pytest.fixture
-def twin_provider():
-    provider = register_provider(_TorchTwinProvider())
-    yield provider.name
-    _REGISTRY.pop(provider.name)
+def twin_provider(registered):
+    return registered(_TorchTwinProvider()).name
 
 
 def test_adding_an_untunable_provider_measures_it_alone(tmp_path, twin_provider):
@@ -365,12 +352,11 @@ def test_adding_an_untunable_provider_measures_it_alone(tmp_path, twin_provider)
     tune([TINY], [4], providers=["torch"], trials=4, **kwargs)
     tune([TINY], [4], providers=["torch", "triton"], trials=4, **kwargs)
     before = all_trials(storage)
-    (donor,) = [n for n in before if n.endswith(":torch+triton@3")]
+    runner = StudyRunner(storage, Objective(torch.device("cpu")), device_metadata("cpu"), 4)
+    (donor,) = [n for n in before if n == runner.key("graph", TINY, 4, ["torch", "triton"]).name]
     # Before the run, the progress count knows the copies will fill the budget: one trial left.
-    device_name = optuna.load_study(study_name=donor, storage=storage).user_attrs["device_name"]
-    runner = StudyRunner(storage, torch.device("cpu"), device_name, {}, trials=4)
     space = runner.space(TINY, ["torch", "triton", twin_provider])
-    assert runner.remaining(StudyKey(device_name, "graph", TINY, 4, space.providers)) == 1
+    assert runner.remaining(runner.key("graph", TINY, 4, space.providers)) == 1
 
     table = tune([TINY], [4], providers=["torch", "triton", twin_provider], trials=4, **kwargs)
     after = all_trials(storage)

@@ -13,12 +13,14 @@ import optuna
 import orjson
 import pytest
 import torch
+from conftest import ROOT
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
 from autotune.cli import main
 from autotune.export import best_entry, build_tables, export_tables, write_device_table
-from autotune.search import open_storage, study_name
+from autotune.storage import open_storage
+from autotune.studies import StudyKey
 from kernels import RopeSpec, get_provider
 from kernels.table import (
     empty_table,
@@ -28,7 +30,6 @@ from kernels.table import (
     validate_table,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 SPEC = RopeSpec(128, 128, 32, 8, True, torch.bfloat16)
 OTHER = RopeSpec(256, 64, 16, 16, False, torch.float16)
 META = {"device_name": "Test GPU", "compute_capability": "9.0", "sm_count": 132,
@@ -57,13 +58,17 @@ def _trial(
     return trial
 
 
-def _add_study(storage, name, spec, tokens, trials, mode="graph", complete=True, meta=META):
+def _add_study(
+    storage, name, spec, tokens, trials, timing="graph", complete=True, meta=META, revisions=None
+):
     study = optuna.create_study(storage=storage, study_name=name)
-    for attr, value in {"device_name": meta["device_name"], "mode": mode, "spec": spec.key,
-                        "tokens": tokens, "metadata": meta}.items():  # fmt: skip
+    key = StudyKey.current(meta["device_name"], timing, spec, tokens, ["torch", "triton", "vllm"])
+    attrs = key.attrs(meta)
+    attrs["revisions"].update(revisions or {})
+    for attr, value in {**attrs, "target": len(trials)}.items():
         study.set_user_attr(attr, value)
     if complete:
-        study.set_user_attr("complete", True)
+        study.set_user_attr("complete", len(trials))
     for trial in trials:
         study.add_trial(trial)
     return study
@@ -91,8 +96,9 @@ def test_build_tables_groups_and_skips_unfinished():
     _add_study(storage, "a", SPEC, 16, [_trial("torch", 9.0), _trial("triton", 7.0)])
     # Same bucket, another provider set: its trials compete with the first study's.
     _add_study(storage, "b", SPEC, 16, [_trial("vllm", 6.0)])
-    _add_study(storage, "c", SPEC, 32, [_trial("torch", 11.0)], mode="eager")
-    _add_study(storage, "d", OTHER, 1, [_trial("torch", 3.0)], complete=False)
+    _add_study(storage, "c", SPEC, 32, [_trial("torch", 11.0)], timing="eager")
+    unfinished = _add_study(storage, "d", OTHER, 1, [_trial("torch", 3.0)], complete=False)
+    unfinished.set_user_attr("target", 2)
     _add_study(storage, "e", OTHER, 2, [_trial("torch", None, "error", state=TrialState.FAIL)])
     other_meta = {**META, "device_name": "Other GPU"}
     _add_study(storage, "f", SPEC, 1, [_trial("torch", 4.0)], meta=other_meta)
@@ -117,15 +123,22 @@ def test_build_tables_groups_and_skips_unfinished():
 def test_build_tables_leaves_out_studies_of_an_older_kernel():
     # Triton's kernel changed since the first two studies timed it: their 1 us is not what runs.
     storage = optuna.storages.InMemoryStorage()
-    current = study_name("Test GPU", "graph", SPEC, 16, ["torch", "triton"])
     revision = get_provider("triton").revision
-    for old in ("triton", "triton@2"):
-        _add_study(storage, current.replace(f"triton@{revision}", old), SPEC, 16,
-                   [_trial("triton", 1.0)])  # fmt: skip
-    _add_study(storage, current, SPEC, 16, [_trial("torch", 9.0), _trial("triton", 7.0)])
+    for name, old in (("old1", 1), ("old2", revision - 1)):
+        _add_study(storage, name, SPEC, 16, [_trial("triton", 1.0)], revisions={"triton": old})
+    _add_study(storage, "now", SPEC, 16, [_trial("torch", 9.0), _trial("triton", 7.0)])
     entry = build_tables(storage)["Test GPU"]["entries"]["graph"][SPEC.key]["16"]
     assert entry["median_us"] == 7.0
     assert entry["providers_us"] == {"torch": 9.0, "triton": 7.0}
+
+
+def test_a_study_whose_trials_all_ran_counts_as_complete_without_its_flag():
+    # A stop between the study's last trial and its "complete" flag must not lose the bucket.
+    storage = optuna.storages.InMemoryStorage()
+    _add_study(
+        storage, "a", SPEC, 16, [_trial("torch", 9.0), _trial("triton", 7.0)], complete=False
+    )
+    assert build_tables(storage)["Test GPU"]["entries"]["graph"][SPEC.key]["16"]["median_us"] == 7.0
 
 
 def test_build_tables_dates_the_table_by_its_newest_measurement():
@@ -143,8 +156,8 @@ def test_build_tables_dates_the_table_by_its_newest_measurement():
 
 def _table(entries):
     table = empty_table(META)
-    for (mode, spec, bucket), (provider, median) in entries.items():
-        table["entries"].setdefault(mode, {}).setdefault(spec.key, {})[str(bucket)] = {
+    for (timing, spec, bucket), (provider, median) in entries.items():
+        table["entries"].setdefault(timing, {}).setdefault(spec.key, {})[str(bucket)] = {
             "provider": provider, "config": {}, "median_us": median, "p20_us": median,
             "p80_us": median, "providers_us": {provider: median},
         }  # fmt: skip
@@ -238,7 +251,8 @@ def test_export_command_writes_the_table(tmp_path, capsys):
     storage_path = tmp_path / "s.journal"
     storage = open_storage(storage_path)
     _add_study(storage, "a", SPEC, 16, [_trial("torch", 9.0), _trial("triton", 7.0)])
-    _add_study(storage, "b", SPEC, 32, [_trial("torch", 4.0)], complete=False)
+    unfinished = _add_study(storage, "b", SPEC, 32, [_trial("torch", 4.0)], complete=False)
+    unfinished.set_user_attr("target", 2)
     assert main(["export", "--storage", str(storage_path), "--output", str(tmp_path / "o")]) == 0
     table = read_table(tmp_path / "o" / "Test_GPU.json")
     assert set(table["entries"]["graph"][SPEC.key]) == {"16"}

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from autotune.measure import check_correct, copy_bandwidth, rope_bytes, time_rope
+from autotune.measure import check_correct, copy_bandwidth, time_rope
 from kernels import RopeSpec, get_provider, list_providers, select_rope
 from kernels.providers import RopeFn
 from kernels.table import device_metadata, library_versions, read_table
@@ -341,7 +341,7 @@ def run_bench(
                 spec_skipped.add((name, spec.key))
             continue
         config, measured = timing_result
-        floor_bytes = rope_bytes(spec, num_tokens)
+        floor_bytes = spec.bytes_moved(num_tokens)
         tbps = floor_bytes / (measured.median_us * 1e-6) / 1e12
         for batch, seq in pairs:
             if batch * seq != num_tokens:
