@@ -13,12 +13,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import optuna
+
+from ._preflight import existing_ancestor, unwritable_reason
 
 __all__ = [
     "HEARTBEAT_GRACE_S",
@@ -154,7 +155,7 @@ def _check_sqlite_file(shown: str, path: Path, *, create: bool) -> None:
             f"storage {shown!r}: no such database file {path}; check the path (reading a "
             "storage never creates one)"
         )
-    parent = _existing_ancestor(path.parent)
+    parent = existing_ancestor(path.parent)
     if parent != path.parent.resolve():
         raise StorageError(
             f"storage {shown!r}: directory {path.parent} does not exist; create it or choose "
@@ -194,7 +195,7 @@ def _open_journal(path: Path, *, create: bool) -> optuna.storages.JournalStorage
             f"storage {shown!r}: is a directory; name a journal file in it, e.g. "
             f"{path / 'studies.journal'}"
         )
-    ancestor = _existing_ancestor(path.parent)
+    ancestor = existing_ancestor(path.parent)
     if not ancestor.is_dir():
         raise StorageError(
             f"storage {shown!r}: {ancestor} is a file, not a directory; choose a path under a "
@@ -230,24 +231,13 @@ def _open_journal(path: Path, *, create: bool) -> optuna.storages.JournalStorage
         raise _damaged(path, exc) from None
 
 
-def _existing_ancestor(path: Path) -> Path:
-    path = path.resolve()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def _check_writable_dir(shown: str, directory: Path) -> None:
-    """Create and remove a file in ``directory``: permission bits, ACLs, immutable flags and
-    read-only mounts all answer the same way."""
-    try:
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as exc:
+    reason = unwritable_reason(directory)
+    if reason is not None:
         raise StorageError(
-            f"storage {shown!r}: directory {directory} is not writable ({exc.strerror}); choose "
-            "a writable location"
-        ) from None
+            f"storage {shown!r}: directory {directory} is not writable ({reason}); choose a "
+            "writable location"
+        )
 
 
 def _check_writable_file(shown: str, path: Path) -> None:
