@@ -24,11 +24,11 @@ MAX_SEED = 2**32 - 1
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line on stderr (``prog: error: message``, with a
-    pointer to ``--help``) and exit status 2."""
+    """An argument parser whose errors are one line on stderr (``prog: error: message``) and
+    exit status 2."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2)
 
 

@@ -1,6 +1,6 @@
 """``python -m autotune.bench``: RoPE providers compared on one device, done right.
 
-The seed's interface (vLLM's ``benchmarks/kernels/benchmark_rope.py``) and default grid: batch
+The interface and default grid of vLLM's ``benchmarks/kernels/benchmark_rope.py``: batch
 size 1, 4, 16, 64 x sequence length 64, 128, 256, 512 x 32 and 48 heads, head 128, rotary 32,
 NeoX style::
 
