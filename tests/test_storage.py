@@ -168,3 +168,20 @@ def test_damage_before_the_end_is_refused_naming_the_line(tmp_path):
     message = str(exc.value)
     assert str(path) in message and "line 4" in message and "head -n 3" in message
     assert "\n" not in message and path.read_bytes() == before
+
+
+def test_tuner_resumes_on_a_torn_journal(tmp_path):
+    from conftest import QUICK, TINY
+
+    from autotune import tune
+    from autotune.export import build_tables
+
+    path = tmp_path / "s.journal"
+    kwargs = {"device": "cpu", "providers": ["torch"], "trials": 1, "time_kwargs": QUICK}
+    tune([TINY], [1], storage=str(path), progress=False, **kwargs)
+    path.write_bytes(path.read_bytes() + b'{"op_code":0,"worker_id":"x","study_na')
+    table = tune([TINY], [1, 2], storage=str(path), progress=False, **kwargs)
+    assert set(table["entries"]["graph"][TINY.key]) == {"1", "2"}
+    (built,) = build_tables(open_storage(path, create=False)).values()
+    assert set(built["entries"]["graph"][TINY.key]) == {"1", "2"}
+    assert len(list(tmp_path.glob("s.journal.torn-*"))) == 1
