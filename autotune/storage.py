@@ -107,7 +107,6 @@ def _open_rdb(url: str, *, create: bool) -> optuna.storages.RDBStorage:
             f"storage {url!r}: unknown scheme {scheme!r}; give {_EXAMPLES} "
             "(also mysql://... or sqlite:///path.db)"
         )
-    url = _with_postgres_driver(url)
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError as exc:
@@ -115,6 +114,8 @@ def _open_rdb(url: str, *, create: bool) -> optuna.storages.RDBStorage:
             f"storage {url!r}: not a database URL ({exc}); give {_EXAMPLES}"
         ) from None
     shown = parsed.render_as_string(hide_password=True)
+    if dialect in ("postgresql", "postgres"):
+        url = _with_postgres_driver(url, shown)
     if dialect == "sqlite" and parsed.database not in (None, "", ":memory:"):
         _check_sqlite_file(shown, Path(parsed.database).expanduser(), create=create)
     try:
@@ -164,9 +165,10 @@ def _check_sqlite_file(shown: str, path: Path, *, create: bool) -> None:
     _check_writable_dir(shown, parent)
 
 
-def _with_postgres_driver(url: str) -> str:
+def _with_postgres_driver(url: str, shown: str) -> str:
     """``postgresql://`` with a driver that is installed: SQLAlchemy 2.1 defaults to psycopg
-    (3), while the test extra and many systems have psycopg2.
+    (3), while the test extra and many systems have psycopg2. A URL naming its driver
+    (``postgresql+psycopg2://``) is kept.
 
     Raises:
         StorageError: neither psycopg nor psycopg2 is installed.
@@ -180,7 +182,7 @@ def _with_postgres_driver(url: str) -> str:
         if importlib.util.find_spec(module) is not None:
             return f"postgresql+{module}{sep}{rest}"
     raise StorageError(
-        f"storage {scheme}{sep}...: PostgreSQL needs a driver and none is installed; "
+        f"storage {shown!r}: PostgreSQL needs a driver and none is installed; "
         "pip install psycopg2-binary (or psycopg)"
     )
 
@@ -219,12 +221,14 @@ def _open_journal(path: Path, *, create: bool) -> optuna.storages.JournalStorage
         _check_writable_dir(shown, path.parent)
     # The open()-based lock works on any file system; the default symlink lock needs symlinks.
     lock = optuna.storages.journal.JournalFileOpenLock(str(path))
-    if path.exists() and _torn_tail_start(path) is not None:
-        _repair_torn_tail(path, lock, writable=create)
     try:
+        if path.exists() and _torn_tail_start(path) is not None:
+            _repair_torn_tail(path, lock, writable=create)
         return optuna.storages.JournalStorage(
             optuna.storages.journal.JournalFileBackend(str(path), lock_obj=lock)
         )
+    except StorageError:
+        raise
     except OSError as exc:
         raise StorageError(f"storage {shown!r}: cannot read the journal ({exc})") from None
     except Exception as exc:  # the replay of a damaged journal: name the line and the fix

@@ -82,7 +82,7 @@ def test_postgres_without_driver(monkeypatch):
         return None if name in ("psycopg", "psycopg2") else real_find_spec(name, *args, **kwargs)
 
     monkeypatch.setattr(importlib.util, "find_spec", without_drivers)
-    with pytest.raises(StorageError, match="pip install psycopg2-binary"):
+    with pytest.raises(StorageError, match=r"localhost/db.*pip install psycopg2-binary"):
         open_storage("postgresql://user@localhost/db")
 
 
