@@ -15,10 +15,13 @@ from kernels import RopeSpec, parse_dtype, provider_names
 from kernels.table import TIMING_MODES, user_config_dir
 
 from ._device import DeviceError, resolve_device
+from ._preflight import OneLineParser, check_output_dir, seed
 from .export import export_tables
 from .models import (
+    CPU_DEFAULT_MODELS,
     CPU_DEFAULT_TOKENS,
     DEFAULT_TOKENS,
+    MAX_TOKENS,
     MODEL_PRESETS,
     default_specs,
     model_specs,
@@ -50,16 +53,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
 def _tokens(text: str) -> list[int]:
     try:
         return parse_tokens(text)
@@ -68,8 +61,11 @@ def _tokens(text: str) -> list[int]:
 
 
 def _dtypes(text: str) -> list[torch.dtype]:
+    items = _comma_list(text)
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma list like bf16,fp16, got {text!r}")
     try:
-        return list(dict.fromkeys(parse_dtype(item) for item in _comma_list(text)))
+        return list(dict.fromkeys(parse_dtype(item) for item in items))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -108,7 +104,7 @@ def _add_logging_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The tuning command's parser."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m autotune",
         description=(
             "Search RoPE providers and Triton kernel configs with Optuna for a model's shape "
@@ -200,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tokens",
         type=_tokens,
-        help="token buckets, e.g. --tokens 1,16,256 (default: 1,2,4,...,65536; "
-        f"{','.join(map(str, CPU_DEFAULT_TOKENS))} on the CPU)",
+        help=f"token buckets, 1 to {MAX_TOKENS} each, e.g. --tokens 1,16,256 (default: "
+        f"1,2,4,...,65536; {','.join(map(str, CPU_DEFAULT_TOKENS))} on the CPU)",
     )
     parser.add_argument(
         "--providers",
@@ -253,9 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=seed,
         default=None,
-        help="seed for the samplers and the random inputs, e.g. --seed 0",
+        help="seed for the samplers and the random inputs, 0 to 2**32-1, e.g. --seed 0 "
+        "(default: fresh randomness)",
     )
     _add_logging_flags(parser)
     return parser
@@ -263,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_export_parser() -> argparse.ArgumentParser:
     """The ``export`` command's parser."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m autotune export",
         description="Write the tables of the studies in a storage (one file per device, merged "
         "into existing files), e.g. while workers are still tuning.",
@@ -334,8 +331,6 @@ def specs_from_args(args: argparse.Namespace, device: torch.device) -> list[Rope
             wanted = set(args.dtype or {s.dtype for s in specs})
             presets = MODEL_PRESETS.values()
             if device.type == "cpu":
-                from .models import CPU_DEFAULT_MODELS
-
                 presets = [MODEL_PRESETS[n] for n in CPU_DEFAULT_MODELS]
             specs = [
                 s
@@ -365,8 +360,9 @@ def _list_models() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (2: bad arguments or no such device,
-    130: interrupted)."""
+    """Run the command line; returns the exit code: 0 done, 1 nothing measured (no study
+    finished), 2 bad arguments, storage or output (one line, before any tuning), or no such
+    device, 130 interrupted."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
         return _export(argv[1:])
@@ -382,13 +378,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--device and --devices exclude each other")
     if args.devices is not None and not args.devices:
         parser.error("--devices: expected a comma list like cuda:0,cuda:1")
+    output = user_config_dir() if args.output is None else args.output
     try:
         device = resolve_device(args.device if args.devices is None else args.devices[0])
         specs = specs_from_args(args, device)
-    except DeviceError as exc:
-        print(f"python -m autotune: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
+        check_output_dir(output, "--output")
+        if args.save_path is not None:
+            check_output_dir(args.save_path, "--save-path")
+        storage = open_storage(args.storage)  # a bad one fails here, before any tuning
+    except (DeviceError, ValueError) as exc:
         parser.error(str(exc))
     tokens = args.tokens or (CPU_DEFAULT_TOKENS if device.type == "cpu" else DEFAULT_TOKENS)
     logger.info(
@@ -407,8 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             providers=args.providers,
             trials=args.trials,
             timing=args.timing,
-            storage=args.storage,
-            output=user_config_dir() if args.output is None else args.output,
+            storage=storage if args.devices is None else args.storage,  # workers reopen it
+            output=output,
             save_path=args.save_path,
             seed=args.seed,
             progress=not args.quiet,
@@ -417,11 +415,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("python -m autotune: interrupted; run the same command to resume", file=sys.stderr)
         return 130
-    except DeviceError as exc:
-        print(f"python -m autotune: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
+    except (DeviceError, ValueError) as exc:
         parser.error(str(exc))
+    if not any(table["entries"].values()):
+        print(
+            "python -m autotune: no study finished: nothing measured, nothing written (the "
+            "warnings above say why the trials failed)",
+            file=sys.stderr,
+        )
+        return 1
     if not args.quiet:
         print(format_summary(table))
     return 0
@@ -433,14 +435,16 @@ def _export(argv: Sequence[str]) -> int:
     if args.verbose and args.quiet:
         parser.error("--verbose and --quiet exclude each other")
     _setup_logging(args.verbose, args.quiet)
-    storage = open_storage(args.storage)
-    written = export_tables(
-        storage,
-        user_config_dir() if args.output is None else args.output,
-        include_partial=args.include_partial,
-    )
+    output = user_config_dir() if args.output is None else args.output
+    try:
+        check_output_dir(output, "--output")
+        storage = open_storage(args.storage, create=False)
+    except ValueError as exc:
+        parser.error(str(exc))
+    written = export_tables(storage, output, include_partial=args.include_partial)
     if not written:
-        logger.warning("no finished study in the storage: nothing written")
+        print(f"{parser.prog}: no finished study in the storage: nothing written", file=sys.stderr)
+        return 1
     for device_name, path in written.items():
         if not args.quiet:
             print(f"{device_name}: {path}")

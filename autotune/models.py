@@ -23,6 +23,7 @@ __all__ = [
     "CPU_DEFAULT_TOKENS",
     "DEFAULT_DTYPES",
     "DEFAULT_TOKENS",
+    "MAX_TOKENS",
     "MODEL_PRESETS",
     "ModelPreset",
     "default_specs",
@@ -38,6 +39,11 @@ __all__ = [
 # Token buckets 1, 2, 4, ..., 65536: decode batches up to long prefills.
 DEFAULT_TOKENS: tuple[int, ...] = tuple(2**i for i in range(17))
 DEFAULT_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
+# The largest token bucket: 2**20 tokens, 16x the default space's largest bucket and beyond any
+# serving batch. The tuner holds several q/k input sets of a bucket on the device at once; one
+# set of the largest preset (Llama-3 70B at TP 1: 64 + 8 heads x 128 x 2 bytes = 18 KiB a
+# token) is already 18 GiB at 2**20 tokens.
+MAX_TOKENS = 2**20
 # The CPU run is for a quick real table and for smoke tests: fewer models and buckets.
 CPU_DEFAULT_TOKENS: tuple[int, ...] = (1, 4, 16, 64, 256, 1024)
 CPU_DEFAULT_MODELS: tuple[str, ...] = ("llama-3-8b", "gpt-j-6b", "phi-2")
@@ -210,7 +216,7 @@ def parse_tokens(text: str | Sequence[int]) -> list[int]:
     """Token buckets from ``"1,16,256"`` (or a sequence of ints), sorted, without repeats.
 
     Raises:
-        ValueError: an item is not a positive integer, or there is none.
+        ValueError: an item is not an integer from 1 to :data:`MAX_TOKENS`, or there is none.
     """
     items = text.split(",") if isinstance(text, str) else list(text)
     buckets = set()
@@ -221,6 +227,11 @@ def parse_tokens(text: str | Sequence[int]) -> list[int]:
             value = 0
         if value <= 0:
             raise ValueError(f"tokens: expected positive integers like 1,16,256, got {item!r}")
+        if value > MAX_TOKENS:
+            raise ValueError(
+                f"tokens: expected at most {MAX_TOKENS} tokens a bucket (the tuner's inputs "
+                f"must fit on the device), got {item!r}"
+            )
         buckets.add(value)
     if not buckets:
         raise ValueError("tokens: expected at least one token count")
@@ -254,11 +265,54 @@ def load_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def _first(config: Mapping[str, Any], *names: str) -> Any:
+def _first(config: Mapping[str, Any], *names: str) -> tuple[str, Any]:
+    """The first of ``names`` set in ``config`` (not None): (name, value), else (names[0], None)."""
     for name in names:
         if config.get(name) is not None:
-            return config[name]
-    return None
+            return name, config[name]
+    return names[0], None
+
+
+def _positive_int(name: str, value: Any) -> int:
+    """``value`` as an int: an int, or a float with an integral value (``128.0``).
+
+    Raises:
+        ValueError: anything else (a list, a dict, a string, ``127.5``, zero, negative).
+    """
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"model_config: {name}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The language model's part of a multimodal config (Gemma-3, Llama-4, ...: under
+    ``text_config``), the outer config's dtype and model type filling what it lacks."""
+    text = config.get("text_config")
+    if not isinstance(text, Mapping) or _first(config, "num_attention_heads", "n_head")[1]:
+        return config
+    return {
+        "torch_dtype": config.get("torch_dtype") or config.get("dtype"),
+        "model_type": config.get("model_type"),
+        **{k: v for k, v in text.items() if v is not None},
+    }
+
+
+def _check_plain_rope(config: Mapping[str, Any]) -> None:
+    """Refuse multimodal RoPE (Qwen2-VL family): positions are 3-D, sections of each head
+    rotated by a different position."""
+    for field in ("rope_scaling", "rope_parameters"):
+        params = config.get(field)
+        if not isinstance(params, Mapping):
+            continue
+        # rope_parameters may hold one dict per attention type (full, sliding).
+        nested = [params, *(v for v in params.values() if isinstance(v, Mapping))]
+        if any("mrope_section" in p for p in nested):
+            raise ValueError(
+                f"model_config: {field} has mrope_section (multimodal RoPE, Qwen2-VL family): "
+                "mRoPE is not supported yet"
+            )
 
 
 def spec_from_hf_config(
@@ -274,6 +328,8 @@ def spec_from_hf_config(
     ``n_head`` too), ``num_key_value_heads`` (default: all heads), the rotated part from
     ``partial_rotary_factor``, ``rotary_pct`` (GPT-NeoX) or ``rotary_dim`` (GPT-J), and
     DeepSeek's ``qk_rope_head_dim`` (only the decoupled rope part rotates, with one key head).
+    A multimodal config's ``text_config`` (Gemma-3) is read when the top level has no heads.
+    Counts may be written as integral floats (``128.0``).
 
     Args:
         config: The decoded ``config.json``.
@@ -283,35 +339,49 @@ def spec_from_hf_config(
             ChatGLM and DeepSeek-V2/V3, NeoX style otherwise).
 
     Raises:
-        ValueError: a field is missing or inconsistent; the message names it.
+        ValueError: a field is missing, not a positive integer (a list, ``127.5``, ``0``), or
+            inconsistent, the message naming it; or the model uses mRoPE (``mrope_section``),
+            which is not supported yet.
     """
+    _check_plain_rope(config)
+    config = _text_config(config)
+    _check_plain_rope(config)
     model_type = str(config.get("model_type", "")).lower()
-    num_heads = _first(config, "num_attention_heads", "n_head", "num_heads")
-    if not isinstance(num_heads, int) or num_heads <= 0:
-        raise ValueError(f"model_config: num_attention_heads missing or invalid: {num_heads!r}")
+    name, num_heads = _first(config, "num_attention_heads", "n_head", "num_heads")
+    if num_heads is None:
+        raise ValueError("model_config: num_attention_heads missing")
+    num_heads = _positive_int(name, num_heads)
     if config.get("qk_rope_head_dim") is not None:  # MLA (DeepSeek-V2/V3): the rope part alone
-        head_size = rotary_dim = int(config["qk_rope_head_dim"])
+        head_size = rotary_dim = _positive_int("qk_rope_head_dim", config["qk_rope_head_dim"])
         num_kv_heads = 1
     else:
-        head_size = config.get("head_dim")
-        if head_size is None:
-            hidden = _first(config, "hidden_size", "n_embd", "d_model")
-            if not isinstance(hidden, int) or hidden % num_heads:
+        if config.get("head_dim") is not None:
+            head_size = _positive_int("head_dim", config["head_dim"])
+        else:
+            name, hidden = _first(config, "hidden_size", "n_embd", "d_model")
+            if hidden is None or _positive_int(name, hidden) % num_heads:
                 raise ValueError(
                     "model_config: expected head_dim, or hidden_size divisible by "
                     f"num_attention_heads={num_heads}, got hidden_size={hidden!r}"
                 )
-            head_size = hidden // num_heads
-        head_size = int(head_size)
-        num_kv_heads = int(_first(config, "num_key_value_heads", "n_head_kv") or num_heads)
-        if config.get("rotary_dim") is not None:
-            rotary_dim = int(config["rotary_dim"])
-        else:
-            factor = _first(config, "partial_rotary_factor", "rotary_pct")
-            rotary_dim = head_size if factor is None else int(head_size * float(factor))
+            head_size = int(hidden) // num_heads
+        name, kv = _first(config, "num_key_value_heads", "n_head_kv")
+        num_kv_heads = num_heads if kv is None else _positive_int(name, kv)
+        rotary_dim = _rotary_dim(config, head_size)
     if dtype is None:
         dtype = config.get("torch_dtype") or config.get("dtype") or torch.bfloat16
     if is_neox is None:
         is_neox = model_type not in _GPTJ_STYLE_MODEL_TYPES
     heads, kv_heads = shard_heads(num_heads, num_kv_heads, tensor_parallel_size)
     return RopeSpec(head_size, rotary_dim, heads, kv_heads, is_neox, parse_dtype(dtype))
+
+
+def _rotary_dim(config: Mapping[str, Any], head_size: int) -> int:
+    if config.get("rotary_dim") is not None:
+        return _positive_int("rotary_dim", config["rotary_dim"])
+    name, factor = _first(config, "partial_rotary_factor", "rotary_pct")
+    if factor is None:
+        return head_size
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 < factor <= 1:
+        raise ValueError(f"model_config: {name}: expected a number in (0, 1], got {factor!r}")
+    return int(head_size * factor)  # vLLM's rounding

@@ -19,7 +19,8 @@ from kernels.table import TIMING_MODES, device_metadata, empty_table
 from ._device import resolve_device
 from .distributed import DEFAULT_GRACE_S, run_worker
 from .export import build_tables, write_device_table
-from .models import DEFAULT_TOKENS
+from ._preflight import MAX_SEED, check_output_dir
+from .models import DEFAULT_TOKENS, MAX_TOKENS
 from .objective import Objective
 from .processes import WorkerJob, check_devices, run_processes
 from .progress import Progress
@@ -29,7 +30,7 @@ from .stop import StopAfterTrial
 from .storage import default_storage_path, open_storage
 from .studies import StudyKey, device_tag
 
-__all__ = ["CPU_DEFAULT_TRIALS", "DEFAULT_TRIALS", "MAX_SEED", "MAX_TOKENS", "tune"]
+__all__ = ["CPU_DEFAULT_TRIALS", "DEFAULT_TRIALS", "tune"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ DEFAULT_TRIALS = 48
 # On the CPU only the untunable providers run (Triton needs the interpreter there): the study
 # is exhausted in a handful of trials anyway.
 CPU_DEFAULT_TRIALS = 16
-# The largest token bucket: beyond any serving batch, and its inputs alone take gigabytes.
-MAX_TOKENS = 1 << 20
-# Seeds as NumPy's generators (and so Optuna's samplers) take them.
-MAX_SEED = 2**32 - 1
 
 
 def tune(
@@ -124,6 +121,11 @@ def tune(
         raise ValueError(f"providers: expected names from {provider_names()}, got {providers}")
     if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
         raise ValueError(f"seed: expected an int from 0 to {MAX_SEED}, got {seed!r}")
+    # Where results go is checked before any tuning time is spent.
+    if output is not None:
+        output = check_output_dir(output, "output")
+    if save_path is not None:
+        save_path = check_output_dir(save_path, "save_path")
     if devices is not None:
         if device is not None or callbacks or isinstance(storage, optuna.storages.BaseStorage):
             raise ValueError("devices: not with device, callbacks or a storage object")

@@ -29,20 +29,20 @@ case "$1" in
       | tee "$OUT/selector_overhead.log" | tail -8 ;;
   small-tokens)
     timeout -s INT "${SWEEP_SECONDS:-420}" python3 benchmarks/roofline.py --device cuda:0 \
-      --specs llama3-8b,qwen2.5-7b,gemma2-9b,llama3-70b-tp8 --tokens 16,256,1024 --sweep \
+      --specs llama-3-8b,qwen2.5-7b,gemma-2-9b,llama-3-70b:tp8 --tokens 16,256,1024 --sweep \
       --repeats 10 --out "$OUT/roofline_small_tokens_h200.csv" 2>&1 | grep -v FAILED ;;
   losing)
     # The buckets of configs/NVIDIA_H200.json (Triton revision 2) that FlashInfer won.
     points=q128_kv1_d64_r64_gptj_bfloat16@256,q128_kv1_d64_r64_gptj_bfloat16@64
-    points+=,q64_kv8_d128_r128_neox_bfloat16@64,gemma2-9b@64,q16_kv2_d128_r128_neox_bfloat16@256
-    points+=,llama3-8b@256,llama3-8b@64,gemma2-9b@16,q32_kv4_d128_r128_neox_bfloat16@16
+    points+=,q64_kv8_d128_r128_neox_bfloat16@64,gemma-2-9b@64,q16_kv2_d128_r128_neox_bfloat16@256
+    points+=,llama-3-8b@256,llama-3-8b@64,gemma-2-9b@16,q32_kv4_d128_r128_neox_bfloat16@16
     points+=,q64_kv8_d128_r128_neox_bfloat16@4,q4_kv1_d128_r128_neox_bfloat16@4096
     timeout -s INT "${SWEEP_SECONDS:-480}" python3 benchmarks/roofline.py --device cuda:0 \
       --sweep --repeats 10 --points "$points" --out "$OUT/roofline_losing_h200.csv" 2>&1 \
       | grep -v FAILED ;;
   defaults)
     python3 benchmarks/roofline.py --device cuda:0 --tokens 1,16,256,1024,2048 \
-      --specs llama3-8b,qwen2.5-7b,gemma2-9b,llama3-70b-tp8,seed-32h,gptj-16h \
+      --specs llama-3-8b,qwen2.5-7b,gemma-2-9b,llama-3-70b:tp8,q32_kv32_d128_r32_neox_bfloat16,gpt-j-6b \
       --out "$OUT/roofline_defaults_h200.csv" 2>&1 | grep -v FAILED ;;
   search)
     timeout -s INT "${SEARCH_SECONDS:-300}" python3 benchmarks/search_vs_exhaustive.py \

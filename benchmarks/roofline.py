@@ -5,6 +5,10 @@ rotated slices, tiled and swept like the RoPE kernel.
 
     python benchmarks/roofline.py --device cuda:0 --out benchmarks/results/roofline_h200.csv
     python benchmarks/roofline.py --device cuda:0 --sweep   # also sweep Triton configs
+    python benchmarks/roofline.py --specs llama-3-70b:tp8,q8_kv1_d64_r64_gptj_bfloat16
+
+Specs are model presets of ``autotune.models.MODEL_PRESETS`` (``NAME`` at tensor parallel 1,
+``NAME:tpN`` at N) or table spec keys.
 """
 
 from __future__ import annotations
@@ -23,37 +27,48 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from autotune.measure import check_correct, copy_bandwidth, time_rope
-from autotune.precompile import precompile_triton
+from autotune.models import MODEL_PRESETS
 from kernels import RopeSpec, get_provider, list_providers
 from kernels.providers._triton import config_problems
 from kernels.table import library_versions
 
-# (name, head_size, rotary_dim, num_heads, num_kv_heads, is_neox)
-SPECS = {
-    "seed-32h": (128, 32, 32, 32, True),
-    "seed-48h": (128, 32, 48, 48, True),
-    "llama3-8b": (128, 128, 32, 8, True),
-    "llama3-70b-tp8": (128, 128, 8, 1, True),
-    "gptj-16h": (256, 64, 16, 16, False),
-    "pythia-6.9b": (128, 32, 32, 32, True),
-    "gemma2-9b": (256, 256, 16, 8, True),
-    "qwen2.5-7b": (128, 128, 28, 4, True),
-    "deepseek-v2": (64, 64, 128, 1, False),  # the rope part: 64 dims, GPT-J style, one kv head
-}
+# vLLM's benchmark_rope.py spec (head 128, rotary 32, 32 and 48 heads), then model presets.
+DEFAULT_SPECS = (
+    "q32_kv32_d128_r32_neox_bfloat16",
+    "q48_kv48_d128_r32_neox_bfloat16",
+    "llama-3-8b",
+    "llama-3-70b:tp8",
+    "gpt-j-6b",
+    "pythia-6.9b",
+    "gemma-2-9b",
+    "qwen2.5-7b",
+    "deepseek-v2",
+)
 TOKENS = (1, 16, 256, 2048, 4096, 16384, 32768, 65536)
 
 
 def resolve_spec(name: str, dtype: torch.dtype) -> RopeSpec:
-    """A name of :data:`SPECS`, or a spec key such as ``q64_kv8_d128_r128_neox_bfloat16`` (as
-    in the tuning tables; its dtype is replaced by ``dtype``)."""
-    if name in SPECS:
-        head, rot, hq, hk, neox = SPECS[name]
-        return RopeSpec(head, rot, hq, hk, neox, dtype)
+    """A preset of :data:`autotune.models.MODEL_PRESETS` (``llama-3-8b``, at tensor parallel 1,
+    or ``llama-3-70b:tp8``), or a spec key such as ``q64_kv8_d128_r128_neox_bfloat16`` (as in
+    the tuning tables), in ``dtype``.
+
+    Raises:
+        SystemExit: ``name`` is neither, or its tensor-parallel size does not fit the preset.
+    """
+    preset, _, tp = name.partition(":tp")
+    if preset.lower() in MODEL_PRESETS:
+        try:
+            (spec,) = MODEL_PRESETS[preset.lower()].specs([dtype], [int(tp or 1)])
+        except ValueError as exc:
+            raise SystemExit(f"--specs: {name!r}: {exc}") from None
+        return spec
     try:
         return dataclasses.replace(RopeSpec.from_key(name), dtype=dtype)
     except ValueError:
-        known = list(SPECS)
-        raise SystemExit(f"--specs: {name!r} is neither a spec key nor one of {known}") from None
+        raise SystemExit(
+            f"--specs: {name!r} is neither a spec key nor a preset (NAME or NAME:tpN) of "
+            f"{sorted(MODEL_PRESETS)}"
+        ) from None
 
 
 @triton.jit
@@ -131,15 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda:0", help="e.g. cuda:0")
     parser.add_argument(
         "--specs",
-        default=",".join(SPECS),
-        help=f"names from {list(SPECS)} or spec keys, e.g. q64_kv8_d128_r128_neox_bfloat16",
+        default=",".join(DEFAULT_SPECS),
+        help="model presets (NAME or NAME:tpN, see python -m autotune --list-models) or spec "
+        "keys, e.g. llama-3-70b:tp8,q64_kv8_d128_r128_neox_bfloat16",
     )
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="e.g. 1,4096")
     parser.add_argument(
         "--points",
         default=None,
         help="spec@tokens pairs measured instead of every spec at every token count, e.g. "
-        "llama3-8b@256,q64_kv8_d128_r128_neox_bfloat16@64",
+        "llama-3-8b@256,q64_kv8_d128_r128_neox_bfloat16@64",
     )
     parser.add_argument("--dtypes", default="bfloat16", help="e.g. bfloat16,float16")
     parser.add_argument("--providers", default="triton,vllm,flashinfer")
@@ -165,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     available = {s.name for s in list_providers(device) if s.available}
     rows = []
-    compiled: set[tuple[RopeSpec, str]] = set()
     if args.points:
         pairs = [point.rsplit("@", 1) for point in args.points.split(",")]
         if any(len(pair) != 2 or not pair[1].isdigit() for pair in pairs):
@@ -189,9 +204,6 @@ def main(argv: list[str] | None = None) -> int:
                 )
         if args.sweep:
             configs = list(triton_sweep_space(spec, tokens))
-            fresh = [c for c in configs if (spec, str(c)) not in compiled]
-            precompile_triton(spec, fresh, device)
-            compiled.update((spec, str(c)) for c in fresh)
             candidates += [("triton", str(c), c) for c in configs]
             if spec.rotary_dim < spec.head_size and tokens >= FEW_TOKENS:
                 candidates += [

@@ -3,6 +3,9 @@
 Stays light: imports torch and triton, never optuna.
 """
 
+# Tells this package apart from Hugging Face's kernel hub, which installs the same name.
+__rope_autotune__ = True
+
 from ._spec import DTYPE_NAMES, RopeSpec, parse_dtype
 from .providers import (
     Provider,

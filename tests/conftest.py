@@ -57,3 +57,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nobody may write to, root included (chmod, or the immutable flag as root)."""
+    import shutil
+    import stat
+    import subprocess
+
+    path = tmp_path / "read-only"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        yield path
+        path.chmod(stat.S_IRWXU)
+        return
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", path], capture_output=True).returncode:
+        pytest.skip("running as root without chattr +i: no directory is read-only here")
+    yield path
+    subprocess.run([chattr, "-i", path], check=True)

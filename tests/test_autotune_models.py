@@ -8,6 +8,7 @@ import torch
 from autotune.models import (
     CPU_DEFAULT_MODELS,
     DEFAULT_TOKENS,
+    MAX_TOKENS,
     MODEL_PRESETS,
     default_specs,
     get_preset,
@@ -36,6 +37,8 @@ HF_CASES = [
     ("hf_qwen2.5_7b.json", 1, (128, 128, 28, 4, True, BF16)),
     ("hf_qwen2.5_7b.json", 4, (128, 128, 7, 1, True, BF16)),
     ("hf_deepseek_v2_lite.json", 1, (64, 64, 16, 1, False, BF16)),  # MLA rope part
+    ("hf_gemma3_4b.json", 1, (256, 256, 8, 4, True, BF16)),  # under text_config
+    ("hf_gemma3_4b.json", 4, (256, 256, 2, 1, True, BF16)),
 ]
 
 
@@ -64,6 +67,62 @@ def test_hf_config_overrides_and_directory(tmp_path):
 def test_hf_config_errors(config, match):
     with pytest.raises(ValueError, match=match):
         spec_from_hf_config(config)
+
+
+LLAMA = {"num_attention_heads": 32, "hidden_size": 4096, "num_key_value_heads": 8}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("head_dim", [128]),
+        ("head_dim", {"q": 128}),
+        ("head_dim", 127.5),
+        ("head_dim", "128"),
+        ("head_dim", 0),
+        ("num_key_value_heads", 0),
+        ("num_key_value_heads", [8]),
+        ("num_key_value_heads", {"a": 8}),
+        ("num_key_value_heads", 7.5),
+        ("num_key_value_heads", True),
+        ("rotary_dim", [64]),
+        ("rotary_dim", {"a": 64}),
+        ("rotary_dim", 63.5),
+        ("partial_rotary_factor", [0.5]),
+        ("partial_rotary_factor", 1.5),
+        ("partial_rotary_factor", 0),
+        ("num_attention_heads", 32.5),
+        ("hidden_size", [4096]),
+    ],
+)
+def test_hf_config_bad_field_is_named(field, value):
+    with pytest.raises(ValueError, match=f"model_config: {field}: expected"):
+        spec_from_hf_config({**LLAMA, field: value})
+
+
+def test_hf_config_integral_floats_are_counts():
+    config = {**LLAMA, "head_dim": 128.0, "num_key_value_heads": 8.0, "rotary_dim": 64.0}
+    assert spec_from_hf_config(config) == RopeSpec(128, 64, 32, 8, True, BF16)
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}},
+        {"rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24]}},
+        {"rope_parameters": {"full_attention": {"mrope_section": [16, 24, 24]}}},
+        {"text_config": {**LLAMA, "rope_scaling": {"mrope_section": [16, 24, 24]}}},
+    ],
+)
+def test_hf_config_mrope_is_refused(rope):
+    config = rope if "text_config" in rope else {**LLAMA, **rope}
+    with pytest.raises(ValueError, match="mRoPE is not supported yet"):
+        spec_from_hf_config(config)
+
+
+def test_hf_config_qwen2_vl_is_refused():
+    with pytest.raises(ValueError, match=r"mrope_section .* mRoPE is not supported yet"):
+        spec_from_hf_config(load_hf_config(FIXTURES / "hf_qwen2_vl_7b.json"))
 
 
 def test_hf_config_tp_must_divide_heads():
@@ -100,7 +159,7 @@ def test_shard_heads_rejects(tp):
         shard_heads(32, 8, tp)
 
 
-def test_presets_cover_the_issue():
+def test_presets_cover_the_default_model_space():
     keys = {s.key for p in MODEL_PRESETS.values() for s in p.specs()}
     # Llama-3 8B and 70B at TP 1, 2, 4, 8 in bf16 and fp16.
     for heads, kv in [(32, 8), (16, 4), (8, 2), (4, 1), (64, 8), (32, 4), (16, 2), (8, 1)]:
@@ -139,7 +198,13 @@ def test_parse_tokens(text, expected):
     assert parse_tokens(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "0", "1,-2", "a", "1.5"])
+@pytest.mark.parametrize(
+    "text", ["", "0", "1,-2", "a", "1.5", "99999999999999999999", str(MAX_TOKENS + 1)]
+)
 def test_parse_tokens_rejects(text):
     with pytest.raises(ValueError, match="tokens"):
         parse_tokens(text)
+
+
+def test_parse_tokens_accepts_the_maximum():
+    assert parse_tokens(f"1,{MAX_TOKENS}") == [1, MAX_TOKENS]

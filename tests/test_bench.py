@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from kernels.providers._torch import TorchProvider
 from kernels.table import device_metadata, device_table_name, empty_table, write_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TINY = [
+SMALL_GRID = [
     "--device", "cpu", "--batch-size", "1", "2", "--seq-len", "3", "--num-heads", "2",
     "--head-size", "64", "--rotary-dim", "32", "--repeats", "2", "--no-progress",
 ]  # fmt: skip
@@ -49,7 +50,7 @@ def assert_valid_png(path: Path) -> None:
 
 def test_cpu_run_writes_documented_csv_and_plots(tmp_path, capsys):
     out = tmp_path / "results"
-    argv = [*TINY, "--providers", "torch,triton,flashinfer,vllm", "--save-path", str(out)]
+    argv = [*SMALL_GRID, "--providers", "torch,triton,flashinfer,vllm", "--save-path", str(out)]
     assert _cli.main(argv) == 0
     printed = capsys.readouterr().out
 
@@ -141,7 +142,7 @@ def test_wrong_provider_reported_and_not_timed(key_left_alone, tmp_path, capsys)
     assert (skip.provider, skip.spec_key, skip.num_tokens) == ("torch", spec.key, 5)
     assert "wrong result" in skip.reason and "key" in skip.reason
 
-    argv = [*TINY, "--providers", "torch", "--dtype", "fp32", "--save-path", str(tmp_path)]
+    argv = [*SMALL_GRID, "--providers", "torch", "--dtype", "fp32", "--save-path", str(tmp_path)]
     assert _cli.main(argv) == 1  # nothing timed
     assert "torch (q2_kv2_d64_r32_neox_float32, 3 tokens): wrong result" in capsys.readouterr().out
 
@@ -199,7 +200,7 @@ def parse_specs(*flags: str) -> list[RopeSpec]:
     return _cli.specs_from_args(_cli.build_parser().parse_args(list(flags)))
 
 
-def test_default_grid_is_the_seeds():
+def test_default_grid_is_vllms_benchmark_grid():
     args = _cli.build_parser().parse_args([])
     specs = _cli.specs_from_args(args)
     assert [(s.num_heads, s.num_kv_heads) for s in specs] == [(32, 32), (48, 48)]
@@ -270,14 +271,29 @@ def test_rotary_dim_any_even_value_up_to_head_size(rotary_dim):
         (("--model", "llama-3-8b", "--num-heads", "8"), "--num-heads: not with --model"),
         (("--timing", "slow"), "--timing: invalid choice"),
         (("--device", "tpu"), "--device: expected e.g. cuda:0 or cpu"),
+        (("--seed", "-1"), "--seed: expected an integer from 0 to 4294967295"),
+        (("--save-path", "{file}"), "--save-path: {file} is a file, not a directory"),
+        (("--save-path", "{file}/out"), "--save-path: {file}/out is under a file"),
+        (("--save-path", ""), "--save-path: expected a directory, got an empty string"),
+        (("--model-config", "{config}"), "model_config: head_dim: expected a positive integer"),
+        (("--model-config", "{mrope}"), "mRoPE is not supported yet"),
     ],
 )
-def test_bad_flags_exit_2_naming_the_flag(flags, message, capsys):
+def test_bad_flags_exit_2_naming_the_flag(flags, message, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 8, "head_dim": [64]}))
+    mrope = {"num_attention_heads": 8, "head_dim": 64, "rope_scaling": {"mrope_section": [8]}}
+    (tmp_path / "mrope.json").write_text(json.dumps(mrope))
+    paths = {"{file}": "file", "{config}": "config.json", "{mrope}": "mrope.json"}
+    for name, path in paths.items():
+        flags = tuple(f.replace(name, str(tmp_path / path)) for f in flags)
+        message = message.replace(name, str(tmp_path / path))
+    monkeypatch.setattr(_cli, "run_bench", None)  # never reached
     with pytest.raises(SystemExit) as exc:
         _cli.main([*flags, "--no-progress"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert message in err
+    assert message in err and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
 
 
@@ -342,16 +358,7 @@ def test_every_flag_reaches_run_bench_or_the_outputs(tmp_path, monkeypatch):
     assert failed == []
 
 
-def test_model_flags_need_autotune_models(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "autotune.models", None)  # import fails
-    with pytest.raises(SystemExit) as exc:
-        _cli.main(["--model", "llama-3-8b", "--device", "cpu", "--no-progress"])
-    assert exc.value.code == 2
-    assert "--model/--model-config: need autotune.models" in capsys.readouterr().err
-
-
 def test_model_presets_and_hf_config(tmp_path):
-    pytest.importorskip("autotune.models", reason="the tuner's model presets are not merged yet")
     specs = parse_specs("--model", "llama-3-8b", "--tensor-parallel-size", "2", "--dtype", "fp16")
     assert [(s.num_heads, s.num_kv_heads, s.head_size, s.rotary_dim) for s in specs] == [
         (16, 4, 128, 128)
@@ -368,9 +375,8 @@ def test_model_presets_and_hf_config(tmp_path):
     assert spec.is_neox
 
 
+@pytest.mark.slow
 def test_module_entry_point_help():
-    import subprocess
-
     done = subprocess.run(
         [sys.executable, "-m", "autotune.bench", "--help"], capture_output=True, text=True
     )
@@ -379,7 +385,7 @@ def test_module_entry_point_help():
     assert "example: python -m autotune.bench" in done.stdout
 
 
-# -- on the GPU (the lead runs these) -------------------------------------------------------------
+# -- on the GPU -----------------------------------------------------------------------------------
 
 
 @pytest.mark.gpu

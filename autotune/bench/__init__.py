@@ -1,6 +1,6 @@
 """``python -m autotune.bench``: RoPE providers compared on one device, done right.
 
-The seed's interface (vLLM's ``benchmarks/kernels/benchmark_rope.py``) and default grid: batch
+The interface and default grid of vLLM's ``benchmarks/kernels/benchmark_rope.py``: batch
 size 1, 4, 16, 64 x sequence length 64, 128, 256, 512 x 32 and 48 heads, head 128, rotary 32,
 NeoX style::
 
@@ -48,19 +48,40 @@ From Python::
     write_csv(result.rows, "rope_results/rope_benchmark.csv")
 """
 
-from ._cli import build_parser, main, specs_from_args
-from ._models import model_specs
-from ._plots import plot_results
-from ._report import CSV_NAME, format_skipped, format_table, write_csv
-from ._run import (
-    CSV_COLUMNS,
-    PSEUDO_PROVIDERS,
-    BenchResult,
-    Skipped,
-    all_provider_names,
-    measure_copy_bandwidth,
-    run_bench,
-)
+from __future__ import annotations
+
+# Without the tune extra, or with another package named kernels, the imports fail: the package
+# still imports, so that ``python -m autotune.bench`` can say what to install, and each name
+# raises the reason when used.
+try:
+    from ._cli import build_parser, main, specs_from_args
+    from ._models import model_specs
+    from ._plots import plot_results
+    from ._report import CSV_NAME, format_skipped, format_table, write_csv
+    from ._run import (
+        CSV_COLUMNS,
+        PSEUDO_PROVIDERS,
+        BenchResult,
+        Skipped,
+        all_provider_names,
+        measure_copy_bandwidth,
+        run_bench,
+    )
+except ImportError as _import_error:
+    _IMPORT_ERROR: ImportError | None = _import_error
+else:
+    _IMPORT_ERROR = None
+
+
+def __getattr__(name: str):
+    if _IMPORT_ERROR is not None and name in __all__:
+        from .._environment import environment_problem
+
+        raise ImportError(f"autotune.bench.{name}: {environment_problem() or _IMPORT_ERROR}") from (
+            _IMPORT_ERROR
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CSV_COLUMNS",

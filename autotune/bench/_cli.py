@@ -12,6 +12,7 @@ import torch
 from kernels import RopeSpec, parse_dtype
 
 from .._device import DeviceError, resolve_device
+from .._preflight import OneLineParser, check_output_dir, seed
 from ._models import model_specs
 from ._plots import plot_results
 from ._report import CSV_NAME, format_skipped, format_table, write_csv
@@ -21,7 +22,7 @@ __all__ = ["build_parser", "main", "specs_from_args"]
 
 logger = logging.getLogger("autotune.bench")
 
-# The seed's grid (vLLM's benchmarks/kernels/benchmark_rope.py).
+# The default grid: that of vLLM's benchmarks/kernels/benchmark_rope.py.
 DEFAULT_BATCH_SIZES = (1, 4, 16, 64)
 DEFAULT_SEQ_LENS = (64, 128, 256, 512)
 DEFAULT_NUM_HEADS = (32, 48)
@@ -78,7 +79,7 @@ def _providers(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (every flag with an example in its help)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m autotune.bench",
         description=(
             "Compare RoPE providers (torch, torch_compile, triton with its default and tuned "
@@ -92,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--is-neox-style --device cuda:0 --save-path ./rope_results/"
         ),
     )
-    spec = parser.add_argument_group("spec (explicit; default: the seed's)")
+    spec = parser.add_argument_group(
+        "spec (explicit; default: head 128, rotary 32, NeoX, 32 and 48 heads)"
+    )
     spec.add_argument(
         "--head-size",
         type=_positive_int,
@@ -199,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="rotate input sets covering 3x the L2 so data comes from HBM (default on); "
         "--no-rotate-buffers measures L2-resident inputs",
     )
-    grid.add_argument("--seed", type=int, default=0, help="input seed, e.g. --seed 1 (default 0)")
+    grid.add_argument(
+        "--seed", type=seed, default=0, help="input seed, 0 to 2**32-1, e.g. --seed 1 (default 0)"
+    )
     grid.add_argument(
         "--table-dir",
         type=Path,
@@ -209,8 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     out = parser.add_argument_group("output")
     out.add_argument(
         "--save-path",
-        type=Path,
-        default=Path("./rope_results/"),
+        default="./rope_results/",
         help=f"directory for {CSV_NAME} and the PNG plots, e.g. --save-path ./rope_results/ "
         "(default ./rope_results/)",
     )
@@ -309,8 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # font cache notices
     try:
-        device = _device(args.device)
         specs = specs_from_args(args)
+        save_path = check_output_dir(args.save_path, "--save-path")
+        device = _device(args.device)
     except ValueError as exc:
         parser.error(str(exc))  # one line and exit status 2
     result = run_bench(
@@ -330,11 +335,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     skipped = format_skipped(result.skipped)
     if skipped:
         print("\n" + skipped)
-    csv_path = write_csv(result.rows, args.save_path / CSV_NAME)
+    csv_path = write_csv(result.rows, save_path / CSV_NAME)
     print(f"\nwrote {csv_path}")
     if args.plots and result.rows:
         for path in plot_results(
-            result.rows, args.save_path, copy_bandwidth=result.copy_bandwidth, title=result.device
+            result.rows, save_path, copy_bandwidth=result.copy_bandwidth, title=result.device
         ):
             print(f"wrote {path}")
     return 0 if result.rows else 1

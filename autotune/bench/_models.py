@@ -1,8 +1,5 @@
-"""Specs from the tuner's model presets and Hugging Face configs (``autotune.models``).
-
-The only place the bench depends on the tuner's model module, imported when first needed so
-that the bench runs without it for explicit specs.
-"""
+"""Specs from the tuner's model presets and Hugging Face configs (:mod:`autotune.models`), with
+the bench's default dtype."""
 
 from __future__ import annotations
 
@@ -11,6 +8,8 @@ from collections.abc import Sequence
 import torch
 
 from kernels import RopeSpec
+
+from ..models import model_specs as _model_specs
 
 __all__ = ["model_specs"]
 
@@ -34,17 +33,9 @@ def model_specs(
         is_neox: Rope style of the ``model_configs``; None for the config's own.
 
     Raises:
-        ValueError: an unknown preset, a bad config, a tensor-parallel size that does not
-            divide the heads, or ``autotune.models`` missing.
+        ValueError: an unknown preset, a bad config (the message names the field), a model
+            with mRoPE, or a tensor-parallel size that does not divide the heads.
     """
-    try:
-        from autotune.models import model_specs as _model_specs
-    except ImportError as exc:
-        raise ValueError(
-            "--model/--model-config: need autotune.models (the tuner's model presets), which "
-            f"this installation lacks ({exc}); give the spec with --head-size, --rotary-dim, "
-            "--num-heads and --num-kv-heads instead"
-        ) from None
     return _model_specs(
         models,
         model_configs,
