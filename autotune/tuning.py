@@ -17,9 +17,9 @@ from kernels import RopeSpec, provider_names
 from kernels.table import TIMING_MODES, device_metadata, empty_table
 
 from ._device import resolve_device
+from ._preflight import MAX_SEED, check_output_dir
 from .distributed import DEFAULT_GRACE_S, run_worker
 from .export import build_tables, write_device_table
-from ._preflight import MAX_SEED, check_output_dir
 from .models import DEFAULT_TOKENS, MAX_TOKENS
 from .objective import Objective
 from .processes import WorkerJob, check_devices, run_processes
