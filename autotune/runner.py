@@ -133,7 +133,9 @@ class StudyRunner:
             study_name=key.name,
             direction="minimize",
             load_if_exists=True,
-            sampler=make_sampler(space, self.trials, self.seed, key.name),
+            sampler=make_sampler(
+                self.trials, self.seed, providers=len(space.providers), study_name=key.name
+            ),
         )
         if "revisions" not in study.user_attrs:
             for attr, value in key.attrs(self.metadata).items():

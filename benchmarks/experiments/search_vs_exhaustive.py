@@ -9,11 +9,11 @@ the search pick's rank in the sweep, and the evaluations each needed.
 
 GPU (what the lead runs on the H200)::
 
-    python benchmarks/search_vs_exhaustive.py --device cuda:0 --json search_vs_exhaustive.json
+    python benchmarks/experiments/search_vs_exhaustive.py --device cuda:0 --json search_vs_exhaustive.json
 
 CPU smoke check (Triton under the interpreter; tiny spec, part of the space)::
 
-    TRITON_INTERPRET=1 python benchmarks/search_vs_exhaustive.py --device cpu \\
+    TRITON_INTERPRET=1 python benchmarks/experiments/search_vs_exhaustive.py --device cpu \\
         --spec q2_kv1_d16_r16_neox_float32 --tokens 8 --trials 6 --sweep-limit 24 --repeats 3
 """
 
@@ -28,12 +28,14 @@ from pathlib import Path
 import optuna
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from autotune.measure import check_correct, time_rope
-from autotune.precompile import precompile_triton
-from autotune.search import GATE_TOKENS, CandidateSpace, StudyKey, StudyRunner
-from autotune.tune import DEFAULT_TRIALS, resolve_device
+from autotune._device import resolve_device
+from autotune.objective import GATE_TOKENS, Objective
+from autotune.runner import StudyRunner
+from autotune.space import CandidateSpace
+from autotune.tuning import DEFAULT_TRIALS
 from kernels import RopeSpec, get_provider
 from kernels.table import device_metadata
 
@@ -67,10 +69,10 @@ def search(spec, tokens, device, trials, seed, mode, time_kwargs):
     """The tuner's study for one bucket; its best config and how many trials it took."""
     metadata = device_metadata(device)
     runner = StudyRunner(
-        optuna.storages.InMemoryStorage(), device, metadata["device_name"], metadata, trials,
-        seed=seed, time_kwargs=time_kwargs,
+        optuna.storages.InMemoryStorage(), Objective(device, seed, time_kwargs), metadata,
+        trials, seed,
     )  # fmt: skip
-    key = StudyKey(metadata["device_name"], mode, spec, tokens, ("triton",))
+    key = runner.key(mode, spec, tokens, ("triton",))
     runner.run(key)
     study = optuna.load_study(study_name=key.name, storage=runner.storage)
     trials = study.get_trials(deepcopy=False)
@@ -139,10 +141,6 @@ def main(argv=None) -> int:
     for spec_key in args.spec or DEFAULT_SPECS:
         spec = RopeSpec.from_key(spec_key)
         space = CandidateSpace.build(spec, ["triton"], device)
-        precompile_triton(
-            spec, [c.config for c in space.valid if c.provider == "triton"][: args.sweep_limit],
-            device,
-        )  # fmt: skip
         for tokens in (int(t) for t in args.tokens.split(",")):
             times = sweep(spec, tokens, device, space, args.sweep_limit, args.timing, time_kwargs)
             swept = len(times)

@@ -5,12 +5,10 @@ No GPU: every trial looks its time up in a ``roofline.py --sweep`` CSV. The samp
 tuner's (TPE, multivariate, grouped, constant liar, the same startup count) and the study's
 first trial is the token-aware default, as in a real study; but the space is the sweep's axes
 (configs the sweep did not time cannot be replayed), so the result is a bound on what the
-search finds in the full space with the same budget. ``--batch`` replays asking several trials
-before telling any (what ``--compile-workers`` does), to see what that costs the search.
+search finds in the full space with the same budget.
 
-    python benchmarks/search_replay.py benchmarks/results/roofline_losing_h200.csv --trials 20,48
-    python benchmarks/search_replay.py benchmarks/results/roofline_losing_h200.csv --trials 20 \
-        --batch 1,4,8 --seeds 12
+    python benchmarks/experiments/search_replay.py benchmarks/results/roofline_losing_h200.csv \
+        --trials 20,48
 """
 
 from __future__ import annotations
@@ -21,13 +19,13 @@ import collections
 import csv
 import statistics
 import sys
-import warnings
 from pathlib import Path
 
 import optuna
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from autotune.sampler import make_sampler
 from kernels import RopeSpec
 from kernels.providers._triton import default_triton_config
 
@@ -51,43 +49,27 @@ def load_sweep(path: Path) -> tuple[dict[Point, dict[ConfigKey, float]], dict[Po
     return triton, others
 
 
-def replay(
-    times: dict[ConfigKey, float], first: dict, trials: int, seed: int, batch: int = 1
-) -> float:
-    """The best time a study of ``trials`` timed configs finds, sampling the sweep's axes and
-    asking ``batch`` trials before telling their times."""
+def replay(times: dict[ConfigKey, float], first: dict, trials: int, seed: int) -> float:
+    """The best time a study of ``trials`` timed configs finds, sampling the sweep's axes."""
     seen: dict[str, set[int]] = collections.defaultdict(set)
     for key in times:
         for name, value in key:
             seen[name].add(value)
     axes = {name: sorted(values) for name, values in seen.items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(
-            multivariate=True,
-            group=True,
-            constant_liar=True,
-            n_startup_trials=min(10, trials // 3),
-            seed=seed,
-        )
-    study = optuna.create_study(sampler=sampler)
+    study = optuna.create_study(sampler=make_sampler(trials, seed))
     if tuple(sorted(first.items())) in times:
         study.enqueue_trial({name: axes[name].index(first[name]) for name in axes})
     best, timed = float("inf"), 0
     while timed < trials:
-        asked = []
-        while len(asked) < min(batch, trials - timed):
-            trial = study.ask()
-            config = {n: v[trial.suggest_int(n, 0, len(v) - 1)] for n, v in axes.items()}
-            median = times.get(tuple(sorted(config.items())))
-            if median is None:  # not in the sweep (invalid there): costs no budget, as in a study
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                continue
-            asked.append((trial, median))
-        for trial, median in asked:
-            study.tell(trial, median)
-            timed += 1
-            best = min(best, median)
+        trial = study.ask()
+        config = {n: v[trial.suggest_int(n, 0, len(v) - 1)] for n, v in axes.items()}
+        median = times.get(tuple(sorted(config.items())))
+        if median is None:  # not in the sweep (invalid there): costs no budget, as in a study
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            continue
+        study.tell(trial, median)
+        timed += 1
+        best = min(best, median)
     return best
 
 
@@ -98,25 +80,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", type=Path, help="a roofline.py --sweep CSV")
     parser.add_argument("--trials", default="20,48", help="study budgets, e.g. 20,48")
     parser.add_argument("--seeds", type=int, default=20, help="replays per budget, e.g. 20")
-    parser.add_argument("--batch", default="1", help="trials asked at once, e.g. 1,4,8")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    runs = [(int(t), int(b)) for t in args.trials.split(",") for b in args.batch.split(",")]
+    runs = [int(t) for t in args.trials.split(",")]
 
     triton, others = load_sweep(args.sweep)
     print("point | sweep best | FlashInfer/vLLM | " + " | ".join(
-        f"{t} trials{f' in batches of {b}' if b > 1 else ''}: mean gap, runs beating them"
-        for t, b in runs
+        f"{t} trials: mean gap, runs beating them" for t in runs
     ))  # fmt: skip
-    gaps: dict[tuple[int, int], list[float]] = collections.defaultdict(list)
+    gaps: dict[int, list[float]] = collections.defaultdict(list)
     for (key, tokens), times in triton.items():
         best, rival = min(times.values()), others[(key, tokens)]
         first = default_triton_config(RopeSpec.from_key(key), tokens)
         cells = []
-        for budget, batch in runs:
-            found = [replay(times, first, budget, seed, batch) for seed in range(args.seeds)]
+        for budget in runs:
+            found = [replay(times, first, budget, seed) for seed in range(args.seeds)]
             gap = statistics.mean(f / best - 1 for f in found)
-            gaps[budget, batch].append(gap)
+            gaps[budget].append(gap)
             beats = sum(f < rival for f in found)
             cells.append(f"{100 * gap:+.1f}%, {beats}/{args.seeds}")
         print(f"{key} {tokens} | {best:.2f} us | {rival:.2f} us | " + " | ".join(cells))
