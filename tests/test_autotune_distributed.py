@@ -140,6 +140,7 @@ def assert_complete_without_duplicates(storage, buckets, target):
 # -- tests ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_cpu_workers_fill_one_table(storage_url, tmp_path):
     buckets = [1, 2, 3, 4]
     table = tune(
@@ -161,6 +162,7 @@ def test_two_cpu_workers_fill_one_table(storage_url, tmp_path):
     assert read_table(tmp_path / "x" / CPU_TABLE)["entries"] == table["entries"]
 
 
+@pytest.mark.slow
 def test_killed_worker_loses_no_finished_trial(storage_url, tmp_path):
     buckets = [1, 2, 3, 4, 5]
     argv = [
