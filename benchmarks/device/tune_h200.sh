@@ -10,8 +10,7 @@
 # A fresh machine resumes from a journal carried in .tune/ (studies.journal or the .xz a
 # previous call returned), else from the committed journal of the run behind
 # configs/NVIDIA_H200.json.
-# Run it as `TUNE_SECONDS=530 bash benchmarks/device_run.sh tune`, which first installs the
-# platformdirs wheel from .whl that the tuner imports and the machine lacks.
+# Run it as `TUNE_SECONDS=530 bash benchmarks/device/device_run.sh tune`.
 mkdir -p /tmp/tune/configs
 test -f /tmp/tune/studies.journal || cp .tune/studies.journal /tmp/tune/ 2>/dev/null \
   || { test -f .tune/tune_h200_studies.journal.xz \
@@ -37,8 +36,8 @@ test -n "${TUNE_SHAPES:-}" && read -r -a shapes <<< "$TUNE_SHAPES"
 space=("${shapes[@]}" --dtype "${TUNE_DTYPE:-bf16}"
   --tokens "${TUNE_TOKENS:-1,4,16,64,256,1024,4096,16384,65536}"
   --trials "${TUNE_TRIALS:-20}" --providers triton,vllm,flashinfer,torch)
-# TUNE_SPACE=default: the tuner's own default space, budget and providers (#6's table); its
-# studies start from these (autotune.search warm-starts a study from one over fewer providers).
+# TUNE_SPACE=default: the tuner's own default space, budget and providers; its studies start
+# from these (autotune.warm_start starts a study from one over fewer providers).
 test "${TUNE_SPACE:-}" = default && space=()
 timeout -s INT "${1:-300}" python3 -m autotune --device cuda:0 "${space[@]}" --timing graph \
   --storage /tmp/tune/studies.journal --output /tmp/tune/configs --save-path /tmp/tune/csv \
