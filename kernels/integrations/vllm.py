@@ -1,0 +1,281 @@
+"""vLLM plugin: vLLM's RoPE layers run the kernel :func:`kernels.select_rope` picks.
+
+Installed as the entry point ``rope_autotune`` in the group ``vllm.general_plugins``; vLLM calls
+:func:`register` in every process it starts (all plugins by default, or only those named in
+``VLLM_PLUGINS``). :func:`register` overrides, with ``CustomOp.register_oot``, each class in
+:data:`COVERED_CLASSES` that the installed vLLM has and whose CUDA path is still the base rotary
+op on the layer's own ``[max_position, rotary_dim]`` cache (checked per class: its
+``forward_cuda``, ``forward_native`` and cache conversion are ``RotaryEmbedding``'s own).
+
+The override's ``forward_cuda`` converts the layer's cache exactly as vLLM's does
+(``_match_cos_sin_cache_dtype``: to the query's dtype and device, kept on the layer), then rotates
+``query`` and ``key`` (or only ``query`` when ``key`` is None) in place with the selector for
+the call's spec, and returns ``(query, key)``. Selectors are built on first use, one per spec
+(head size, rotary dim, heads read from the tensors, style, dtype, device) and shared by every
+layer with that spec. Inside ``torch.compile`` the call is one opaque op,
+``torch.ops.rope_autotune.vllm_rotary_embedding``, with vLLM's rotary op's signature and a fake
+implementation, so the graph does not break.
+
+The overrides keep the in-tree ``name`` (``rotary_embedding``), so vLLM's switch
+``custom_ops=["+rotary_embedding"]`` / ``["-rotary_embedding"]`` turns them on and off as it
+does vLLM's own op. vLLM's fusion passes (QK-norm+RoPE, RoPE+KV-cache) match vLLM's own rotary
+op in the graph; with the override on, they find ours instead and do not fuse.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import torch
+
+from kernels import RopeSelector, select_rope
+
+__all__ = [
+    "COVERED_CLASSES",
+    "register",
+    "registered_overrides",
+    "selector_for",
+    "unregister",
+]
+
+# "vllm." so that vLLM's logging configuration shows these lines.
+logger = logging.getLogger("vllm.rope_autotune")
+
+# vLLM 0.26.0's RoPE classes whose forward_cuda is RotaryEmbedding.forward_cuda: the base rotary
+# op on the layer's own cos/sin cache. They differ only in how the cache is computed.
+COVERED_CLASSES: tuple[str, ...] = (
+    "RotaryEmbedding",
+    "LinearScalingRotaryEmbedding",  # several caches stacked; positions carry the offset
+    "NTKScalingRotaryEmbedding",
+    "DynamicNTKScalingRotaryEmbedding",
+    "DynamicNTKAlphaRotaryEmbedding",
+    "Llama3RotaryEmbedding",
+    "YaRNScalingRotaryEmbedding",  # the magnitude scale is folded into the cache
+    "TeleChat3RoPEScaledRotaryEmbedding",  # a YaRN variant
+    "Gemma4RotaryEmbedding",  # rotary_dim = head_size, zero frequencies past the rotated part
+)
+
+_is_compiling = torch.compiler.is_compiling
+
+RopeCall = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], None]
+
+# (head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device) -> rope callable
+_ROPES: dict[tuple, RopeCall] = {}
+_BUILD_LOCK = threading.Lock()
+_REGISTER_LOCK = threading.Lock()
+_OVERRIDES: dict[str, type] = {}  # in-tree class name -> our override class
+
+
+def _num_heads(x: torch.Tensor, token_dims: int, head_size: int) -> int:
+    # [T, H, D] / [B, S, H, D] give heads a dimension; [T, H*D] / [B, S, H*D] pack them.
+    return x.shape[-2] if x.dim() - token_dims == 2 else x.shape[-1] // head_size
+
+
+def _build(sig: tuple) -> RopeCall:
+    """The rope callable for ``sig``: a selector, or vLLM's own op when none can be built."""
+    with _BUILD_LOCK:
+        fn = _ROPES.get(sig)
+        if fn is not None:
+            return fn
+        head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device = sig
+        try:
+            selector = select_rope(
+                head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device
+            )
+        except (ValueError, TypeError, RuntimeError) as exc:
+            logger.warning(
+                "rope-autotune: cannot select a RoPE kernel for head_size=%d rotary_dim=%d "
+                "heads=%d/%d %s on %s (%s); this shape runs vLLM's own op",
+                head_size,
+                rotary_dim,
+                num_heads,
+                num_kv_heads,
+                dtype,
+                device,
+                exc,
+            )
+            fn = _vllm_op(head_size, is_neox)
+        else:
+            logger.info(
+                "rope-autotune: vLLM RoPE %s on %s runs %s; 1 token: %s",
+                selector.spec.key,
+                device,
+                selector,
+                selector.explain(1),
+            )
+            fn = selector
+        _ROPES[sig] = fn
+        return fn
+
+
+def _vllm_op(head_size: int, is_neox: bool) -> RopeCall:
+    from vllm import _custom_ops as ops
+
+    def run(positions, query, key, cos_sin_cache):
+        ops.rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
+
+    return run
+
+
+def _rotary_embedding(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    head_size: int,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+) -> None:
+    token_dims = positions.dim()
+    num_heads = _num_heads(query, token_dims, head_size)
+    num_kv_heads = num_heads if key is None else _num_heads(key, token_dims, head_size)
+    sig = (
+        head_size,
+        cos_sin_cache.shape[-1],
+        num_heads,
+        num_kv_heads,
+        is_neox,
+        query.dtype,
+        query.device,
+    )
+    fn = _ROPES.get(sig)
+    if fn is None:
+        fn = _build(sig)
+    fn(positions, query, key, cos_sin_cache)
+
+
+@torch.library.custom_op("rope_autotune::vllm_rotary_embedding", mutates_args=("query", "key"))
+def _rotary_embedding_op(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    head_size: int,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+) -> None:
+    """In-place RoPE with vLLM's rotary op's signature, through the selector for the call."""
+    _rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
+
+
+@_rotary_embedding_op.register_fake
+def _rotary_embedding_fake(positions, query, key, head_size, cos_sin_cache, is_neox) -> None:
+    return None  # in place: shapes and strides unchanged
+
+
+class _SelectedRope:
+    """Mixed in front of a covered vLLM class: its CUDA path goes through ``select_rope``."""
+
+    def forward_cuda(
+        self,
+        positions: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # vLLM's conversion: the cache in the query's dtype and device, stored on the layer.
+        cos_sin_cache = self._match_cos_sin_cache_dtype(query)
+        if _is_compiling():
+            torch.ops.rope_autotune.vllm_rotary_embedding(
+                positions, query, key, self.head_size, cos_sin_cache, self.is_neox_style
+            )
+        else:
+            _rotary_embedding(
+                positions, query, key, self.head_size, cos_sin_cache, self.is_neox_style
+            )
+        return query, key
+
+
+def _base_path_reason(cls: type, base: type) -> str | None:
+    """Why ``cls`` does not run ``base``'s rotary op on its own cache, or None when it does."""
+    if not issubclass(cls, base):
+        return f"is not a subclass of {base.__name__}"
+    for method in ("forward_cuda", "forward_native", "forward", "_match_cos_sin_cache_dtype"):
+        if getattr(cls, method) is not getattr(base, method):
+            return f"overrides {method}"
+    return None
+
+
+def register() -> None:
+    """Override vLLM's covered RoPE classes (the plugin's entry point; safe to call again).
+
+    Classes missing from the installed vLLM, or whose CUDA path is no longer the base op, are
+    left to vLLM, with one log line each.
+    """
+    from vllm.model_executor.custom_op import CustomOp, op_registry_oot
+    from vllm.model_executor.layers import rotary_embedding as rope_module
+
+    base = rope_module.RotaryEmbedding
+    with _REGISTER_LOCK:
+        for name in COVERED_CLASSES:
+            if name in _OVERRIDES and op_registry_oot.get(name) is _OVERRIDES[name]:
+                continue
+            cls = getattr(rope_module, name, None)
+            if cls is None:
+                logger.info("rope-autotune: this vLLM has no %s; nothing to override", name)
+                continue
+            reason = _base_path_reason(cls, base)
+            if reason is not None:
+                logger.warning("rope-autotune: leaving %s to vLLM: it %s", name, reason)
+                continue
+            if name in op_registry_oot:
+                logger.warning(
+                    "rope-autotune: leaving %s to %s, registered out of tree already",
+                    name,
+                    op_registry_oot[name].__qualname__,
+                )
+                continue
+            override = type(f"RopeAutotune{name}", (_SelectedRope, cls), {"__module__": __name__})
+            CustomOp.register_oot(override, name=name)
+            # register_oot renames the op to the class name; keep the switch users know.
+            override.name = cls.name
+            _OVERRIDES[name] = override
+        logger.info(
+            "rope-autotune: vLLM RoPE layers %s run select_rope when the custom op %r is on",
+            ", ".join(sorted(_OVERRIDES)),
+            base.name,
+        )
+
+
+def unregister() -> None:
+    """Undo :func:`register`: layers built afterwards are vLLM's own again."""
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    with _REGISTER_LOCK:
+        for name, override in list(_OVERRIDES.items()):
+            if op_registry_oot.get(name) is override:
+                del op_registry_oot[name]
+            del _OVERRIDES[name]
+
+
+def registered_overrides() -> dict[str, type]:
+    """In-tree class name -> override class, for the classes :func:`register` overrode."""
+    return dict(_OVERRIDES)
+
+
+def selector_for(
+    layer: torch.nn.Module,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> RopeSelector | None:
+    """The selector an overridden ``layer`` uses for calls with these heads (built if needed),
+    or None when it runs vLLM's own op; ``print(selector.explain(num_tokens))`` says why.
+
+    ``dtype`` and ``device`` default to the layer's cache's; ``num_kv_heads`` to ``num_heads``.
+    """
+    cache = layer.cos_sin_cache
+    device = torch.device(device) if device is not None else cache.device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    sig = (
+        layer.head_size,
+        cache.shape[-1],
+        num_heads,
+        num_kv_heads if num_kv_heads is not None else num_heads,
+        layer.is_neox_style,
+        dtype if dtype is not None else layer.dtype,
+        device,
+    )
+    fn = _ROPES.get(sig) or _build(sig)
+    return fn if isinstance(fn, RopeSelector) else None
