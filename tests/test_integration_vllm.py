@@ -215,6 +215,21 @@ def test_the_rotary_embedding_switch_turns_the_override_on_and_off(custom_ops, r
     assert (forward is plugin._SelectedRope.forward_cuda) == runs_override
 
 
+@pytest.mark.parametrize("fusion", plugin.FUSION_PASSES)
+def test_a_fusion_pass_on_keeps_vllms_own_op(fusion):
+    """vLLM turns the custom op on for these passes, which match its own op: the layer keeps it."""
+    config = VllmConfig(
+        device_config=DeviceConfig(device="cpu"),
+        compilation_config=CompilationConfig(custom_ops=["none", "+rotary_embedding"]),
+    )
+    setattr(config.compilation_config.pass_config, fusion, True)  # the CPU turns them off
+    with set_current_vllm_config(config):
+        rope = rope_module.get_rope(64, MAX_POSITION, True, dict(COVERED["RotaryEmbedding"]))
+    assert type(rope) is plugin.registered_overrides()["RotaryEmbedding"]
+    forward = rope._forward_method
+    assert forward.__func__ is rope_module.RotaryEmbedding.forward_cuda and forward.__self__ is rope
+
+
 @pytest.mark.slow
 def test_vllm_loads_the_plugin_through_its_entry_point(tmp_path):
     """vLLM's own load_general_plugins, in a fresh process, finds the entry point pyproject.toml

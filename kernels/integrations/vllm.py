@@ -18,8 +18,9 @@ implementation, so the graph does not break.
 
 The overrides keep the in-tree ``name`` (``rotary_embedding``), so vLLM's switch
 ``custom_ops=["+rotary_embedding"]`` / ``["-rotary_embedding"]`` turns them on and off as it
-does vLLM's own op. vLLM's fusion passes (QK-norm+RoPE, RoPE+KV-cache) match vLLM's own rotary
-op in the graph; with the override on, they find ours instead and do not fuse.
+does vLLM's own op. vLLM's fusion passes (:data:`FUSION_PASSES`: QK-norm+RoPE, RoPE+KV-cache)
+match vLLM's own rotary op in the compiled graph and would not find ours, so a layer built while
+one of them is on keeps vLLM's op (one warning).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from kernels import RopeSelector, select_rope
 
 __all__ = [
     "COVERED_CLASSES",
+    "FUSION_PASSES",
     "register",
     "registered_overrides",
     "selector_for",
@@ -163,8 +165,34 @@ def _rotary_embedding_fake(positions, query, key, head_size, cos_sin_cache, is_n
     return None  # in place: shapes and strides unchanged
 
 
+# vLLM's compile passes that fuse its own rotary op with neighbours; they match
+# torch.ops._C.rotary_embedding, so a layer built while one is on keeps vLLM's op.
+FUSION_PASSES: tuple[str, ...] = (
+    "enable_qk_norm_rope_fusion",
+    "fuse_rope_kvcache",
+    "fuse_qk_norm_rope_kvcache",
+)
+
+
 class _SelectedRope:
     """Mixed in front of a covered vLLM class: its CUDA path goes through ``select_rope``."""
+
+    def dispatch_forward(self, *args, **kwargs):
+        forward = super().dispatch_forward(*args, **kwargs)
+        if getattr(forward, "__func__", None) is not _SelectedRope.forward_cuda:
+            return forward  # custom op off (forward_native) or another platform's path
+        from vllm.config import get_cached_compilation_config
+
+        pass_config = get_cached_compilation_config().pass_config
+        fusing = [name for name in FUSION_PASSES if getattr(pass_config, name, False)]
+        if fusing:
+            logger.warning(
+                "rope-autotune: %s keeps vLLM's rotary op: the fusion pass %s matches it",
+                type(self).__name__,
+                ", ".join(fusing),
+            )
+            return super().forward_cuda  # the in-tree class's own CUDA path
+        return forward
 
     def forward_cuda(
         self,
