@@ -23,8 +23,6 @@ match vLLM's own rotary op in the compiled graph and would not find ours, so a l
 one of them is on keeps vLLM's op (one warning).
 """
 
-from __future__ import annotations
-
 import logging
 import threading
 from collections.abc import Callable
