@@ -11,8 +11,9 @@ same inputs (q and k column slices of a fused qkv tensor, random positions):
   eager back-to-back calls (median, microseconds; ``autotune.measure.time_rope``);
 - under ``torch.compile`` (Inductor, ``fullgraph=True``): vLLM's ``forward_native`` (what vLLM
   compiles when custom ops are off, its default with Inductor) against the override (custom op
-  ``+rotary_embedding``), graph replay, and the number of graphs Dynamo compiled for the override
-  (one per token count at most, no graph break).
+  ``+rotary_embedding``), graph replay, and the number of graphs Dynamo has compiled for the
+  override so far for this model (``fullgraph=True``: a graph break would raise; the first token
+  count compiles a static graph, the second a dynamic one that serves the rest).
 
 Writes ``vllm_layer.csv`` and ``vllm_layer.txt`` to ``$OUT`` (or ``--out``) and prints the table.
 

@@ -309,7 +309,6 @@ def test_one_selector_per_spec_shared_by_layers():
     assert selector.explain(3).provider == "torch"
 
 
-@pytest.mark.slow
 def test_compiled_layer_keeps_one_graph_with_our_op():
     """Under torch.compile (fullgraph, as vLLM compiles) the override is one opaque op: no graph
     break, and the compiled outputs equal the eager ones."""
