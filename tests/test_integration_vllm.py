@@ -78,7 +78,7 @@ NOT_COVERED = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def registered():
+def plugin_registered():
     plugin.register()
     yield
     plugin.unregister()
