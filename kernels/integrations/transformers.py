@@ -10,7 +10,8 @@ every attention layer calls its modeling module's ``apply_rotary_pos_emb(q, k, c
 
 - A forward hook on each rotary module converts that forward's ``cos``/``sin`` once into our
   contract: a per-token cache ``[B*S, D]`` (cos half, then sin half) and positions ``[B, S]``
-  indexing it (``0 .. B*S-1``). All layers share it; nothing is copied per layer.
+  indexing it (``0 .. B*S-1``; the rows repeat per sequence when ``cos`` is ``[1, S, D]``,
+  broadcast over the batch). All layers share it; nothing is copied per layer.
 - The modeling module's ``apply_rotary_pos_emb`` is replaced by a wrapper that recognises that
   forward's ``cos``/``sin`` (by identity), rotates ``q`` and ``k`` in place through their
   ``[B, S, H, D]`` views with the selector for their spec, and returns them. Any other call (a
@@ -19,9 +20,11 @@ every attention layer calls its modeling module's ``apply_rotary_pos_emb(q, k, c
 
 Supported: models whose modeling module's ``apply_rotary_pos_emb`` is Llama's NeoX rotation
 (checked against the original on random inputs when patching) and whose rotary module returns
-``cos``/``sin`` of shape ``[B, S, D]`` with equal halves (checked by a probe call). Partial-rotary
-callers (which pass the rotated slice of each head) are covered as well. The layers must use only
-the returned tensors, as transformers' attention code does: ``q`` and ``k`` change in place.
+``cos``/``sin`` of shape ``[B, S, D]`` with equal halves (checked by a probe call). Partial rotary
+is covered both ways: callers that pass the rotated slice of each head (Phi), and functions that
+rotate the first ``cos.shape[-1]`` elements of a wider head (GPT-NeoX; checked as well). The
+layers must use only the returned tensors, as transformers' attention code does: ``q`` and ``k``
+change in place.
 """
 
 from __future__ import annotations
