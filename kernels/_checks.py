@@ -1,16 +1,29 @@
-"""Host-side checks at the public boundary: shapes, dtypes, strides and devices only.
+"""Checks at the public boundary.
 
-Nothing here touches device memory: no synchronization, no allocation, so the checks are safe
-on the hot path and inside CUDA graph capture.
+:func:`check_rope_args`, :func:`qk_layout` and :func:`call_checker` read tensor metadata only
+(shapes, dtypes, strides, devices): no synchronization, no allocation, so they are safe on the
+hot path and inside CUDA graph capture. :func:`check_positions_in_cache` reads the positions
+themselves (a host-device sync on CUDA): it runs in ``Provider.apply`` and in the selector's
+debug mode only.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from ._spec import RopeSpec
 
-__all__ = ["Layout", "check_rope_args", "qk_layout"]
+__all__ = [
+    "CallCheck",
+    "Layout",
+    "call_checker",
+    "check_positions_in_cache",
+    "check_rope_args",
+    "check_spec_args",
+    "qk_layout",
+]
 
 _QK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _POSITION_DTYPES = (torch.int32, torch.int64)
@@ -160,3 +173,128 @@ def check_rope_args(
         dtype=query.dtype,
     )
     return spec, q_layout, k_layout
+
+
+def check_spec_args(
+    spec: RopeSpec,
+    device: torch.device,
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    cos_sin_cache: torch.Tensor,
+) -> None:
+    """:func:`check_rope_args`, then that the call is of ``spec`` on ``device``.
+
+    Raises:
+        TypeError, ValueError: the message names the argument, the expected and the actual.
+    """
+    actual, _, k_layout = check_rope_args(
+        positions, query, key, cos_sin_cache, spec.head_size, spec.is_neox
+    )
+    if query.device != device:
+        raise ValueError(f"query: expected device {device}, got {query.device}")
+    if actual.dtype != spec.dtype:
+        raise TypeError(f"query: expected {spec.dtype}, got {actual.dtype}")
+    if actual.num_heads != spec.num_heads:
+        raise ValueError(f"query: expected {spec.num_heads} heads, got {actual.num_heads}")
+    if k_layout is not None and k_layout[1] != spec.num_kv_heads:
+        raise ValueError(f"key: expected {spec.num_kv_heads} heads, got {k_layout[1]}")
+    if actual.rotary_dim != spec.rotary_dim:
+        raise ValueError(
+            f"cos_sin_cache: expected width rotary_dim={spec.rotary_dim}, got {actual.rotary_dim}"
+        )
+
+
+def check_positions_in_cache(positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    """Every position indexes a row of the cache (reads the positions: a sync on CUDA).
+
+    Raises:
+        ValueError: a position is negative or not below ``cos_sin_cache.shape[0]``.
+    """
+    if positions.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.aminmax(positions))
+    rows = cos_sin_cache.shape[0]
+    if low < 0 or high >= rows:
+        raise ValueError(
+            f"positions: expected values in [0, {rows}) (the cos_sin_cache rows), got values "
+            f"from {low} to {high}"
+        )
+
+
+# fn(positions, query, key, cos_sin_cache) -> num_tokens; raises TypeError/ValueError.
+CallCheck = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], int]
+
+
+def call_checker(spec: RopeSpec, device: torch.device, *, debug: bool = False) -> CallCheck:
+    """The per-call check of a selector for ``spec`` on ``device``; returns the token count.
+
+    Everything it compares is computed here, once: the common call (positions ``[T]`` or
+    ``[B, S]``, query and key ``[T, H*D]``, possibly column slices of a fused qkv tensor, the
+    cos/sin cache passed last time) costs a few integer and identity compares. Any other call
+    goes through :func:`check_spec_args`, which accepts every layout of the contract and names
+    the faulty argument. With ``debug``, positions are also checked against the cache rows
+    (:func:`check_positions_in_cache`, a device sync per call).
+
+    Raises (from the returned function):
+        TypeError, ValueError: the message names the argument.
+    """
+    dtype, rotary_dim = spec.dtype, spec.rotary_dim
+    q_width, k_width = spec.num_heads * spec.head_size, spec.num_kv_heads * spec.head_size
+    device_index = device.index if device.type == "cuda" else -1  # what get_device() returns
+    if device.type not in ("cuda", "cpu"):
+        device_index = None  # never matches: every call takes the full check
+    position_dtypes = _POSITION_DTYPES
+    cache_dtypes = (torch.float32, dtype)
+    # The last cos/sin cache that passed: a serving stack passes the same one on every call.
+    passed_cache: list[torch.Tensor | None] = [None]
+
+    def cache_ok(cache: torch.Tensor) -> bool:
+        if (
+            cache.dtype in cache_dtypes
+            and cache.get_device() == device_index
+            and cache.dim() == 2
+            and cache.shape[1] == rotary_dim
+            and cache.stride(1) == 1
+        ):
+            passed_cache[0] = cache
+            return True
+        return False
+
+    def check(positions, query, key, cos_sin_cache) -> int:
+        try:
+            num_tokens = positions.numel()
+            if (
+                query.dtype is dtype
+                and query.get_device() == device_index
+                and query.shape == (num_tokens, q_width)
+                and query.stride()[1] == 1
+                and positions.dtype in position_dtypes
+                and positions.get_device() == device_index
+                and positions.is_contiguous()
+                and (
+                    key is None
+                    or (
+                        key.dtype is dtype
+                        and key.get_device() == device_index
+                        and key.shape == (num_tokens, k_width)
+                        and key.stride()[1] == 1
+                    )
+                )
+                and (cos_sin_cache is passed_cache[0] or cache_ok(cos_sin_cache))
+            ):
+                return num_tokens
+        except AttributeError:  # not a tensor: the full check names it
+            pass
+        check_spec_args(spec, device, positions, query, key, cos_sin_cache)
+        return positions.numel()
+
+    if not debug:
+        return check
+
+    def check_debug(positions, query, key, cos_sin_cache) -> int:
+        num_tokens = check(positions, query, key, cos_sin_cache)
+        check_positions_in_cache(positions, cos_sin_cache)
+        return num_tokens
+
+    return check_debug

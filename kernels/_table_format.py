@@ -1,4 +1,4 @@
-"""Per-device tuning tables: schema, validation, atomic writes, merging and where they live.
+"""The tuning table's format: schema, validation, salvage of damaged tables, reading, merging.
 
 One JSON file per device, named from the device name (``NVIDIA H200`` -> ``NVIDIA_H200.json``)::
 
@@ -13,7 +13,7 @@ One JSON file per device, named from the device name (``NVIDIA H200`` -> ``NVIDI
       "entries": {
         "graph": {                                   # timing mode: "graph" or "eager"
           "q32_kv8_d128_r128_neox_bfloat16": {       # RopeSpec.key
-            "4096": {                                # token bucket
+            "4096": {                                # token bucket: canonical decimal ASCII
               "provider": "triton",
               "config": {"block_t": 4, "block_h": 8, ...},
               "median_us": 21.3, "p20_us": 21.1, "p80_us": 21.6,
@@ -27,53 +27,51 @@ One JSON file per device, named from the device name (``NVIDIA H200`` -> ``NVIDI
 
 ``providers_us`` holds each measured provider's best median, so a reader whose winning provider
 is unavailable can fall back to the next best one recorded. :func:`validate_table` is the one
-check that both the tuner (before writing) and the selector (after reading) apply.
+check that both the tuner (before writing) and the selector (after reading) apply;
+:func:`salvage_table` keeps the valid entries of a table with bad ones (merging).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
-import torch
 
 from ._spec import RopeSpec
+from .providers import get_provider, provider_names
 
 __all__ = [
-    "CONFIG_DIR_ENV",
     "SCHEMA_VERSION",
     "TIMING_MODES",
+    "RopeTableWarning",
     "TableError",
-    "device_metadata",
     "device_table_name",
     "empty_table",
-    "library_versions",
     "merge_tables",
+    "parse_table",
     "read_table",
-    "shipped_config_dir",
-    "table_search_path",
-    "user_config_dir",
+    "salvage_table",
     "validate_table",
-    "write_table",
 ]
 
 SCHEMA_VERSION = 1
 TIMING_MODES = ("graph", "eager")
-CONFIG_DIR_ENV = "ROPE_AUTOTUNE_CONFIG_DIR"
+# A token bucket as written by the tuner: a positive int in canonical decimal ASCII ("16", not
+# "016", "16.0" or "١٦"), so that str(int(key)) == key.
+_BUCKET = re.compile(r"[1-9][0-9]*", re.ASCII)
 
 
 class TableError(ValueError):
     """A tuning table that cannot be used; the message names the file and the fault."""
 
 
-# -- where tables live ---------------------------------------------------------------------------
+class RopeTableWarning(UserWarning):
+    """A tuning table was skipped, is stale, lost entries, or is missing; RoPE still runs."""
 
 
 def device_table_name(device_name: str) -> str:
@@ -82,106 +80,8 @@ def device_table_name(device_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "-", name) + ".json"
 
 
-def user_config_dir() -> Path:
-    """Where the tuner writes by default and ``select_rope`` looks second."""
-    import platformdirs  # light, but only needed here
-
-    return Path(platformdirs.user_config_dir("rope-autotune"))
-
-
-def shipped_config_dir() -> Path:
-    """Tables shipped with the package: ``kernels/configs`` once installed, else the
-    repository's ``configs/`` (a source checkout or editable install)."""
-    installed = Path(__file__).resolve().parent / "configs"
-    if installed.is_dir():
-        return installed
-    return Path(__file__).resolve().parent.parent / "configs"
-
-
-def table_search_path() -> list[Path]:
-    """Directories searched for a table, first match wins: ``$ROPE_AUTOTUNE_CONFIG_DIR``, the
-    user config directory, the shipped tables."""
-    dirs = []
-    env = os.environ.get(CONFIG_DIR_ENV)
-    if env:
-        dirs.append(Path(env).expanduser())
-    dirs += [user_config_dir(), shipped_config_dir()]
-    return dirs
-
-
-# -- metadata ------------------------------------------------------------------------------------
-
-
-_VERSION_LINE = re.compile(r"""^__version__\s*=\s*(?:version\s*=\s*)?["']([^"']+)["']""", re.M)
-
-
-def source_version(package: str) -> str | None:
-    """The version in ``<package>/_version.py`` of an importable package that has no
-    distribution metadata (vLLM's files put on the path without pip, as on a machine that
-    loads only its op library), read without importing the package; None when not found."""
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        path = Path(location) / "_version.py"
-        if path.is_file():
-            match = _VERSION_LINE.search(path.read_text(errors="replace"))
-            if match:
-                return match.group(1)
-    return None
-
-
-def library_versions() -> dict[str, str | None]:
-    """Versions of the libraries a measurement depends on; None for those not installed."""
-    from importlib import metadata
-
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    import triton
-
-    return {
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "flashinfer": version("flashinfer-python") or version("flashinfer"),
-        "vllm": version("vllm") or source_version("vllm"),
-        "rope_autotune": version("rope-autotune"),
-    }
-
-
-def device_metadata(device: torch.device | str) -> dict[str, Any]:
-    """The metadata header for a table measured on ``device``."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        name, capability, sms = (
-            props.name,
-            f"{props.major}.{props.minor}",
-            props.multi_processor_count,
-        )
-    else:
-        import platform
-
-        name, capability, sms = f"CPU {platform.machine()}", None, None
-    return {
-        "device_name": name,
-        "compute_capability": capability,
-        "sm_count": sms,
-        "versions": library_versions(),
-        "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def empty_table(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """A table with ``metadata`` and no entries."""
     return {
         "schema_version": SCHEMA_VERSION,
         "metadata": dict(metadata),
@@ -206,12 +106,54 @@ def validate_table(table: Any, known_providers: Iterable[str] | None = None) -> 
 
     Args:
         table: The decoded JSON.
-        known_providers: Provider names an entry may use; None accepts any name.
+        known_providers: Provider names an entry may use; None accepts any name. A registered
+            provider's config must also lie in its ``param_space``, value types included
+            (``4``, not ``4.0`` or ``True``).
 
     Raises:
         TableError: the first fault found, with its path in the table (file name not included).
     """
+    _validate_frame(table)
     known = None if known_providers is None else set(known_providers)
+    for where, bucket, entry in _entries(table):
+        _validate_entry(where, bucket, entry, known)
+
+
+def salvage_table(
+    table: Any, known_providers: Iterable[str] | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """Keep every entry of ``table`` that validates; drop the others.
+
+    Returns:
+        ``(table, dropped)``: a valid table (possibly without entries) and one line per dropped
+        entry or spec, naming its place in the table and the fault.
+
+    Raises:
+        TableError: the table's frame (top level, ``schema_version``, ``metadata``,
+            ``entries``) is off the schema: nothing in it can be trusted.
+    """
+    _validate_frame(table)
+    known = None if known_providers is None else set(known_providers)
+    kept = empty_table(table["metadata"])
+    dropped: list[str] = []
+    for mode, specs in table["entries"].items():
+        for spec_key, buckets in specs.items():
+            where = f"entries.{mode}.{spec_key}"
+            fault = _spec_fault(spec_key, buckets)
+            if fault is not None:
+                dropped.append(f"{where}: {fault}")
+                continue
+            for bucket, entry in buckets.items():
+                try:
+                    _validate_entry(f"{where}.{bucket}", bucket, entry, known)
+                except TableError as exc:
+                    dropped.append(str(exc))
+                    continue
+                kept["entries"][mode].setdefault(spec_key, {})[bucket] = entry
+    return kept, dropped
+
+
+def _validate_frame(table: Any) -> None:
     if not isinstance(table, dict):
         raise TableError(f"expected a JSON object at the top, got {type(table).__name__}")
     version = table.get("schema_version")
@@ -230,21 +172,51 @@ def validate_table(table: Any, known_providers: Iterable[str] | None = None) -> 
             raise TableError(f"entries: unknown timing mode {mode!r}, expected {TIMING_MODES}")
         if not isinstance(specs, dict):
             raise TableError(f"entries.{mode}: expected an object keyed by spec")
+
+
+def _spec_fault(spec_key: str, buckets: Any) -> str | None:
+    try:
+        RopeSpec.from_key(spec_key)
+    except ValueError as exc:
+        return str(exc)
+    if not isinstance(buckets, dict) or not buckets:
+        return "expected a non-empty object keyed by token count"
+    return None
+
+
+def _entries(table: dict) -> Iterable[tuple[str, str, Any]]:
+    """(place, bucket, entry) of every entry; raises TableError on a bad spec."""
+    for mode, specs in table["entries"].items():
         for spec_key, buckets in specs.items():
             where = f"entries.{mode}.{spec_key}"
-            try:
-                RopeSpec.from_key(spec_key)
-            except ValueError as exc:
-                raise TableError(f"{where}: {exc}") from None
-            if not isinstance(buckets, dict) or not buckets:
-                raise TableError(f"{where}: expected a non-empty object keyed by token count")
+            fault = _spec_fault(spec_key, buckets)
+            if fault is not None:
+                raise TableError(f"{where}: {fault}")
             for bucket, entry in buckets.items():
-                _validate_entry(f"{where}.{bucket}", bucket, entry, known)
+                yield f"{where}.{bucket}", bucket, entry
 
 
-def _validate_entry(where: str, bucket: str, entry: Any, known: set[str] | None) -> None:
-    if not (isinstance(bucket, str) and bucket.isdigit() and int(bucket) > 0):
-        raise TableError(f"{where}: token bucket must be a positive integer, got {bucket!r}")
+def _config_fault(provider: str, config: Any) -> str | None:
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        return f"expected null or an object, got {config!r}"
+    if provider in provider_names():
+        return get_provider(provider).config_fault(config)
+    # An unregistered provider (any name accepted): only plain JSON scalars, no floats, whose
+    # equality with ints (4.0 == 4) would let a non-canonical value through.
+    for name, value in config.items():
+        if not isinstance(value, (int, str, bool)):
+            return f"{name}: expected an int, string or bool, got {value!r}"
+    return None
+
+
+def _validate_entry(where: str, bucket: Any, entry: Any, known: set[str] | None) -> None:
+    if not (isinstance(bucket, str) and _BUCKET.fullmatch(bucket)):
+        raise TableError(
+            f"{where}: token bucket must be a positive integer in canonical decimal form, "
+            f"got {bucket!r}"
+        )
     if not isinstance(entry, dict):
         raise TableError(f"{where}: expected an object")
     provider = entry.get("provider")
@@ -252,12 +224,9 @@ def _validate_entry(where: str, bucket: str, entry: Any, known: set[str] | None)
         raise TableError(f"{where}.provider: expected a string, got {provider!r}")
     if known is not None and provider not in known:
         raise TableError(f"{where}.provider: unknown provider {provider!r}, known: {sorted(known)}")
-    config = entry.get("config")
-    if config is not None and not (
-        isinstance(config, dict)
-        and all(isinstance(v, (int, float, str, bool)) for v in config.values())
-    ):
-        raise TableError(f"{where}.config: expected null or an object of scalars, got {config!r}")
+    fault = _config_fault(provider, entry.get("config"))
+    if fault is not None:
+        raise TableError(f"{where}.config: {fault}")
     for field in ("median_us", "p20_us", "p80_us"):
         if (field in entry or field == "median_us") and not _positive_time(entry.get(field)):
             raise TableError(
@@ -275,64 +244,35 @@ def _validate_entry(where: str, bucket: str, entry: Any, known: set[str] | None)
             )
 
 
-# -- reading, writing, merging -------------------------------------------------------------------
+# -- reading and merging -------------------------------------------------------------------------
+
+
+def parse_table(data: bytes, path: str | os.PathLike) -> Any:
+    """Decode a table file's bytes (not validated).
+
+    Raises:
+        TableError: not valid JSON; the message names ``path``.
+    """
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise TableError(f"{path}: not valid JSON ({exc})") from None
 
 
 def read_table(path: str | os.PathLike, known_providers: Iterable[str] | None = None) -> dict:
     """Read and validate a table.
 
     Raises:
-        TableError: unreadable, not JSON, or off the schema; the message names the file.
-        FileNotFoundError: there is no such file.
+        TableError: not JSON, or off the schema; the message names the file.
+        OSError: the file cannot be read (FileNotFoundError: there is none).
     """
     path = Path(path)
-    data = path.read_bytes()
-    try:
-        table = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise TableError(f"{path}: not valid JSON ({exc})") from None
+    table = parse_table(path.read_bytes(), path)
     try:
         validate_table(table, known_providers)
     except TableError as exc:
         raise TableError(f"{path}: {exc}") from None
     return table
-
-
-def _read_umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it; set straight back
-    os.umask(mask)
-    return mask
-
-
-# Read once, at import (reading it briefly changes it, which threads could observe).
-_UMASK = _read_umask()
-
-
-def write_table(
-    path: str | os.PathLike, table: Mapping[str, Any], known_providers: Iterable[str] | None = None
-) -> Path:
-    """Validate ``table`` and write it atomically (temporary file, fsync, rename), sorted keys.
-
-    A reader sees the old file or the new one, never a torn one, even if the writer dies.
-    """
-    validate_table(table, known_providers)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = orjson.dumps(table, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload + b"\n")
-            f.flush()
-            # mkstemp makes the file owner-only; a table is read by serving processes that may
-            # run as another user, so give it the permissions a plain open() would.
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def merge_tables(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,163 @@
+"""Per-device tuning tables: where they live, their metadata, and (re-exported) their format
+and safe writing.
+
+- Format (:mod:`kernels._table_format`): schema, :func:`validate_table`, :func:`salvage_table`,
+  :func:`read_table`, :func:`merge_tables`.
+- Writing (:mod:`kernels._table_write`): :func:`write_table` and :func:`merge_into_table`,
+  atomic and serialized by a lock file beside the table, so concurrent writers of one directory
+  lose nothing; :func:`check_table_target`, the pre-flight a tuner runs before measuring.
+- Here: the search path (:func:`table_search_path`) and the metadata header
+  (:func:`device_metadata`, :func:`library_versions`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._table_format import (
+    SCHEMA_VERSION,
+    TIMING_MODES,
+    RopeTableWarning,
+    TableError,
+    device_table_name,
+    empty_table,
+    merge_tables,
+    read_table,
+    salvage_table,
+    validate_table,
+)
+from ._table_write import TableTarget, check_table_target, merge_into_table, write_table
+
+__all__ = [
+    "CONFIG_DIR_ENV",
+    "SCHEMA_VERSION",
+    "TIMING_MODES",
+    "RopeTableWarning",
+    "TableError",
+    "TableTarget",
+    "check_table_target",
+    "device_metadata",
+    "device_table_name",
+    "empty_table",
+    "library_versions",
+    "merge_into_table",
+    "merge_tables",
+    "read_table",
+    "salvage_table",
+    "shipped_config_dir",
+    "source_version",
+    "table_search_path",
+    "user_config_dir",
+    "validate_table",
+    "write_table",
+]
+
+CONFIG_DIR_ENV = "ROPE_AUTOTUNE_CONFIG_DIR"
+
+
+# -- where tables live ---------------------------------------------------------------------------
+
+
+def user_config_dir() -> Path:
+    """Where the tuner writes by default and ``select_rope`` looks second."""
+    import platformdirs  # light, but only needed here
+
+    return Path(platformdirs.user_config_dir("rope-autotune"))
+
+
+def shipped_config_dir() -> Path:
+    """Tables shipped with the package: ``kernels/configs`` once installed, else the
+    repository's ``configs/`` (a source checkout or editable install)."""
+    installed = Path(__file__).resolve().parent / "configs"
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def table_search_path() -> list[Path]:
+    """Directories searched for a table, first match wins: ``$ROPE_AUTOTUNE_CONFIG_DIR``, the
+    user config directory, the shipped tables."""
+    dirs = []
+    env = os.environ.get(CONFIG_DIR_ENV)
+    if env:
+        dirs.append(Path(env).expanduser())
+    dirs += [user_config_dir(), shipped_config_dir()]
+    return dirs
+
+
+# -- metadata ------------------------------------------------------------------------------------
+
+
+_VERSION_LINE = re.compile(r"""^__version__\s*=\s*(?:version\s*=\s*)?["']([^"']+)["']""", re.M)
+
+
+def source_version(package: str) -> str | None:
+    """The version in ``<package>/_version.py`` of an importable package that has no
+    distribution metadata (vLLM's files put on the path without pip, as on a machine that
+    loads only its op library), read without importing the package; None when not found."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = Path(location) / "_version.py"
+        if path.is_file():
+            match = _VERSION_LINE.search(path.read_text(errors="replace"))
+            if match:
+                return match.group(1)
+    return None
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of the libraries a measurement depends on; None for those not installed."""
+    from importlib import metadata
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    import triton
+
+    return {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "flashinfer": version("flashinfer-python") or version("flashinfer"),
+        "vllm": version("vllm") or source_version("vllm"),
+        "rope_autotune": version("rope-autotune"),
+    }
+
+
+def device_metadata(device: torch.device | str) -> dict[str, Any]:
+    """The metadata header for a table measured on ``device``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name, capability, sms = (
+            props.name,
+            f"{props.major}.{props.minor}",
+            props.multi_processor_count,
+        )
+    else:
+        import platform
+
+        name, capability, sms = f"CPU {platform.machine()}", None, None
+    return {
+        "device_name": name,
+        "compute_capability": capability,
+        "sm_count": sms,
+        "versions": library_versions(),
+        "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
