@@ -161,7 +161,6 @@ class Provider:
                 cannot run on the query's device.
         """
         spec, _, _ = check_rope_args(positions, query, key, cos_sin_cache, head_size, is_neox)
-        check_positions_in_cache(positions, cos_sin_cache)
         if key is None:
             reason = self.unsupported_reason(spec, has_key=False)
             if reason is not None:
@@ -170,6 +169,7 @@ class Provider:
         reason = self.unavailable_reason(query.device)
         if reason is not None:
             raise ValueError(f"query: {self.name} cannot run on {query.device}: {reason}")
+        check_positions_in_cache(positions, cos_sin_cache)
         self.callable_for(spec, config)(positions, query, key, cos_sin_cache)
 
 
