@@ -92,8 +92,12 @@ def check_rope_args(
     cos_sin_cache: torch.Tensor,
     head_size: int,
     is_neox: bool,
+    expected: RopeSpec | None = None,
 ) -> tuple[RopeSpec, Layout, Layout | None]:
     """Validate one RoPE call against the contract and return its spec and layouts.
+
+    With ``expected``, the query's dtype and the head counts must be its own, checked as soon
+    as each is read (so a query with too few heads is named, not the key it no longer fits).
 
     Raises:
         TypeError: a dtype or argument type is wrong.
@@ -110,6 +114,8 @@ def check_rope_args(
         raise TypeError(f"positions: expected int64 or int32, got {positions.dtype}")
     if query.dtype not in _QK_DTYPES:
         raise TypeError(f"query: expected float16, bfloat16 or float32, got {query.dtype}")
+    if expected is not None and query.dtype != expected.dtype:
+        raise TypeError(f"query: expected {expected.dtype}, got {query.dtype}")
     if key is not None and key.dtype != query.dtype:
         raise TypeError(f"key: expected the query's dtype {query.dtype}, got {key.dtype}")
     if cos_sin_cache.dtype not in (torch.float32, query.dtype):
@@ -131,6 +137,8 @@ def check_rope_args(
             f"query: expected {num_tokens} tokens (positions has {num_tokens}), got shape "
             f"{tuple(query.shape)}"
         )
+    if expected is not None and q_layout[1] != expected.num_heads:
+        raise ValueError(f"query: expected {expected.num_heads} heads, got {q_layout[1]}")
     # Kernels (ours, vLLM's, FlashInfer's) read positions as a dense [T] array.
     if not positions.is_contiguous():
         raise ValueError(
@@ -144,6 +152,8 @@ def check_rope_args(
             raise ValueError(
                 f"key: expected {num_tokens} tokens (query's), got shape {tuple(key.shape)}"
             )
+        if expected is not None and k_layout[1] != expected.num_kv_heads:
+            raise ValueError(f"key: expected {expected.num_kv_heads} heads, got {k_layout[1]}")
         if q_layout[1] % k_layout[1]:
             raise ValueError(
                 f"key: expected a head count dividing the query's {q_layout[1]}, got {k_layout[1]}"
@@ -188,17 +198,12 @@ def check_spec_args(
     Raises:
         TypeError, ValueError: the message names the argument, the expected and the actual.
     """
-    actual, _, k_layout = check_rope_args(
-        positions, query, key, cos_sin_cache, spec.head_size, spec.is_neox
-    )
-    if query.device != device:
+    # The query's device first: check_rope_args compares the others with the query's.
+    if isinstance(query, torch.Tensor) and query.device != device:
         raise ValueError(f"query: expected device {device}, got {query.device}")
-    if actual.dtype != spec.dtype:
-        raise TypeError(f"query: expected {spec.dtype}, got {actual.dtype}")
-    if actual.num_heads != spec.num_heads:
-        raise ValueError(f"query: expected {spec.num_heads} heads, got {actual.num_heads}")
-    if k_layout is not None and k_layout[1] != spec.num_kv_heads:
-        raise ValueError(f"key: expected {spec.num_kv_heads} heads, got {k_layout[1]}")
+    actual, _, _ = check_rope_args(
+        positions, query, key, cos_sin_cache, spec.head_size, spec.is_neox, expected=spec
+    )
     if actual.rotary_dim != spec.rotary_dim:
         raise ValueError(
             f"cos_sin_cache: expected width rotary_dim={spec.rotary_dim}, got {actual.rotary_dim}"
@@ -241,9 +246,10 @@ def call_checker(spec: RopeSpec, device: torch.device, *, debug: bool = False) -
     """
     dtype, rotary_dim = spec.dtype, spec.rotary_dim
     q_width, k_width = spec.num_heads * spec.head_size, spec.num_kv_heads * spec.head_size
-    device_index = device.index if device.type == "cuda" else -1  # what get_device() returns
-    if device.type not in ("cuda", "cpu"):
-        device_index = None  # never matches: every call takes the full check
+    # get_device(): the CUDA index, -1 for every other device type (CPU and meta alike), so a
+    # CPU selector also asks is_cpu; a selector on any other device always takes the full check.
+    on_cpu = device.type == "cpu"
+    device_index = device.index if device.type == "cuda" else -1 if on_cpu else None
     position_dtypes = _POSITION_DTYPES
     cache_dtypes = (torch.float32, dtype)
     # The last cos/sin cache that passed: a serving stack passes the same one on every call.
@@ -253,6 +259,7 @@ def call_checker(spec: RopeSpec, device: torch.device, *, debug: bool = False) -
         if (
             cache.dtype in cache_dtypes
             and cache.get_device() == device_index
+            and (not on_cpu or cache.is_cpu)
             and cache.dim() == 2
             and cache.shape[1] == rotary_dim
             and cache.stride(1) == 1
@@ -282,6 +289,10 @@ def call_checker(spec: RopeSpec, device: torch.device, *, debug: bool = False) -
                     )
                 )
                 and (cos_sin_cache is passed_cache[0] or cache_ok(cos_sin_cache))
+                and (
+                    not on_cpu
+                    or (query.is_cpu and positions.is_cpu and (key is None or key.is_cpu))
+                )
             ):
                 return num_tokens
         except AttributeError:  # not a tensor: the full check names it
