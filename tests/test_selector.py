@@ -406,6 +406,28 @@ BAD_TABLES = {
         _with(lambda t: t["entries"]["graph"][SPEC.key].update({"eight": entry("torch")})),
         "eight",
     ),
+    # Buckets that pass str.isdigit() but are not the canonical form str(int(key)).
+    "bucket_zero_padded": (
+        _with(lambda t: t["entries"]["graph"][SPEC.key].update({"016": entry("torch")})),
+        "'016'",
+    ),
+    "bucket_arabic_indic_digits": (
+        _with(lambda t: t["entries"]["graph"][SPEC.key].update({"١٦": entry("torch")})),
+        "'١٦'",
+    ),
+    "bucket_superscript": (
+        _with(lambda t: t["entries"]["graph"][SPEC.key].update({"²": entry("torch")})),
+        "'²'",
+    ),
+    # Config values equal to an allowed int but of another type.
+    "config_float": (
+        _with(lambda t: t["entries"]["graph"][SPEC.key]["8"].update(config={"block_t": 4.0})),
+        "block_t",
+    ),
+    "config_bool": (
+        _with(lambda t: t["entries"]["graph"][SPEC.key]["8"].update(config={"num_stages": True})),
+        "num_stages",
+    ),
 }
 
 
@@ -419,6 +441,16 @@ def test_bad_table_warns_once_and_uses_next_source(dirs, case):
     assert fault in message
     assert rope.source == dirs["user"] / FILE and rope.explain(8).provider == "torch"
     no_warnings(select)  # the same fault in the same file: said once
+    positions, q, k = qk(SPEC, 16)  # calls run (nothing from the bad table reaches them)
+    q0 = q.clone()
+    rope(positions, q, k, cos_sin_cache(512, SPEC.rotary_dim))
+    assert_rope_close(q, rope64(q0, positions, SPEC), SPEC.dtype, "query")
+
+
+@pytest.mark.parametrize("value", [4.0, True, "4"])
+def test_forced_config_value_of_another_type_is_refused(dirs, value):
+    with pytest.raises(ValueError, match=r"^config: triton parameter 'block_t'"):
+        select(provider="triton", config={"block_t": value})
 
 
 @pytest.mark.parametrize("case", ["truncated", "unknown_provider"])
