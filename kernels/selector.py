@@ -283,9 +283,7 @@ def select_rope(
 
     if provider is not None:
         buckets, routes, keyless = forced_routes(spec, device, provider, config)
-        return RopeSelector(
-            spec, device, timing, buckets, routes, keyless, None, None, debug=debug
-        )
+        return RopeSelector(spec, device, timing, buckets, routes, keyless, None, None, debug=debug)
 
     file_name = device_table_name(device_name(device))
     found = find_entries(read_tables(table_files(table_dir, file_name)), spec, timing)
@@ -302,9 +300,7 @@ def select_rope(
         buckets = FALLBACK_BUCKETS if device.type == "cuda" else (1,)
         routes = tuple(fallback_route(spec, device, b, True, why) for b in buckets)
         keyless = tuple(fallback_route(spec, device, b, False, why) for b in buckets)
-        return RopeSelector(
-            spec, device, timing, buckets, routes, keyless, None, None, debug=debug
-        )
+        return RopeSelector(spec, device, timing, buckets, routes, keyless, None, None, debug=debug)
 
     path, table, spec_key = found
     warn_if_stale(path, table)

@@ -122,9 +122,9 @@ def test_mismatch_matrix_covers_the_issue():
     for wanted in ("query_fewer_tokens", "key_fewer_tokens", "query_fewer_heads",
                    "key_fewer_heads", "query_other_head_size", "positions_on_meta",
                    "query_other_dtype", "key_other_dtype", "cache_other_width"):  # fmt: skip
-        assert any(
-            wanted in _mismatches(c, build_inputs(c, 0)) for c in MATRIX
-        ), f"no case exercises {wanted}"
+        assert any(wanted in _mismatches(c, build_inputs(c, 0)) for c in MATRIX), (
+            f"no case exercises {wanted}"
+        )
 
 
 # -- positions outside the cache -------------------------------------------------------------

@@ -8,8 +8,8 @@ import torch
 import torch._dynamo.testing
 
 import kernels.table as table_mod
-from kernels import cos_sin_cache, select_rope
 from kernels import _lookup as lookup_mod
+from kernels import cos_sin_cache, select_rope
 from kernels._spec import RopeSpec
 from kernels.table import device_metadata, device_table_name, write_table
 

@@ -167,7 +167,7 @@ def test_a_dead_writers_temporary_file_is_removed_by_the_next_writer(tmp_path):
     write_table(path, table({SPECS[0]: {"1": entry()}}))
     stale = tmp_path / f".{FILE}.0123456789abcdef.tmp"  # what a killed writer leaves
     stale.write_bytes(b"x" * 4096)
-    other = tmp_path / f".other.json.0123456789abcdef.tmp"  # another table's: not ours
+    other = tmp_path / ".other.json.0123456789abcdef.tmp"  # another table's: not ours
     other.write_bytes(b"y")
     merge_into_table(path, table({SPECS[1]: {"1": entry()}}))
     assert not stale.exists() and other.exists()

@@ -194,5 +194,3 @@ def launch_rope(
     """Launch the kernel once through Triton's public launch, on tensors already checked
     against ``spec`` (no fast path, nothing kept)."""
     TritonLauncher(spec, config, fast=False)(positions, query, key, cos_sin_cache)
-
-
