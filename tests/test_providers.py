@@ -11,7 +11,14 @@ import pytest
 import torch
 from _reference64 import Case, build_inputs, check_outputs, covering_matrix, seed_of, with_
 
-from kernels import RopeSpec, get_provider, list_providers, provider_names
+from kernels import (
+    RopeSpec,
+    get_provider,
+    list_providers,
+    provider_names,
+    register_provider,
+    unregister_provider,
+)
 from kernels._cast_once import CastOnce
 from kernels.providers._torch_compile import TorchCompileProvider
 from kernels.providers._triton import PARAM_SPACE, config_problems, default_triton_config
@@ -204,6 +211,16 @@ def test_registry_has_exactly_the_five_providers():
     assert sorted(provider_names()) == sorted(NAMES)
     for name in NAMES:
         assert get_provider(name).name == name
+
+
+def test_register_and_unregister_a_provider():
+    twin = TorchCompileProvider(name="test_twin")
+    assert register_provider(twin) is twin and get_provider("test_twin") is twin
+    assert provider_names()[-1] == "test_twin"
+    assert unregister_provider("test_twin") is twin
+    assert "test_twin" not in provider_names()
+    with pytest.raises(KeyError, match="test_twin"):
+        unregister_provider("test_twin")
 
 
 def test_get_provider_unknown_name_lists_the_registered():
