@@ -61,10 +61,10 @@ def _mismatches(case: Case, inputs) -> dict[str, tuple[tuple, type, str]]:
                               "cos_sin_cache"),
         "cache_float64": ((p, q, k, c.double()), TypeError, "cos_sin_cache"),
         "query_strided_last_dim": (
-            (p, torch.zeros(*q.shape[:-1], 2 * q.shape[-1], dtype=q.dtype)[..., ::2], None, c),
+            (p, torch.zeros(*q.shape[:-1], 2 * q.shape[-1], dtype=q.dtype, device=q.device)[..., ::2], None, c),
             ValueError, "query"),
         "query_other_head_size": (
-            (p, torch.zeros(case.num_tokens, Hq * (D + 2), dtype=q.dtype), None, c),
+            (p, torch.zeros(case.num_tokens, Hq * (D + 2), dtype=q.dtype, device=q.device), None, c),
             ValueError, "query"),
         "positions_not_a_tensor": ((p.tolist(), q, k, c), TypeError, "positions"),
     }  # fmt: skip
@@ -168,3 +168,33 @@ def test_debug_mode_refuses_positions_outside_the_cache(provider):
         valid.positions, valid.query, valid.key, valid.cos_sin_cache
     )
     check_outputs(valid, CASE.dtype)
+
+
+# -- GPU -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", MATRIX[::4], ids=lambda c: c.id)
+def test_every_mismatch_raises_on_cuda(case, request):
+    """The CUDA fast path (get_device() compares) and the full check, over the same mismatches,
+    plus tensors left on the CPU; valid calls through the table's choice match the oracle."""
+    seed = seed_of(request.node.nodeid)
+    inputs = build_inputs(case, seed, "cuda")
+    rope = select_rope(
+        case.head_size, case.rotary_dim, case.num_heads, case.num_kv_heads or case.num_heads,
+        case.is_neox, case.dtype, "cuda",
+    )  # fmt: skip
+    p, q, k, c = inputs.positions, inputs.query, inputs.key, inputs.cos_sin_cache
+    mismatches = _mismatches(case, inputs)
+    mismatches["positions_on_cpu"] = ((p.cpu(), q, k, c), ValueError, "positions")
+    mismatches["cache_on_cpu"] = ((p, q, k, c.cpu()), ValueError, "cos_sin_cache")
+    mismatches["query_on_cpu"] = ((p, q.cpu(), None, c), ValueError, "query")
+    for name, (args, error, argument) in mismatches.items():
+        with pytest.raises(error, match=rf"^{argument}:"):
+            rope(*args)
+        torch.cuda.synchronize()
+        for buffer_name, buffer in inputs.buffers.items():
+            assert torch.equal(buffer, inputs.before[buffer_name]), (name, buffer_name)
+    rope(p, q, k, c)
+    torch.cuda.synchronize()
+    check_outputs(inputs, case.dtype, 2.0)  # vLLM's op, if chosen, rounds in the element type

@@ -6,6 +6,7 @@ interpreter; it is pinned to the tested Triton releases, and any other release t
 from __future__ import annotations
 
 import pytest
+import torch
 import triton
 from _reference64 import Case, build_inputs, check_outputs, with_
 
@@ -105,3 +106,21 @@ def test_other_releases_take_the_public_launch(version, monkeypatch):
 def test_interpreter_takes_the_public_launch():
     spec = _spec(CASES[0])
     assert TritonLauncher(spec, default_triton_config(spec, 4)).fast is False
+
+
+@pytest.mark.gpu
+def test_fast_path_is_taken_on_the_gpu():
+    assert fast_launch_supported(triton.__version__), (
+        f"Triton {triton.__version__} is not in FAST_LAUNCH_VERSIONS: test the fast path on it "
+        "and add it, or expect the public launch's host cost"
+    )
+    case = with_(CASES[0], num_tokens=64)
+    spec = _spec(case)
+    launcher = TritonLauncher(spec, default_triton_config(spec, 64))
+    assert launcher.fast
+    for seed in range(3):
+        inputs = build_inputs(case, seed, "cuda")
+        launcher(inputs.positions, inputs.query, inputs.key, inputs.cos_sin_cache)
+        torch.cuda.synchronize()
+        check_outputs(inputs, case.dtype)
+    assert len(launcher.compiled) == 1  # one specialization, compiled once, then run() twice
