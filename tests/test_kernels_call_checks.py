@@ -47,6 +47,7 @@ def _mismatches(case: Case, inputs) -> dict[str, tuple[tuple, type, str]]:
     """name -> ((positions, query, key, cache), error type, argument the message starts with)."""
     p, q, k, c = inputs.positions, inputs.query, inputs.key, inputs.cos_sin_cache
     D, Hq = case.head_size, case.num_heads
+    like_q = {"dtype": q.dtype, "device": q.device}
     out: dict[str, tuple[tuple, type, str]] = {
         "query_fewer_tokens": ((p, q[:-1], k, c), ValueError, "query"),
         "positions_more_tokens": ((torch.cat([p.reshape(-1), p.reshape(-1)]), q, k, c),
@@ -61,10 +62,10 @@ def _mismatches(case: Case, inputs) -> dict[str, tuple[tuple, type, str]]:
                               "cos_sin_cache"),
         "cache_float64": ((p, q, k, c.double()), TypeError, "cos_sin_cache"),
         "query_strided_last_dim": (
-            (p, torch.zeros(*q.shape[:-1], 2 * q.shape[-1], dtype=q.dtype, device=q.device)[..., ::2], None, c),
+            (p, torch.zeros(*q.shape[:-1], 2 * q.shape[-1], **like_q)[..., ::2], None, c),
             ValueError, "query"),
         "query_other_head_size": (
-            (p, torch.zeros(case.num_tokens, Hq * (D + 2), dtype=q.dtype, device=q.device), None, c),
+            (p, torch.zeros(case.num_tokens, Hq * (D + 2), **like_q), None, c),
             ValueError, "query"),
         "positions_not_a_tensor": ((p.tolist(), q, k, c), TypeError, "positions"),
     }  # fmt: skip
