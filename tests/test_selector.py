@@ -449,8 +449,11 @@ def test_bad_table_warns_once_and_uses_next_source(dirs, case):
 
 @pytest.mark.parametrize("value", [4.0, True, "4"])
 def test_forced_config_value_of_another_type_is_refused(dirs, value):
+    get_provider("triton").callable_for(SPEC, {"block_t": 4})  # 4's callable is cached
     with pytest.raises(ValueError, match=r"^config: triton parameter 'block_t'"):
         select(provider="triton", config={"block_t": value})
+    with pytest.raises(ValueError, match=r"^config: triton parameter 'block_t'"):
+        get_provider("triton").callable_for(SPEC, {"block_t": value})
 
 
 @pytest.mark.parametrize("case", ["truncated", "unknown_provider"])

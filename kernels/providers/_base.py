@@ -52,7 +52,7 @@ class Provider:
     param_space: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     revision: int = 1
     # build() results per (spec, config), filled by callable_for().
-    _callables: dict[tuple[RopeSpec, tuple[tuple[str, Any], ...]], RopeFn] = field(
+    _callables: dict[tuple[RopeSpec, tuple[tuple[str, type, Any], ...] | None], RopeFn] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -117,7 +117,7 @@ class Provider:
         Raises:
             ValueError: this provider does not support ``spec``, or ``config`` is invalid.
         """
-        asked = (spec, tuple(sorted(config.items())) if config else None)
+        asked = (spec, _config_key(config) if config else None)
         fn = self._callables.get(asked)
         if fn is not None:
             return fn
@@ -125,7 +125,7 @@ class Provider:
         if reason is not None:
             raise ValueError(f"spec: {self.name} does not support {spec.key}: {reason}")
         full = self.check_config(spec, config)
-        resolved = (spec, tuple(sorted(full.items())))
+        resolved = (spec, _config_key(full))
         fn = self._callables.get(resolved) or self.build(spec, full)
         self._callables[asked] = self._callables[resolved] = fn
         return fn
@@ -171,6 +171,11 @@ class Provider:
             raise ValueError(f"query: {self.name} cannot run on {query.device}: {reason}")
         check_positions_in_cache(positions, cos_sin_cache)
         self.callable_for(spec, config)(positions, query, key, cos_sin_cache)
+
+
+def _config_key(config: Mapping[str, Any]) -> tuple[tuple[str, type, Any], ...]:
+    # With each value's type: 4.0 == 4 and hashes alike, but must not find 4's callable.
+    return tuple(sorted((name, type(value), value) for name, value in config.items()))
 
 
 class ProviderStatus(NamedTuple):
