@@ -18,14 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from kernels import provider_names
-from kernels.table import (
-    TableError,
-    device_table_name,
-    empty_table,
-    merge_tables,
-    read_table,
-    write_table,
-)
+from kernels.table import device_table_name, empty_table, merge_into_table
 
 from .studies import StudyKey, is_complete
 
@@ -127,19 +120,12 @@ def build_tables(
 
 
 def write_device_table(output: str | os.PathLike, table: Mapping[str, Any]) -> Path:
-    """Merge ``table`` into its device's file under ``output`` and write it atomically.
-
-    Entries of the existing file that ``table`` does not re-tune are kept. An existing file
-    that cannot be read is reported and replaced.
-    """
+    """Merge ``table`` into its device's file under ``output``, atomically and under the
+    table's lock (see :func:`kernels.table.merge_into_table`): entries of the existing file that
+    ``table`` does not re-tune are kept, invalid ones dropped with a warning naming them, and a
+    file that cannot be read at all is kept aside as ``<name>.bad-<time>``."""
     path = Path(output) / device_table_name(table["metadata"]["device_name"])
-    old = None
-    if path.exists():
-        try:
-            old = read_table(path)
-        except TableError as exc:
-            logger.warning("replacing an unreadable table: %s", exc)
-    return write_table(path, merge_tables(old, table), known_providers=provider_names())
+    return merge_into_table(path, table, provider_names())
 
 
 def export_tables(

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import cos_sin_cache
 from kernels._spec import RopeSpec
 from kernels.providers import RopeFn
-from kernels.reference import assert_rope_close, cos_sin_cache, rope_reference
+from kernels.testing import assert_rope_close, rope_reference
 
 __all__ = [
     "RopeInputs",

@@ -80,7 +80,7 @@ class Objective:
         provider = get_provider(candidate.provider)
         start = time.perf_counter()
         try:
-            fn = provider.bound(key.spec, candidate.config)
+            fn = provider.callable_for(key.spec, candidate.config)
         except ValueError as exc:
             trial.set_user_attr("outcome", "invalid")
             trial.set_user_attr("error", str(exc))

@@ -14,7 +14,7 @@ import torch
 from optuna.trial import FrozenTrial
 
 from kernels import RopeSpec, provider_names
-from kernels.table import TIMING_MODES, device_metadata, empty_table
+from kernels.table import TIMING_MODES, check_table_target, device_metadata, empty_table
 
 from ._device import resolve_device
 from ._preflight import MAX_SEED, check_output_dir
@@ -142,6 +142,14 @@ def tune(
         storage = open_storage(storage_url)
     metadata = device_metadata(device)
     device_name = metadata["device_name"]
+    if output is not None:  # say before tuning what merging into the existing table drops
+        target = check_table_target(output, device_name, provider_names())
+        if target.unreadable or target.dropped:
+            logger.warning(
+                "%s: %s; the run's table will be merged into what is valid",
+                target.path,
+                target.unreadable or f"invalid entries {', '.join(target.dropped)}",
+            )
 
     progress_bar = Progress(progress)
     stop = StopAfterTrial(enabled=devices is None)  # worker processes handle their own

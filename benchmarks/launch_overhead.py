@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name in ("vllm", "flashinfer", "triton"):
         if name in available:
-            fn = get_provider(name).bound(spec, None)
+            fn = get_provider(name).callable_for(spec, None)
             results[name] = host_us(lambda fn=fn: fn(*a))
     config = get_provider("triton").check_config(spec, None)
     results["triton kernel[grid]"] = host_us(lambda: launch_rope(*a, spec, config), calls=300)
@@ -62,12 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     y = torch.randn(args.tokens, 4096, device=args.device)
     results["torch.add_"] = host_us(lambda: y.add_(1.0))
     if "triton" in available:  # where the lean path's time goes
-        from kernels.providers import _triton
+        from kernels.providers._triton_launch import _launch_hooks
 
-        launcher = get_provider("triton").bound(spec, None)
+        launcher = get_provider("triton").callable_for(spec, None)
         print(
             f"lean cache entries: {len(launcher.compiled)}; hooks: "
-            f"{_triton._launch_hooks.launch_enter_hook}, {_triton._launch_hooks.launch_exit_hook}"
+            f"{_launch_hooks.launch_enter_hook}, {_launch_hooks.launch_exit_hook}"
         )
         if launcher.compiled:
             compiled, grid_h = next(iter(launcher.compiled.values()))
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                     *run_args,
                 )
             )
-            results["knobs hook lookup"] = host_us(lambda: _triton._launch_hooks.launch_enter_hook)
+            results["knobs hook lookup"] = host_us(lambda: _launch_hooks.launch_enter_hook)
             results["raw stream lookup"] = host_us(lambda: torch._C._cuda_getCurrentRawStream(0))
     for name, us in results.items():
         print(f"{name:24s} {us:7.2f} us/call")

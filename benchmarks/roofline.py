@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "slice_copy":
                     fn = slice_copy_fn(spec, *config)
                 else:
-                    fn = get_provider(name).bound(spec, config)
+                    fn = get_provider(name).callable_for(spec, config)
                     check_correct(fn, spec, min(tokens, 4099), device)
                 timing = time_rope(fn, spec, tokens, device, mode="graph", repeats=args.repeats)
             except Exception as exc:  # a failing candidate is reported, never fatal

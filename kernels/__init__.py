@@ -1,11 +1,14 @@
 """rope-autotune's runtime: RoPE providers, the tuning-table reader and the selector.
 
-Stays light: imports torch and triton, never optuna.
+Stays light: imports torch, triton, orjson, platformdirs and filelock, never the tuner's
+libraries (optuna, matplotlib, tqdm). Test helpers (a float64 reference, tolerances) live in
+:mod:`kernels.testing`; the table format and its safe writing in :mod:`kernels.table`.
+
+The top-level name ``kernels`` is also used by Hugging Face's kernel-hub package; this one
+carries ``__rope_autotune__ = True`` so that callers can tell them apart.
 """
 
-# Tells this package apart from Hugging Face's kernel hub, which installs the same name.
-__rope_autotune__ = True
-
+from ._cos_sin_cache import cos_sin_cache
 from ._spec import DTYPE_NAMES, RopeSpec, parse_dtype
 from .providers import (
     Provider,
@@ -14,26 +17,27 @@ from .providers import (
     list_providers,
     provider_names,
     register_provider,
+    unregister_provider,
 )
-from .reference import TOLERANCES, assert_rope_close, cos_sin_cache, rope_reference
 from .selector import Explanation, RopeSelector, RopeTableWarning, select_rope
+
+# Marks this package apart from Hugging Face's `kernels` (same top-level name).
+__rope_autotune__ = True
 
 __all__ = [
     "DTYPE_NAMES",
-    "TOLERANCES",
     "Explanation",
     "Provider",
     "ProviderStatus",
     "RopeSelector",
     "RopeSpec",
     "RopeTableWarning",
-    "assert_rope_close",
     "cos_sin_cache",
     "get_provider",
     "list_providers",
     "parse_dtype",
     "provider_names",
     "register_provider",
-    "rope_reference",
     "select_rope",
+    "unregister_provider",
 ]

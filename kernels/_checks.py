@@ -1,16 +1,29 @@
-"""Host-side checks at the public boundary: shapes, dtypes, strides and devices only.
+"""Checks at the public boundary.
 
-Nothing here touches device memory: no synchronization, no allocation, so the checks are safe
-on the hot path and inside CUDA graph capture.
+:func:`check_rope_args`, :func:`qk_layout` and :func:`call_checker` read tensor metadata only
+(shapes, dtypes, strides, devices): no synchronization, no allocation, so they are safe on the
+hot path and inside CUDA graph capture. :func:`check_positions_in_cache` reads the positions
+themselves (a host-device sync on CUDA): it runs in ``Provider.apply`` and in the selector's
+debug mode only.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from ._spec import RopeSpec
 
-__all__ = ["Layout", "check_rope_args", "qk_layout"]
+__all__ = [
+    "CallCheck",
+    "Layout",
+    "call_checker",
+    "check_positions_in_cache",
+    "check_rope_args",
+    "check_spec_args",
+    "qk_layout",
+]
 
 _QK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _POSITION_DTYPES = (torch.int32, torch.int64)
@@ -79,8 +92,12 @@ def check_rope_args(
     cos_sin_cache: torch.Tensor,
     head_size: int,
     is_neox: bool,
+    expected: RopeSpec | None = None,
 ) -> tuple[RopeSpec, Layout, Layout | None]:
     """Validate one RoPE call against the contract and return its spec and layouts.
+
+    With ``expected``, the query's dtype and the head counts must be its own, checked as soon
+    as each is read (so a query with too few heads is named, not the key it no longer fits).
 
     Raises:
         TypeError: a dtype or argument type is wrong.
@@ -97,6 +114,8 @@ def check_rope_args(
         raise TypeError(f"positions: expected int64 or int32, got {positions.dtype}")
     if query.dtype not in _QK_DTYPES:
         raise TypeError(f"query: expected float16, bfloat16 or float32, got {query.dtype}")
+    if expected is not None and query.dtype != expected.dtype:
+        raise TypeError(f"query: expected {expected.dtype}, got {query.dtype}")
     if key is not None and key.dtype != query.dtype:
         raise TypeError(f"key: expected the query's dtype {query.dtype}, got {key.dtype}")
     if cos_sin_cache.dtype not in (torch.float32, query.dtype):
@@ -118,6 +137,8 @@ def check_rope_args(
             f"query: expected {num_tokens} tokens (positions has {num_tokens}), got shape "
             f"{tuple(query.shape)}"
         )
+    if expected is not None and q_layout[1] != expected.num_heads:
+        raise ValueError(f"query: expected {expected.num_heads} heads, got {q_layout[1]}")
     # Kernels (ours, vLLM's, FlashInfer's) read positions as a dense [T] array.
     if not positions.is_contiguous():
         raise ValueError(
@@ -131,6 +152,8 @@ def check_rope_args(
             raise ValueError(
                 f"key: expected {num_tokens} tokens (query's), got shape {tuple(key.shape)}"
             )
+        if expected is not None and k_layout[1] != expected.num_kv_heads:
+            raise ValueError(f"key: expected {expected.num_kv_heads} heads, got {k_layout[1]}")
         if q_layout[1] % k_layout[1]:
             raise ValueError(
                 f"key: expected a head count dividing the query's {q_layout[1]}, got {k_layout[1]}"
@@ -160,3 +183,129 @@ def check_rope_args(
         dtype=query.dtype,
     )
     return spec, q_layout, k_layout
+
+
+def check_spec_args(
+    spec: RopeSpec,
+    device: torch.device,
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    cos_sin_cache: torch.Tensor,
+) -> None:
+    """:func:`check_rope_args`, then that the call is of ``spec`` on ``device``.
+
+    Raises:
+        TypeError, ValueError: the message names the argument, the expected and the actual.
+    """
+    # The query's device first: check_rope_args compares the others with the query's.
+    if isinstance(query, torch.Tensor) and query.device != device:
+        raise ValueError(f"query: expected device {device}, got {query.device}")
+    actual, _, _ = check_rope_args(
+        positions, query, key, cos_sin_cache, spec.head_size, spec.is_neox, expected=spec
+    )
+    if actual.rotary_dim != spec.rotary_dim:
+        raise ValueError(
+            f"cos_sin_cache: expected width rotary_dim={spec.rotary_dim}, got {actual.rotary_dim}"
+        )
+
+
+def check_positions_in_cache(positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    """Every position indexes a row of the cache (reads the positions: a sync on CUDA).
+
+    Raises:
+        ValueError: a position is negative or not below ``cos_sin_cache.shape[0]``.
+    """
+    if positions.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.aminmax(positions))
+    rows = cos_sin_cache.shape[0]
+    if low < 0 or high >= rows:
+        raise ValueError(
+            f"positions: expected values in [0, {rows}) (the cos_sin_cache rows), got values "
+            f"from {low} to {high}"
+        )
+
+
+# fn(positions, query, key, cos_sin_cache) -> num_tokens; raises TypeError/ValueError.
+CallCheck = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], int]
+
+
+def call_checker(spec: RopeSpec, device: torch.device, *, debug: bool = False) -> CallCheck:
+    """The per-call check of a selector for ``spec`` on ``device``; returns the token count.
+
+    Everything it compares is computed here, once: the common call (positions ``[T]`` or
+    ``[B, S]``, query and key ``[T, H*D]``, possibly column slices of a fused qkv tensor, the
+    cos/sin cache passed last time) costs a few integer and identity compares. Any other call
+    goes through :func:`check_spec_args`, which accepts every layout of the contract and names
+    the faulty argument. With ``debug``, positions are also checked against the cache rows
+    (:func:`check_positions_in_cache`, a device sync per call).
+
+    Raises (from the returned function):
+        TypeError, ValueError: the message names the argument.
+    """
+    dtype, rotary_dim = spec.dtype, spec.rotary_dim
+    q_width, k_width = spec.num_heads * spec.head_size, spec.num_kv_heads * spec.head_size
+    # get_device(): the CUDA index, -1 for every other device type (CPU and meta alike), so a
+    # CPU selector also asks is_cpu; a selector on any other device always takes the full check.
+    on_cpu = device.type == "cpu"
+    device_index = device.index if device.type == "cuda" else -1 if on_cpu else None
+    position_dtypes = _POSITION_DTYPES
+    cache_dtypes = (torch.float32, dtype)
+    # The last cos/sin cache that passed: a serving stack passes the same one on every call.
+    passed_cache: list[torch.Tensor | None] = [None]
+
+    def cache_ok(cache: torch.Tensor) -> bool:
+        if (
+            cache.dtype in cache_dtypes
+            and cache.get_device() == device_index
+            and (not on_cpu or cache.is_cpu)
+            and cache.dim() == 2
+            and cache.shape[1] == rotary_dim
+            and cache.stride(1) == 1
+        ):
+            passed_cache[0] = cache
+            return True
+        return False
+
+    def check(positions, query, key, cos_sin_cache) -> int:
+        try:
+            num_tokens = positions.numel()
+            if (
+                query.dtype is dtype
+                and query.get_device() == device_index
+                and query.shape == (num_tokens, q_width)
+                and query.stride()[1] == 1
+                and positions.dtype in position_dtypes
+                and positions.get_device() == device_index
+                and positions.is_contiguous()
+                and (
+                    key is None
+                    or (
+                        key.dtype is dtype
+                        and key.get_device() == device_index
+                        and key.shape == (num_tokens, k_width)
+                        and key.stride()[1] == 1
+                    )
+                )
+                and (cos_sin_cache is passed_cache[0] or cache_ok(cos_sin_cache))
+                and (
+                    not on_cpu
+                    or (query.is_cpu and positions.is_cpu and (key is None or key.is_cpu))
+                )
+            ):
+                return num_tokens
+        except AttributeError:  # not a tensor: the full check names it
+            pass
+        check_spec_args(spec, device, positions, query, key, cos_sin_cache)
+        return positions.numel()
+
+    if not debug:
+        return check
+
+    def check_debug(positions, query, key, cos_sin_cache) -> int:
+        num_tokens = check(positions, query, key, cos_sin_cache)
+        check_positions_in_cache(positions, cos_sin_cache)
+        return num_tokens
+
+    return check_debug

@@ -1,85 +1,67 @@
-"""Per-device tuning tables: schema, validation, atomic writes, merging and where they live.
+"""Per-device tuning tables: where they live, their metadata, and (re-exported) their format
+and safe writing.
 
-One JSON file per device, named from the device name (``NVIDIA H200`` -> ``NVIDIA_H200.json``)::
-
-    {
-      "schema_version": 1,
-      "metadata": {
-        "device_name": "NVIDIA H200", "compute_capability": "9.0", "sm_count": 132,
-        "versions": {"torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0",
-                     "flashinfer": "0.6.14", "vllm": null, "rope_autotune": "0.1.0"},
-        "updated": "2026-11-29T05:00:00+00:00"
-      },
-      "entries": {
-        "graph": {                                   # timing mode: "graph" or "eager"
-          "q32_kv8_d128_r128_neox_bfloat16": {       # RopeSpec.key
-            "4096": {                                # token bucket
-              "provider": "triton",
-              "config": {"block_t": 4, "block_h": 8, ...},
-              "median_us": 21.3, "p20_us": 21.1, "p80_us": 21.6,
-              "providers_us": {"triton": 21.3, "flashinfer": 22.9, "vllm": 35.0}
-            }
-          }
-        },
-        "eager": {...}
-      }
-    }
-
-``providers_us`` holds each measured provider's best median, so a reader whose winning provider
-is unavailable can fall back to the next best one recorded. :func:`validate_table` is the one
-check that both the tuner (before writing) and the selector (after reading) apply.
+- Format (:mod:`kernels._table_format`): schema, :func:`validate_table`, :func:`salvage_table`,
+  :func:`read_table`, :func:`merge_tables`.
+- Writing (:mod:`kernels._table_write`): :func:`write_table` and :func:`merge_into_table`,
+  atomic and serialized by a lock file beside the table, so concurrent writers of one directory
+  lose nothing; :func:`check_table_target`, the pre-flight a tuner runs before measuring.
+- Here: the search path (:func:`table_search_path`) and the metadata header
+  (:func:`device_metadata`, :func:`library_versions`).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import os
 import re
-import tempfile
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import orjson
 import torch
 
-from ._spec import RopeSpec
+from ._table_format import (
+    SCHEMA_VERSION,
+    TIMING_MODES,
+    RopeTableWarning,
+    TableError,
+    device_table_name,
+    empty_table,
+    merge_tables,
+    read_table,
+    salvage_table,
+    validate_table,
+)
+from ._table_write import TableTarget, check_table_target, merge_into_table, write_table
 
 __all__ = [
     "CONFIG_DIR_ENV",
     "SCHEMA_VERSION",
     "TIMING_MODES",
+    "RopeTableWarning",
     "TableError",
+    "TableTarget",
+    "check_table_target",
     "device_metadata",
     "device_table_name",
     "empty_table",
     "library_versions",
+    "merge_into_table",
     "merge_tables",
     "read_table",
+    "salvage_table",
     "shipped_config_dir",
+    "source_version",
     "table_search_path",
     "user_config_dir",
     "validate_table",
     "write_table",
 ]
 
-SCHEMA_VERSION = 1
-TIMING_MODES = ("graph", "eager")
 CONFIG_DIR_ENV = "ROPE_AUTOTUNE_CONFIG_DIR"
 
 
-class TableError(ValueError):
-    """A tuning table that cannot be used; the message names the file and the fault."""
-
-
 # -- where tables live ---------------------------------------------------------------------------
-
-
-def device_table_name(device_name: str) -> str:
-    """File name of a device's table: spaces to underscores, nothing unsafe in a path."""
-    name = re.sub(r"\s+", "_", device_name.strip())
-    return re.sub(r"[^A-Za-z0-9_.\-]", "-", name) + ".json"
 
 
 def user_config_dir() -> Path:
@@ -179,168 +161,3 @@ def device_metadata(device: torch.device | str) -> dict[str, Any]:
         "versions": library_versions(),
         "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def empty_table(metadata: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "metadata": dict(metadata),
-        "entries": {mode: {} for mode in TIMING_MODES},
-    }
-
-
-# -- validation ----------------------------------------------------------------------------------
-
-
-def _positive_time(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
-
-
-def validate_table(table: Any, known_providers: Iterable[str] | None = None) -> None:
-    """Check ``table`` against the schema.
-
-    Args:
-        table: The decoded JSON.
-        known_providers: Provider names an entry may use; None accepts any name.
-
-    Raises:
-        TableError: the first fault found, with its path in the table (file name not included).
-    """
-    known = None if known_providers is None else set(known_providers)
-    if not isinstance(table, dict):
-        raise TableError(f"expected a JSON object at the top, got {type(table).__name__}")
-    version = table.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise TableError(f"schema_version: expected {SCHEMA_VERSION}, got {version!r}")
-    metadata = table.get("metadata")
-    if not isinstance(metadata, dict) or not isinstance(metadata.get("device_name"), str):
-        raise TableError("metadata: expected an object with a device_name string")
-    if not isinstance(metadata.get("versions", {}), dict):
-        raise TableError("metadata.versions: expected an object")
-    entries = table.get("entries")
-    if not isinstance(entries, dict):
-        raise TableError("entries: expected an object keyed by timing mode")
-    for mode, specs in entries.items():
-        if mode not in TIMING_MODES:
-            raise TableError(f"entries: unknown timing mode {mode!r}, expected {TIMING_MODES}")
-        if not isinstance(specs, dict):
-            raise TableError(f"entries.{mode}: expected an object keyed by spec")
-        for spec_key, buckets in specs.items():
-            where = f"entries.{mode}.{spec_key}"
-            try:
-                RopeSpec.from_key(spec_key)
-            except ValueError as exc:
-                raise TableError(f"{where}: {exc}") from None
-            if not isinstance(buckets, dict) or not buckets:
-                raise TableError(f"{where}: expected a non-empty object keyed by token count")
-            for bucket, entry in buckets.items():
-                _validate_entry(f"{where}.{bucket}", bucket, entry, known)
-
-
-def _validate_entry(where: str, bucket: str, entry: Any, known: set[str] | None) -> None:
-    if not (isinstance(bucket, str) and bucket.isdigit() and int(bucket) > 0):
-        raise TableError(f"{where}: token bucket must be a positive integer, got {bucket!r}")
-    if not isinstance(entry, dict):
-        raise TableError(f"{where}: expected an object")
-    provider = entry.get("provider")
-    if not isinstance(provider, str):
-        raise TableError(f"{where}.provider: expected a string, got {provider!r}")
-    if known is not None and provider not in known:
-        raise TableError(f"{where}.provider: unknown provider {provider!r}, known: {sorted(known)}")
-    config = entry.get("config")
-    if config is not None and not (
-        isinstance(config, dict)
-        and all(isinstance(v, (int, float, str, bool)) for v in config.values())
-    ):
-        raise TableError(f"{where}.config: expected null or an object of scalars, got {config!r}")
-    for field in ("median_us", "p20_us", "p80_us"):
-        if (field in entry or field == "median_us") and not _positive_time(entry.get(field)):
-            raise TableError(
-                f"{where}.{field}: expected a positive finite time, got {entry.get(field)!r}"
-            )
-    times = entry.get("providers_us", {})
-    if not isinstance(times, dict):
-        raise TableError(f"{where}.providers_us: expected an object")
-    for name, value in times.items():
-        if known is not None and name not in known:
-            raise TableError(f"{where}.providers_us: unknown provider {name!r}")
-        if not _positive_time(value):
-            raise TableError(
-                f"{where}.providers_us.{name}: expected a positive finite time, got {value!r}"
-            )
-
-
-# -- reading, writing, merging -------------------------------------------------------------------
-
-
-def read_table(path: str | os.PathLike, known_providers: Iterable[str] | None = None) -> dict:
-    """Read and validate a table.
-
-    Raises:
-        TableError: unreadable, not JSON, or off the schema; the message names the file.
-        FileNotFoundError: there is no such file.
-    """
-    path = Path(path)
-    data = path.read_bytes()
-    try:
-        table = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise TableError(f"{path}: not valid JSON ({exc})") from None
-    try:
-        validate_table(table, known_providers)
-    except TableError as exc:
-        raise TableError(f"{path}: {exc}") from None
-    return table
-
-
-def _read_umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it; set straight back
-    os.umask(mask)
-    return mask
-
-
-# Read once, at import (reading it briefly changes it, which threads could observe).
-_UMASK = _read_umask()
-
-
-def write_table(
-    path: str | os.PathLike, table: Mapping[str, Any], known_providers: Iterable[str] | None = None
-) -> Path:
-    """Validate ``table`` and write it atomically (temporary file, fsync, rename), sorted keys.
-
-    A reader sees the old file or the new one, never a torn one, even if the writer dies.
-    """
-    validate_table(table, known_providers)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = orjson.dumps(table, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload + b"\n")
-            f.flush()
-            # mkstemp makes the file owner-only; a table is read by serving processes that may
-            # run as another user, so give it the permissions a plain open() would.
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def merge_tables(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
-    """``new`` laid over ``old``: each (mode, spec, bucket) in ``new`` replaces the old entry,
-    every other old entry is kept; the metadata is ``new``'s."""
-    merged = empty_table(new["metadata"])
-    for source in (old or {}).get("entries", {}), new["entries"]:
-        for mode, specs in source.items():
-            for spec_key, buckets in specs.items():
-                merged["entries"].setdefault(mode, {}).setdefault(spec_key, {}).update(buckets)
-    return merged

@@ -1,4 +1,4 @@
-"""Test-side RoPE oracle, written from the math and independent of ``kernels.reference``.
+"""Test-side RoPE oracle, written from the math and independent of ``kernels.testing``.
 
 Also builds the test inputs: every layout the contract allows (plain, head-split, column slices
 of a fused qkv tensor, head-padded buffers, ``[B, S, ...]``), together with the full buffers

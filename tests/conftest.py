@@ -17,7 +17,7 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kernels import RopeSpec  # noqa: E402  (after TRITON_INTERPRET is set)
-from kernels.providers import _base  # noqa: E402
+from kernels.providers import register_provider, unregister_provider  # noqa: E402
 from kernels.table import device_table_name  # noqa: E402
 
 # The repository root (scripts in benchmarks/, subprocesses that import the tree).
@@ -41,13 +41,13 @@ def registered():
     names = []
 
     def register(provider):
-        _base.register_provider(provider)
+        register_provider(provider)
         names.append(provider.name)
         return provider
 
     yield register
     for name in names:
-        _base._REGISTRY.pop(name, None)
+        unregister_provider(name)
 
 
 def pytest_collection_modifyitems(config, items):

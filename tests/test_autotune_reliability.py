@@ -44,8 +44,8 @@ class _FlakyProvider(Provider):
     description: str = "fails while told to"
     failure: list = field(default_factory=list, compare=False)
 
-    def bind(self, spec, config):
-        inner = get_provider("torch").bound(spec, {})
+    def build(self, spec, config):
+        inner = get_provider("torch").callable_for(spec, {})
 
         def run(positions, query, key, cos_sin_cache):
             if self.failure:
@@ -90,7 +90,7 @@ def test_timed_rounds_hold_no_compile_whatever_ran_before(monkeypatch):
     16): the warm-up takes that recompile, the timed rounds never do, in either order."""
     from torch._dynamo.utils import counters
 
-    fn = get_provider("torch_compile").bound(TINY, {})
+    fn = get_provider("torch_compile").callable_for(TINY, {})
     compiles_while_timed = []
     time_wall = measure._time_wall
 

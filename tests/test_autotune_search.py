@@ -154,7 +154,7 @@ class _NoOpProvider(Provider):
     name: str = "test_noop"
     description: str = "does nothing (a wrong result)"
 
-    def bind(self, spec, config):
+    def build(self, spec, config):
         return lambda positions, query, key, cos_sin_cache: None
 
 
@@ -165,7 +165,7 @@ class _FailingProvider(Provider):
     name: str = "test_failing"
     description: str = "raises at launch"
 
-    def bind(self, spec, config):
+    def build(self, spec, config):
         def run(positions, query, key, cos_sin_cache):
             raise RuntimeError("CompilationError: out of shared memory")
 
@@ -337,8 +337,8 @@ class _TorchTwinProvider(Provider):
     name: str = "test_torch_twin"
     description: str = "the torch provider again"
 
-    def bind(self, spec, config):
-        return get_provider("torch").bound(spec, {})
+    def build(self, spec, config):
+        return get_provider("torch").callable_for(spec, {})
 
 
 @pytest.fixture

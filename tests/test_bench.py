@@ -7,6 +7,7 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,14 @@ import torch
 
 from autotune import bench
 from autotune.bench import _cli
-from kernels import RopeSpec, get_provider, select_rope
-from kernels import selector as selector_mod
+from kernels import (
+    RopeSpec,
+    _lookup,
+    get_provider,
+    register_provider,
+    select_rope,
+    unregister_provider,
+)
 from kernels.providers import default_triton_config
 from kernels.providers._torch import TorchProvider
 from kernels.table import device_metadata, device_table_name, empty_table, write_table
@@ -116,22 +123,23 @@ def test_pct_floor_is_floor_time_over_median():
 # -- the correctness gate -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def key_left_alone(monkeypatch):
+@dataclass(frozen=True)
+class _KeyLeftAlone(TorchProvider):
     """The torch provider made wrong: it rotates the query and forgets the key."""
-    provider = get_provider("torch")
-    saved = dict(provider._bound)
-    right_bind = TorchProvider.bind
 
-    def wrong_bind(self, spec, config):
-        right = right_bind(self, spec, config)
+    def build(self, spec, config):
+        right = super().build(spec, config)
         return lambda positions, query, key, cache: right(positions, query, None, cache)
 
-    monkeypatch.setattr(TorchProvider, "bind", wrong_bind)
-    provider._bound.clear()
+
+@pytest.fixture
+def key_left_alone():
+    original = get_provider("torch")
+    unregister_provider("torch")
+    register_provider(_KeyLeftAlone())
     yield
-    provider._bound.clear()
-    provider._bound.update(saved)
+    unregister_provider("torch")
+    register_provider(original)
 
 
 def test_wrong_provider_reported_and_not_timed(key_left_alone, tmp_path, capsys):
@@ -151,7 +159,7 @@ def test_wrong_provider_reported_and_not_timed(key_left_alone, tmp_path, capsys)
 
 
 def test_triton_tuned_uses_the_tables_config(tmp_path, monkeypatch):
-    monkeypatch.setattr(selector_mod, "_warned", set())
+    monkeypatch.setattr(_lookup, "_warned", set())
     spec = RopeSpec(64, 32, 2, 2, True, torch.float32)
     tuned = {"block_t": 1, "block_h": 1, "head_split": 2, "num_warps": 1, "num_stages": 1}
     assert tuned != default_triton_config(spec, 3)
@@ -182,7 +190,7 @@ def test_triton_tuned_uses_the_tables_config(tmp_path, monkeypatch):
 
 
 def test_triton_tuned_without_table_is_skipped_per_spec(tmp_path, monkeypatch):
-    monkeypatch.setattr(selector_mod, "_warned", set())
+    monkeypatch.setattr(_lookup, "_warned", set())
     spec = RopeSpec(64, 32, 2, 2, True, torch.float32)
     result = bench.run_bench(
         [spec], [1], [3, 5], "cpu", providers=["triton_tuned"], repeats=2, table_dir=tmp_path

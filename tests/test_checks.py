@@ -182,7 +182,7 @@ def test_flashinfer_float32_spec_is_refused_by_name():
     spec = RopeSpec(D, R, HQ, HK, True, torch.float32)
     assert "float32" in flashinfer.unsupported_reason(spec)
     with pytest.raises(ValueError, match=r"^spec: flashinfer does not support q8_kv2_d64_r32"):
-        flashinfer.bound(spec)
+        flashinfer.callable_for(spec)
 
 
 def test_flashinfer_without_key_is_refused_by_apply():
@@ -226,7 +226,7 @@ BAD_CONFIGS = [
 def test_triton_config_validation(fault, config, names):
     triton = get_provider("triton")
     with pytest.raises(ValueError) as info:
-        triton.bound(SPEC, config)
+        triton.callable_for(SPEC, config)
     assert str(info.value).startswith("config:") and names in str(info.value)
     positions = torch.arange(T)
     query = torch.randn(T, 8 * 128).to(torch.bfloat16)

@@ -1,4 +1,6 @@
-"""Shipped tables are found after a plain, non-editable install (configs/ -> kernels/configs)."""
+"""Installing: shipped tables and ``py.typed`` are found after a plain, non-editable install
+(configs/ -> kernels/configs); the runtime works without the tuner's libraries, and the tuner
+without them names the extra to install."""
 
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+import kernels
 from kernels.table import (
     CONFIG_DIR_ENV,
     SCHEMA_VERSION,
@@ -55,6 +60,7 @@ def test_shipped_table_found_after_plain_install(tmp_path):
     )  # fmt: skip
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
     assert (target / "kernels" / "configs" / table_name).is_file()
+    assert (target / "kernels" / "py.typed").is_file()
 
     check = textwrap.dedent(f"""
         import warnings
@@ -83,3 +89,76 @@ def test_shipped_table_found_after_plain_install(tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert str(target / "kernels" / "configs" / table_name) in run.stdout
+
+
+# -- the runtime without the tuner's libraries ------------------------------------------------
+
+TUNER_ONLY = ("optuna", "matplotlib", "tqdm")
+# Run first in a fresh interpreter: those modules cannot be imported, as in an environment
+# where only `pip install rope-autotune` (no `tune` extra) ran.
+BLOCK_TUNER_LIBRARIES = textwrap.dedent(f"""
+    import sys
+
+    class BlockTunerLibraries:
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in {TUNER_ONLY!r}:
+                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+            return None
+
+    sys.meta_path.insert(0, BlockTunerLibraries())
+""")
+
+
+def _run_without_tuner_libraries(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != CONFIG_DIR_ENV}
+    env["PYTHONPATH"] = str(REPO)
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "empty-config")
+    env.setdefault("TRITON_INTERPRET", "1")
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK_TUNER_LIBRARIES + textwrap.dedent(code)],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_runtime_works_without_the_tuner_libraries(tmp_path):
+    run = _run_without_tuner_libraries(
+        f"""
+        import warnings
+        import torch
+        import kernels
+        assert kernels.__file__.startswith({str(REPO)!r}), kernels.__file__
+        warnings.simplefilter("ignore")  # no table for this spec: the fallback warning
+        rope = kernels.select_rope(64, 32, 4, 2, True, torch.float32, "cpu")
+        positions = torch.arange(5)
+        query, key = torch.randn(5, 4 * 64), torch.randn(5, 2 * 64)
+        before = query.clone()
+        rope(positions, query, key, kernels.cos_sin_cache(16, 32))
+        assert not torch.equal(query, before)
+        loaded = sorted(m for m in sys.modules if m.partition(".")[0] in {TUNER_ONLY!r})
+        assert not loaded, loaded
+        print("runtime ok")
+        """,
+        tmp_path,
+    )
+    assert run.returncode == 0 and "runtime ok" in run.stdout, run.stdout + run.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_tuner_without_its_libraries_names_the_tune_extra(tmp_path):
+    run = _run_without_tuner_libraries(
+        """
+        import runpy
+        sys.argv = ["autotune", "--help"]
+        runpy.run_module("autotune", run_name="__main__", alter_sys=True)
+        """,
+        tmp_path,
+    )
+    assert run.returncode != 0, run.stdout
+    assert "rope-autotune[tune]" in run.stdout + run.stderr, run.stdout + run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+
+
+def test_package_is_marked_apart_from_hugging_faces_kernels():
+    # Hugging Face's kernel hub installs a top-level `kernels` too; the tuner checks this mark.
+    assert kernels.__rope_autotune__ is True

@@ -11,15 +11,18 @@ import pytest
 import torch
 from _reference64 import Case, build_inputs, check_outputs, covering_matrix, seed_of, with_
 
-from kernels import RopeSpec, get_provider, list_providers, provider_names
+from kernels import (
+    RopeSpec,
+    get_provider,
+    list_providers,
+    provider_names,
+    register_provider,
+    unregister_provider,
+)
 from kernels._cast_once import CastOnce
 from kernels.providers._torch_compile import TorchCompileProvider
-from kernels.providers._triton import (
-    PARAM_SPACE,
-    _Launcher,
-    config_problems,
-    default_triton_config,
-)
+from kernels.providers._triton import PARAM_SPACE, config_problems, default_triton_config
+from kernels.providers._triton_launch import TritonLauncher
 
 MATRIX = covering_matrix()
 # A few cases for torch.compile on the CPU: both styles, key present and absent, three dtypes,
@@ -210,6 +213,16 @@ def test_registry_has_exactly_the_five_providers():
         assert get_provider(name).name == name
 
 
+def test_register_and_unregister_a_provider():
+    twin = TorchCompileProvider(name="test_twin")
+    assert register_provider(twin) is twin and get_provider("test_twin") is twin
+    assert provider_names()[-1] == "test_twin"
+    assert unregister_provider("test_twin") is twin
+    assert "test_twin" not in provider_names()
+    with pytest.raises(KeyError, match="test_twin"):
+        unregister_provider("test_twin")
+
+
 def test_get_provider_unknown_name_lists_the_registered():
     with pytest.raises(KeyError) as info:
         get_provider("nope")
@@ -354,7 +367,7 @@ def test_triton_default_spreads_heads_over_programs_when_tokens_are_few(
     config = default_triton_config(spec, num_tokens)
     blocks = -(-num_heads // config["block_h"]) + -(-num_kv_heads // config["block_h"])
     assert config["head_split"] >= blocks  # one head block per program: one memory round trip
-    assert _Launcher(spec, config).grid(num_tokens, num_kv_heads)[1] == blocks  # none idle
+    assert TritonLauncher(spec, config).grid(num_tokens, num_kv_heads)[1] == blocks  # none idle
     assert config["block_h"] <= 8
     streaming = default_triton_config(spec, 4096)
     assert streaming["head_split"] == 1 and streaming["block_t"] == 1

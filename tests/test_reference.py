@@ -1,4 +1,4 @@
-"""The test oracle itself, and kernels.reference checked against it.
+"""The test oracle itself, and kernels.testing checked against it.
 
 The provider tests trust ``_reference64.rope64`` and ``check_outputs``; these tests show the
 oracle is right (hand-worked values, a complex-number formulation, rotation invariants) and that
@@ -23,7 +23,8 @@ from _reference64 import (
     views_of,
 )
 
-from kernels.reference import TOLERANCES, assert_rope_close, cos_sin_cache, rope_reference
+from kernels import cos_sin_cache
+from kernels.testing import TOLERANCES, assert_rope_close, rope_reference
 
 # One row: cos = (0.5, -1), sin = (0.25, 2); x = (1, 2, 3, 4) then a tail (5, 6).
 ROW = torch.tensor([[0.5, -1.0, 0.25, 2.0]], dtype=torch.float64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -13,15 +14,20 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention
 
 import kernels.table as table_mod
-from kernels import cos_sin_cache, select_rope
-from kernels import selector as selector_mod
+from kernels import (
+    RopeTableWarning,
+    cos_sin_cache,
+    get_provider,
+    register_provider,
+    select_rope,
+    unregister_provider,
+)
+from kernels import _lookup as lookup_mod
 from kernels._cast_once import CastOnce
 from kernels._spec import RopeSpec
-from kernels.providers import _base, get_provider
 from kernels.providers._torch import TorchProvider
-from kernels.reference import TOLERANCES, assert_rope_close
-from kernels.selector import RopeTableWarning
 from kernels.table import device_metadata, device_table_name, write_table
+from kernels.testing import TOLERANCES, assert_rope_close
 
 SPEC = RopeSpec(
     head_size=64, rotary_dim=32, num_heads=4, num_kv_heads=2, is_neox=True, dtype=torch.float32
@@ -41,7 +47,7 @@ def dirs(tmp_path, monkeypatch):
     monkeypatch.setenv(table_mod.CONFIG_DIR_ENV, str(paths["env"]))
     monkeypatch.setattr(table_mod, "user_config_dir", lambda: paths["user"])
     monkeypatch.setattr(table_mod, "shipped_config_dir", lambda: paths["shipped"])
-    monkeypatch.setattr(selector_mod, "_warned", set())  # each test sees its own first warnings
+    monkeypatch.setattr(lookup_mod, "_warned", set())  # each test sees its own first warnings
     return paths
 
 
@@ -112,8 +118,8 @@ class RecordingProvider(TorchProvider):
     def unsupported_reason(self, spec, *, has_key=True):
         return "needs a key tensor" if self.needs_key and not has_key else None
 
-    def bind(self, spec, config):
-        inner = super().bind(spec, config)
+    def build(self, spec, config):
+        inner = super().build(spec, config)
 
         def run(positions, query, key, cache):
             self.calls.append((self.name, positions.numel()))
@@ -122,16 +128,27 @@ class RecordingProvider(TorchProvider):
         return run
 
 
+@contextmanager
+def registered(*providers):
+    """``providers`` in the registry for the duration of the block."""
+    for provider in providers:
+        register_provider(provider)
+    try:
+        yield providers
+    finally:
+        for provider in providers:
+            unregister_provider(provider.name)
+
+
 @pytest.fixture
-def recorders(monkeypatch):
+def recorders():
     """Two registered test providers: ``rec_a`` and ``rec_keyed`` (needs a key)."""
     made = {
         "rec_a": RecordingProvider(name="rec_a"),
         "rec_keyed": RecordingProvider(name="rec_keyed", needs_key=True),
     }
-    for name, provider in made.items():
-        monkeypatch.setitem(_base._REGISTRY, name, provider)
-    return made
+    with registered(*made.values()):
+        yield made
 
 
 def qk(spec: RopeSpec, n: int, seed: int = 0):
@@ -269,8 +286,8 @@ def test_hot_path_holds_the_providers_bound_callables(dirs):
     put(dirs["env"], make_table({SPEC.key: {"4": entry("triton", config), "64": entry("torch")}}))
     rope = no_warnings(select)
     triton = get_provider("triton")
-    assert rope._fns[0] is triton.bound(SPEC, triton.check_config(SPEC, config))
-    assert rope._fns[1] is get_provider("torch").bound(SPEC, {})
+    assert rope._fns[0] is triton.callable_for(SPEC, triton.check_config(SPEC, config))
+    assert rope._fns[1] is get_provider("torch").callable_for(SPEC, {})
     assert rope._thresholds == (16.0,)
     assert rope.explain(4).config == triton.check_config(SPEC, config)
 
@@ -389,6 +406,28 @@ BAD_TABLES = {
         _with(lambda t: t["entries"]["graph"][SPEC.key].update({"eight": entry("torch")})),
         "eight",
     ),
+    # Buckets that pass str.isdigit() but are not the canonical form str(int(key)).
+    "bucket_zero_padded": (
+        _with(lambda t: t["entries"]["graph"][SPEC.key].update({"016": entry("torch")})),
+        "'016'",
+    ),
+    "bucket_arabic_indic_digits": (
+        _with(lambda t: t["entries"]["graph"][SPEC.key].update({"١٦": entry("torch")})),
+        "'١٦'",
+    ),
+    "bucket_superscript": (
+        _with(lambda t: t["entries"]["graph"][SPEC.key].update({"²": entry("torch")})),
+        "'²'",
+    ),
+    # Config values equal to an allowed int but of another type.
+    "config_float": (
+        _with(lambda t: t["entries"]["graph"][SPEC.key]["8"].update(config={"block_t": 4.0})),
+        "block_t",
+    ),
+    "config_bool": (
+        _with(lambda t: t["entries"]["graph"][SPEC.key]["8"].update(config={"num_stages": True})),
+        "num_stages",
+    ),
 }
 
 
@@ -402,6 +441,19 @@ def test_bad_table_warns_once_and_uses_next_source(dirs, case):
     assert fault in message
     assert rope.source == dirs["user"] / FILE and rope.explain(8).provider == "torch"
     no_warnings(select)  # the same fault in the same file: said once
+    positions, q, k = qk(SPEC, 16)  # calls run (nothing from the bad table reaches them)
+    q0 = q.clone()
+    rope(positions, q, k, cos_sin_cache(512, SPEC.rotary_dim))
+    assert_rope_close(q, rope64(q0, positions, SPEC), SPEC.dtype, "query")
+
+
+@pytest.mark.parametrize("value", [4.0, True, "4"])
+def test_forced_config_value_of_another_type_is_refused(dirs, value):
+    get_provider("triton").callable_for(SPEC, {"block_t": 4})  # 4's callable is cached
+    with pytest.raises(ValueError, match=r"^config: triton parameter 'block_t'"):
+        select(provider="triton", config={"block_t": value})
+    with pytest.raises(ValueError, match=r"^config: triton parameter 'block_t'"):
+        get_provider("triton").callable_for(SPEC, {"block_t": value})
 
 
 @pytest.mark.parametrize("case", ["truncated", "unknown_provider"])
@@ -552,8 +604,8 @@ class Float32CacheProvider(TorchProvider):
     description: str = "test provider"
     cast: CastOnce = field(default_factory=lambda: CastOnce(torch.float32), compare=False)
 
-    def bind(self, spec, config):
-        inner, cast = super().bind(spec, config), self.cast
+    def build(self, spec, config):
+        inner, cast = super().build(spec, config), self.cast
 
         def run(positions, query, key, cache):
             converted = cast(cache)
@@ -563,9 +615,13 @@ class Float32CacheProvider(TorchProvider):
         return run
 
 
-def test_bf16_cache_converted_once_across_calls(dirs, monkeypatch):
+def test_bf16_cache_converted_once_across_calls(dirs):
     provider = Float32CacheProvider()
-    monkeypatch.setitem(_base._REGISTRY, provider.name, provider)
+    with registered(provider):
+        _bf16_cache_converted_once(provider, dirs)
+
+
+def _bf16_cache_converted_once(provider, dirs):
     spec = RopeSpec(64, 64, 4, 1, False, torch.bfloat16)
     put(dirs["env"], make_table({spec.key: {"1": entry("fp32_cache"), "64": entry("torch")}}))
     rope = no_warnings(select, spec)

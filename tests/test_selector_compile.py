@@ -8,8 +8,8 @@ import torch
 import torch._dynamo.testing
 
 import kernels.table as table_mod
+from kernels import _lookup as lookup_mod
 from kernels import cos_sin_cache, select_rope
-from kernels import selector as selector_mod
 from kernels._spec import RopeSpec
 from kernels.table import device_metadata, device_table_name, write_table
 
@@ -25,7 +25,7 @@ def rope(tmp_path, monkeypatch):
     monkeypatch.setenv(table_mod.CONFIG_DIR_ENV, str(tmp_path))
     monkeypatch.setattr(table_mod, "user_config_dir", lambda: tmp_path / "user")
     monkeypatch.setattr(table_mod, "shipped_config_dir", lambda: tmp_path / "shipped")
-    monkeypatch.setattr(selector_mod, "_warned", set())
+    monkeypatch.setattr(lookup_mod, "_warned", set())
 
     def entry(provider, config):
         return {

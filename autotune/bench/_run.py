@@ -147,7 +147,7 @@ def _registered_resolver(name: str) -> _Resolver:
         if reason is not None:
             return Skipped(name, f"does not support this spec: {reason}", spec.key)
         config = provider.check_config(spec, provider.default_config(spec, num_tokens))
-        return _Candidate(provider.bound(spec, config), _config_text(config))
+        return _Candidate(provider.callable_for(spec, config), _config_text(config))
 
     return resolve
 
@@ -219,7 +219,7 @@ def _triton_tuned_resolver(
         text = _config_text(config)
         if choice.spec_key != spec.key:
             text += f" (from {choice.spec_key})"
-        return _Candidate(triton.bound(spec, config), text)
+        return _Candidate(triton.callable_for(spec, config), text)
 
     return resolve
 

@@ -7,9 +7,10 @@ pick is scored by the sweep's time for the same config, so both sides are compar
 set of measurements. Reported: the default config's and the search's gap to the sweep's best,
 the search pick's rank in the sweep, and the evaluations each needed.
 
-GPU (what the lead runs on the H200)::
+GPU::
 
-    python benchmarks/experiments/search_vs_exhaustive.py --device cuda:0 --json search_vs_exhaustive.json
+    python benchmarks/experiments/search_vs_exhaustive.py --device cuda:0 \
+        --json search_vs_exhaustive.json
 
 CPU smoke check (Triton under the interpreter; tiny spec, part of the space)::
 
@@ -30,8 +31,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from autotune.measure import check_correct, time_rope
 from autotune._device import resolve_device
+from autotune.measure import check_correct, time_rope
 from autotune.objective import GATE_TOKENS, Objective
 from autotune.runner import StudyRunner
 from autotune.space import CandidateSpace
@@ -53,7 +54,7 @@ def sweep(spec: RopeSpec, tokens: int, device, space: CandidateSpace, limit, mod
     times = {}
     candidates = [c for c in space.valid if c.provider == "triton"]
     for candidate in candidates[:limit]:
-        fn = provider.bound(spec, candidate.config)
+        fn = provider.callable_for(spec, candidate.config)
         try:
             check_correct(fn, spec, GATE_TOKENS, device)
             times[candidate.key] = time_rope(
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
             def score(key, ok=ok, spec=spec, tokens=tokens):
                 """The sweep's time for a config; one outside a partial sweep is timed now."""
                 if key not in ok:
-                    fn = get_provider("triton").bound(spec, dict(key[1]))
+                    fn = get_provider("triton").callable_for(spec, dict(key[1]))
                     ok[key] = time_rope(
                         fn, spec, tokens, device, mode=args.timing, **time_kwargs
                     ).median_us

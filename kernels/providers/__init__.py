@@ -1,7 +1,8 @@
 """RoPE providers behind one in-place contract, and their registry.
 
 Importing this package registers every built-in provider. Adding one is a module that
-subclasses :class:`Provider` and calls :func:`register_provider`, plus an import below.
+subclasses :class:`Provider` (implementing :meth:`Provider.build`) and calls
+:func:`register_provider`, plus an import below.
 """
 
 # Each module registers its provider on import; this order is the order of list_providers().
@@ -20,6 +21,7 @@ from ._base import (
     list_providers,
     provider_names,
     register_provider,
+    unregister_provider,
 )
 from ._triton import default_triton_config
 
@@ -32,4 +34,5 @@ __all__ = [
     "list_providers",
     "provider_names",
     "register_provider",
+    "unregister_provider",
 ]

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .._checks import check_rope_args
+from .._checks import check_positions_in_cache, check_rope_args
 from .._spec import RopeSpec
 
 __all__ = [
@@ -19,10 +19,11 @@ __all__ = [
     "list_providers",
     "provider_names",
     "register_provider",
+    "unregister_provider",
 ]
 
-# A provider bound to one spec and config: fn(positions, query, key, cos_sin_cache) -> None,
-# rotating query and key in place. It trusts its caller to have checked the spec once.
+# A provider built for one spec and config: fn(positions, query, key, cos_sin_cache) -> None,
+# rotating query and key in place. It trusts its caller to have checked the arguments.
 RopeFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], None]
 
 Config = dict[str, Any]
@@ -32,8 +33,9 @@ Config = dict[str, Any]
 class Provider:
     """A RoPE implementation behind the in-place contract (vLLM's ``rotary_embedding`` op).
 
-    Subclasses override :meth:`unavailable_reason`, :meth:`unsupported_reason` and :meth:`bind`;
-    tunable ones also :attr:`param_space` and :meth:`default_config`.
+    Subclasses override :meth:`unavailable_reason`, :meth:`unsupported_reason` and :meth:`build`;
+    tunable ones also :attr:`param_space` and :meth:`default_config`. Callers use
+    :meth:`callable_for` (checked, cached) or :meth:`apply` (every check, one call).
 
     Attributes:
         name: Registry name.
@@ -49,8 +51,8 @@ class Provider:
     description: str
     param_space: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     revision: int = 1
-    # bind() results per (spec, config): apply() binds once and reuses.
-    _bound: dict[tuple[RopeSpec, tuple[tuple[str, Any], ...]], RopeFn] = field(
+    # build() results per (spec, config), filled by callable_for().
+    _callables: dict[tuple[RopeSpec, tuple[tuple[str, type, Any], ...] | None], RopeFn] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -70,55 +72,62 @@ class Provider:
         """The config to use when no tuning table has one (empty for untunable providers)."""
         return {}
 
+    def config_fault(self, config: Mapping[str, Any]) -> str | None:
+        """Why ``config`` (possibly partial) is off :attr:`param_space`, or None.
+
+        A value must be one of the allowed values *of the same type*: ``4.0`` and ``True`` are
+        not ``4`` (they compare equal but would fail or mean something else in a kernel).
+        """
+        unknown = sorted(set(config) - set(self.param_space))
+        if unknown:
+            return (
+                f"{self.name} has no parameter {unknown}; its parameters are "
+                f"{sorted(self.param_space)}"
+            )
+        for name, value in config.items():
+            allowed = self.param_space[name]
+            if not any(type(value) is type(a) and value == a for a in allowed):
+                return f"{self.name} parameter {name!r} takes one of {list(allowed)}, got {value!r}"
+        return None
+
     def check_config(self, spec: RopeSpec, config: Mapping[str, Any] | None) -> Config:
         """Return ``config`` completed with defaults, or raise ValueError naming the fault."""
         full = self.default_config(spec)
         if not config:
             return full
-        unknown = sorted(set(config) - set(self.param_space))
-        if unknown:
-            raise ValueError(
-                f"config: {self.name} has no parameter {unknown}; its parameters are "
-                f"{sorted(self.param_space)}"
-            )
-        for name, value in config.items():
-            allowed = self.param_space[name]
-            if value not in allowed:
-                raise ValueError(
-                    f"config: {self.name} parameter {name!r} takes one of {list(allowed)}, "
-                    f"got {value!r}"
-                )
+        fault = self.config_fault(config)
+        if fault is not None:
+            raise ValueError(f"config: {fault}")
         full.update(config)
         return full
 
-    def bind(self, spec: RopeSpec, config: Config) -> RopeFn:
-        """A callable for ``spec`` and a checked ``config`` that does the least work per call."""
+    def build(self, spec: RopeSpec, config: Config) -> RopeFn:
+        """Make a callable for ``spec`` and a checked, complete ``config`` that does the least
+        work per call (the provider author's hook; callers use :meth:`callable_for`)."""
         raise NotImplementedError
 
     # -- derived ---------------------------------------------------------------------------------
-    def is_available(self, device: torch.device | str) -> bool:
-        return self.unavailable_reason(device) is None
-
     def supports(self, spec: RopeSpec, *, has_key: bool = True) -> bool:
         return self.unsupported_reason(spec, has_key=has_key) is None
 
-    def bound(self, spec: RopeSpec, config: Mapping[str, Any] | None = None) -> RopeFn:
-        """Check ``spec`` and ``config`` once and return the bound callable (cached).
+    def callable_for(self, spec: RopeSpec, config: Mapping[str, Any] | None = None) -> RopeFn:
+        """Check ``spec`` and ``config`` once and return the built callable (cached per spec and
+        config). The callable checks nothing per call: give it tensors of ``spec``.
 
         Raises:
             ValueError: this provider does not support ``spec``, or ``config`` is invalid.
         """
-        asked = (spec, tuple(sorted(config.items())) if config else None)
-        fn = self._bound.get(asked)
+        asked = (spec, _config_key(config) if config else None)
+        fn = self._callables.get(asked)
         if fn is not None:
             return fn
         reason = self.unsupported_reason(spec)
         if reason is not None:
             raise ValueError(f"spec: {self.name} does not support {spec.key}: {reason}")
         full = self.check_config(spec, config)
-        resolved = (spec, tuple(sorted(full.items())))
-        fn = self._bound.get(resolved) or self.bind(spec, full)
-        self._bound[asked] = self._bound[resolved] = fn
+        resolved = (spec, _config_key(full))
+        fn = self._callables.get(resolved) or self.build(spec, full)
+        self._callables[asked] = self._callables[resolved] = fn
         return fn
 
     def apply(
@@ -132,7 +141,8 @@ class Provider:
         is_neox: bool,
         config: Mapping[str, Any] | None = None,
     ) -> None:
-        """Rotate ``query`` and ``key`` in place.
+        """Rotate ``query`` and ``key`` in place, after every check of the arguments, including
+        that positions lie in the cache (which reads them: a host-device sync on CUDA).
 
         Args:
             positions: int64 or int32, ``[T]`` or ``[B, S]``.
@@ -147,18 +157,25 @@ class Provider:
 
         Raises:
             TypeError, ValueError: an argument breaks the contract (the message names it),
-                this provider does not support the spec, or cannot run on the query's device.
+                a position is outside the cache, this provider does not support the spec, or
+                cannot run on the query's device.
         """
         spec, _, _ = check_rope_args(positions, query, key, cos_sin_cache, head_size, is_neox)
         if key is None:
             reason = self.unsupported_reason(spec, has_key=False)
             if reason is not None:
                 raise ValueError(f"key: {self.name} cannot take key=None: {reason}")
-        # Before binding: binding an unavailable provider fails obscurely or not at all.
+        # Before building: building for an unavailable provider fails obscurely or not at all.
         reason = self.unavailable_reason(query.device)
         if reason is not None:
             raise ValueError(f"query: {self.name} cannot run on {query.device}: {reason}")
-        self.bound(spec, config)(positions, query, key, cos_sin_cache)
+        check_positions_in_cache(positions, cos_sin_cache)
+        self.callable_for(spec, config)(positions, query, key, cos_sin_cache)
+
+
+def _config_key(config: Mapping[str, Any]) -> tuple[tuple[str, type, Any], ...]:
+    # With each value's type: 4.0 == 4 and hashes alike, but must not find 4's callable.
+    return tuple(sorted((name, type(value), value) for name, value in config.items()))
 
 
 class ProviderStatus(NamedTuple):
@@ -182,6 +199,17 @@ def register_provider(provider: Provider) -> Provider:
     if existing is not None and type(existing) is not type(provider):
         raise ValueError(f"provider: {provider.name!r} is already registered as {existing!r}")
     _REGISTRY[provider.name] = provider
+    return provider
+
+
+def unregister_provider(name: str) -> Provider:
+    """Remove the provider called ``name`` from the registry and return it (tests, plugins).
+
+    Raises:
+        KeyError: no such provider.
+    """
+    provider = get_provider(name)
+    del _REGISTRY[name]
     return provider
 
 

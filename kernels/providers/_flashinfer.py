@@ -59,7 +59,7 @@ class FlashInferProvider(Provider):
             return f"takes rotary_dim a multiple of 16, not {spec.rotary_dim}"
         return None
 
-    def bind(self, spec: RopeSpec, config: Config) -> RopeFn:
+    def build(self, spec: RopeSpec, config: Config) -> RopeFn:
         rope = _flashinfer_rope()
         if isinstance(rope, str):
             raise RuntimeError(f"flashinfer: {rope}")

@@ -52,7 +52,7 @@ class TorchProvider(Provider):
     name: str = "torch"
     description: str = "eager PyTorch ops, written from the math; CPU and GPU"
 
-    def bind(self, spec: RopeSpec, config: Config) -> RopeFn:
+    def build(self, spec: RopeSpec, config: Config) -> RopeFn:
         head_size, rotary_dim, is_neox = spec.head_size, spec.rotary_dim, spec.is_neox
 
         def run(positions, query, key, cos_sin_cache):

@@ -34,7 +34,7 @@ class TorchCompileProvider(Provider):
     name: str = "torch_compile"
     description: str = "torch.compile of the eager math, dynamic token count; CPU and GPU"
 
-    def bind(self, spec: RopeSpec, config: Config) -> RopeFn:
+    def build(self, spec: RopeSpec, config: Config) -> RopeFn:
         head_size = spec.head_size
         # dynamic=True makes the token count symbolic from the first call, so a new token count
         # reuses the graph instead of recompiling (sizes 0 and 1 may still specialize once).

@@ -56,7 +56,7 @@ class VllmProvider(Provider):
         op = load_vllm_rotary_op()
         return op if isinstance(op, str) else None
 
-    def bind(self, spec: RopeSpec, config: Config) -> RopeFn:
+    def build(self, spec: RopeSpec, config: Config) -> RopeFn:
         op = load_vllm_rotary_op()
         if isinstance(op, str):
             raise RuntimeError(f"vllm: {op}")

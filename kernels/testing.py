@@ -1,4 +1,7 @@
-"""The cos/sin cache builder, a float64 reference, and the tolerances every provider must meet."""
+"""For testing providers: a float64 RoPE reference and the tolerances every provider must meet.
+
+Used by the tuner's correctness gate and by tests; serving code does not need it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import torch
 
 from ._checks import check_rope_args
 
-__all__ = ["TOLERANCES", "assert_rope_close", "cos_sin_cache", "rope_reference"]
+__all__ = ["TOLERANCES", "assert_rope_close", "rope_reference"]
 
 # (atol, rtol) per element dtype of q/k. Outputs are computed in float32 and rounded once to
 # the element type, so the error budget is one rounding of that type (bf16: 2^-8 relative,
@@ -16,34 +19,6 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (1.6e-2, 1.6e-2),
 }
-
-
-def cos_sin_cache(
-    max_position: int,
-    rotary_dim: int,
-    base: float = 10000.0,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Build the standard RoPE cache: ``[max_position, rotary_dim]``, cos half then sin half.
-
-    Row ``p`` holds ``cos(p * f_i)`` for ``i < rotary_dim/2`` followed by ``sin(p * f_i)``, with
-    ``f_i = base ** (-2i / rotary_dim)``. Computed in float64, then cast to ``dtype``.
-
-    Raises:
-        ValueError: ``max_position`` is not positive or ``rotary_dim`` is not a positive even int.
-    """
-    if not isinstance(max_position, int) or max_position <= 0:
-        raise ValueError(f"max_position: expected a positive int, got {max_position!r}")
-    if not isinstance(rotary_dim, int) or rotary_dim <= 0 or rotary_dim % 2:
-        raise ValueError(f"rotary_dim: expected a positive even int, got {rotary_dim!r}")
-    if not base > 0:
-        raise ValueError(f"base: expected a positive number, got {base!r}")
-    inv_freq = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
-    angles = torch.outer(torch.arange(max_position, dtype=torch.float64), inv_freq)
-    cache = torch.cat([angles.cos(), angles.sin()], dim=-1)
-    return cache.to(dtype=dtype, device=device)
 
 
 def rope_reference(

@@ -1,16 +1,16 @@
-"""Selection-time helpers of the selector: the bucket rule, the nearest-spec rule, and the
-resolution of one table entry into a bound provider callable (a :class:`Route`).
+"""Routes: what each token bucket of a selector runs, built once at selection time.
 
-Everything here runs once, when ``select_rope`` builds its dispatch lists; nothing here is on
-the per-call path.
+A :class:`Route` is a provider, its config and its built callable, with the reason for the
+choice. Here are the bucket rule (:func:`bucket_thresholds`), the resolution of a table entry
+into a route (:func:`resolve_entry`: its winner, else the best available recorded provider),
+the untuned fallback (:func:`fallback_route`) and forced providers (:func:`forced_routes`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from bisect import bisect_left
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +21,11 @@ from .providers import RopeFn, default_triton_config, get_provider
 
 __all__ = [
     "FALLBACK_BUCKETS",
+    "Availability",
     "Route",
-    "bucket_index",
     "bucket_thresholds",
     "fallback_route",
-    "nearest_spec_key",
+    "forced_routes",
     "resolve_entry",
 ]
 
@@ -36,11 +36,11 @@ FALLBACK_BUCKETS = tuple(2**i for i in range(17))  # 1 .. 65536
 
 @dataclass(frozen=True)
 class Route:
-    """What one bucket runs: a provider, its config, the bound callable, and why.
+    """What one bucket runs: a provider, its config, the built callable, and why.
 
     Attributes:
         provider: Registry name of the provider.
-        config: The checked config the callable was bound with.
+        config: The checked config the callable was built with.
         fn: ``fn(positions, query, key, cos_sin_cache)``, in place.
         why: Human-readable reason for this choice (table entry, fallback...).
     """
@@ -63,51 +63,10 @@ def bucket_thresholds(buckets: Sequence[int]) -> tuple[float, ...]:
     return tuple(math.sqrt(a * b) for a, b in itertools.pairwise(buckets))
 
 
-def bucket_index(thresholds: Sequence[float], num_tokens: int) -> int:
-    """Index of the bucket serving ``num_tokens`` (the per-call rule, shown for explain/tests)."""
-    return bisect_left(thresholds, num_tokens)
-
-
-# -- nearest spec --------------------------------------------------------------------------------
-
-
-def _spec_distance(a: RopeSpec, b: RopeSpec) -> float:
-    return abs(math.log(a.num_heads / b.num_heads)) + abs(math.log(a.num_kv_heads / b.num_kv_heads))
-
-
-def nearest_spec_key(spec: RopeSpec, keys: Iterable[str]) -> str | None:
-    """The table spec closest to ``spec``, or None.
-
-    Candidates share ``spec``'s head size, rotary dim, style and element size (what decides the
-    kernel's memory traffic and inner loop: bf16 and fp16 are interchangeable); among them the
-    one with the smallest ``|log(Hq/Hq')| + |log(Hk/Hk')|`` wins (head counts differing by the
-    same factor are equally near), then the one of ``spec``'s own dtype, then the smaller key.
-    On the H200 a bf16-tuned config ran fp16 at the speed of the fp16-tuned one (median ratio
-    1.00, at most 1.08, over 25 buckets; ``benchmarks/NOTES.md``).
-    """
-    best: tuple[float, bool, str] | None = None
-    for key in keys:
-        try:
-            other = RopeSpec.from_key(key)
-        except ValueError:
-            continue
-        if (other.head_size, other.rotary_dim, other.is_neox, other.dtype.itemsize) != (
-            spec.head_size,
-            spec.rotary_dim,
-            spec.is_neox,
-            spec.dtype.itemsize,
-        ):
-            continue
-        candidate = (_spec_distance(spec, other), other.dtype != spec.dtype, key)
-        if best is None or candidate < best:
-            best = candidate
-    return None if best is None else best[-1]
-
-
 # -- entry resolution ----------------------------------------------------------------------------
 
 
-class _Availability:
+class Availability:
     """Memo of ``provider.unavailable_reason(device)`` for one selection (imports may be slow)."""
 
     def __init__(self, device: torch.device) -> None:
@@ -123,15 +82,15 @@ class _Availability:
         return self._reasons[name]
 
 
-def _try_bind(
+def _try_route(
     name: str,
     config: Mapping[str, Any] | None,
     spec: RopeSpec,
     bucket: int,
     has_key: bool,
-    unavailable: _Availability,
+    unavailable: Availability,
 ) -> tuple[Route | None, str]:
-    """Bind ``name`` for ``spec``, or say why not (a Route with an empty ``why``)."""
+    """A route of ``name`` for ``spec``, or why not (a Route with an empty ``why``)."""
     reason = unavailable(name)
     if reason is not None:
         return None, f"{name} unavailable here ({reason})"
@@ -143,8 +102,8 @@ def _try_bind(
         config = provider.default_config(spec, bucket)
     try:
         full = provider.check_config(spec, config)
-        fn = provider.bound(spec, full)
-    except Exception as exc:  # invalid config for this spec (nearest-spec entries), bind errors
+        fn = provider.callable_for(spec, full)
+    except Exception as exc:  # invalid config for this spec (nearest-spec entries), build errors
         return None, f"{name} rejected config {dict(config)} ({exc})"
     return Route(name, full, fn, ""), ""
 
@@ -155,10 +114,10 @@ def resolve_entry(
     entry: Mapping[str, Any],
     *,
     has_key: bool,
-    unavailable: _Availability,
+    unavailable: Availability,
     where: str,
 ) -> Route | None:
-    """Bind a table entry: its winner with its config, else the best available provider recorded
+    """Route a table entry: its winner with its config, else the best available provider recorded
     in ``providers_us`` (with its default config), else None.
 
     Args:
@@ -173,7 +132,7 @@ def resolve_entry(
         candidates.append((name, None, f"best available recorded ({time_us:.3g} us)"))
     skipped = []
     for name, cfg, label in candidates:
-        route, why_not = _try_bind(name, cfg, spec, bucket, has_key, unavailable)
+        route, why_not = _try_route(name, cfg, spec, bucket, has_key, unavailable)
         if route is not None:
             why = f"{where}: {label}"
             if skipped:
@@ -189,11 +148,48 @@ def fallback_route(
     """The untuned choice: Triton's default config on CUDA, ``torch`` elsewhere (or when Triton
     cannot serve), which runs every spec on every device."""
     if device.type == "cuda":
-        unavailable = _Availability(device)
-        route, _ = _try_bind(
+        unavailable = Availability(device)
+        route, _ = _try_route(
             "triton", default_triton_config(spec, bucket), spec, bucket, has_key, unavailable
         )
         if route is not None:
             return Route(route.provider, route.config, route.fn, why)
     provider = get_provider("torch")
-    return Route("torch", {}, provider.bound(spec, {}), why)
+    return Route("torch", {}, provider.callable_for(spec, {}), why)
+
+
+def forced_routes(
+    spec: RopeSpec, device: torch.device, provider: str, config: Mapping[str, Any] | None
+) -> tuple[tuple[int, ...], tuple[Route, ...], tuple[Route, ...]]:
+    """Buckets, routes with a key and routes without one for a forced provider (and config).
+
+    Raises:
+        KeyError: no such provider.
+        ValueError: it cannot run on ``device``, or ``config`` is invalid for ``spec``.
+    """
+    chosen = get_provider(provider)
+    reason = chosen.unavailable_reason(device)
+    if reason is not None:
+        raise ValueError(f"provider: {provider!r} is unavailable on {device}: {reason}")
+    buckets = (1,) if config is not None else FALLBACK_BUCKETS
+    why = f"forced: provider={provider!r}" + (f", config={dict(config)}" if config else "")
+    keyless_reason = chosen.unsupported_reason(spec, has_key=False)
+    routes, keyless = [], []
+    for bucket in buckets:
+        full = chosen.check_config(
+            spec, config if config is not None else chosen.default_config(spec, bucket)
+        )
+        route = Route(provider, full, chosen.callable_for(spec, full), why)
+        routes.append(route)
+        if keyless_reason is None:
+            keyless.append(route)
+        else:
+            keyless.append(Route(provider, full, _refuse_keyless(provider, keyless_reason), why))
+    return buckets, tuple(routes), tuple(keyless)
+
+
+def _refuse_keyless(provider: str, reason: str):
+    def refuse(positions, query, key, cos_sin_cache):
+        raise ValueError(f"key: the forced provider {provider!r} needs a key tensor: {reason}")
+
+    return refuse

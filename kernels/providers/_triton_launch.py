@@ -1,0 +1,196 @@
+"""Launching :func:`rope_kernel` with the least host work per call.
+
+``kernel[grid](...)`` (Triton's public launch) spends tens of microseconds in Python binding
+arguments and hashing the specialization. :class:`TritonLauncher` launches each
+specialization's first call that way and keeps the compiled kernel; later calls hand the
+arguments straight to ``compiled.run``, a private Triton interface whose argument order is
+pinned here to the Triton releases it is tested on (:data:`FAST_LAUNCH_VERSIONS`). Any other
+release, the interpreter, and a registered launch hook (profilers) take the public launch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import triton
+
+from .._checks import qk_layout
+from .._spec import RopeSpec
+from ._triton_kernel import rope_kernel
+
+__all__ = ["FAST_LAUNCH_VERSIONS", "TritonLauncher", "fast_launch_supported", "launch_rope"]
+
+# Triton releases (major.minor) whose CompiledKernel.run takes
+# (grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook,
+# exit_hook, *kernel arguments in signature order, constexprs included), as their own
+# JITFunction.run passes them: 3.6 on the GPU machine, 3.9 on the CPU one.
+FAST_LAUNCH_VERSIONS = ("3.6", "3.9")
+
+
+def fast_launch_supported(version: str) -> bool:
+    """Whether the fast path's argument order is the one of Triton ``version``."""
+    return ".".join(version.split(".")[:2]) in FAST_LAUNCH_VERSIONS
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _current_stream(device_index: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device_index)
+
+
+try:  # where launch hooks live moved between Triton releases
+    from triton import knobs as _knobs
+
+    _launch_hooks = _knobs.runtime
+except ImportError:  # Triton < 3.4
+    from triton.compiler.compiler import CompiledKernel as _launch_hooks  # noqa: N813
+
+
+def _launch_hooks_active() -> bool:
+    # Triton >= 3.5 keeps a HookChain (empty unless a profiler registered a hook), older
+    # releases None or a callable.
+    hook = _launch_hooks.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+class TritonLauncher:
+    """Launches :func:`rope_kernel` for one spec and config on tensors already checked.
+
+    The fast path's cache key mirrors what Triton specializes on: 16-byte alignment of pointers
+    and, for integers, the value 1, divisibility by 16 and 32-bit range; plus the dtypes of
+    positions and cache, the device and the key head count (a constexpr).
+
+    Args:
+        spec: The spec the tensors follow.
+        config: A complete, checked config (``block_t``, ``block_h``, ``head_split``,
+            ``num_warps``, ``num_stages``).
+        kernel: The JIT kernel (tests pass a wrapper).
+        fast: Use the fast path; None decides from the Triton version and the interpreter.
+    """
+
+    def __init__(
+        self,
+        spec: RopeSpec,
+        config: dict[str, Any],
+        *,
+        kernel: Any = rope_kernel,
+        fast: bool | None = None,
+    ) -> None:
+        self.spec, self.kernel = spec, kernel
+        self.block_t = config["block_t"]
+        self.block_h = config["block_h"]
+        self.head_split = config["head_split"]
+        self.q_blocks = triton.cdiv(spec.num_heads, self.block_h)
+        half = spec.rotary_dim // 2
+        # In the kernel's signature order: the fast path passes them positionally.
+        self.constexprs = dict(
+            NUM_Q_HEADS=spec.num_heads,
+            ROT_HALF=half,
+            HALF_PAD=triton.next_power_of_2(half),
+            IS_NEOX=spec.is_neox,
+            BLOCK_T=self.block_t,
+            BLOCK_H=self.block_h,
+            HEAD_SPLIT=self.head_split,
+        )
+        self.options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+        if fast is None:
+            fast = fast_launch_supported(triton.__version__) and not _interpreting()
+        self.fast = fast
+        # Fast path: per specialization, the compiled kernel and its head grid.
+        self.compiled: dict[tuple, tuple[Any, int]] = {}
+
+    def grid(self, num_tokens: int, k_heads: int) -> tuple[int, int]:
+        """Programs over token blocks and over the head blocks of one token block: never
+        more of the latter than there are q and k head blocks (none idle)."""
+        k_blocks = (k_heads + self.block_h - 1) // self.block_h
+        return (num_tokens + self.block_t - 1) // self.block_t, min(
+            self.head_split, self.q_blocks + k_blocks
+        )
+
+    def __call__(self, positions, query, key, cos_sin_cache) -> None:
+        num_tokens = positions.numel()
+        if num_tokens == 0:
+            return
+        head_size = self.spec.head_size
+        if query.dim() == 2:  # [T, H*D], the common case: skip the general layout parse
+            q_stride_t, q_stride_h = query.stride(0), head_size
+        else:
+            _, _, q_stride_t, q_stride_h = qk_layout("query", query, head_size, num_tokens)
+        if key is None:
+            k, k_stride_t, k_stride_h, k_heads = query, 0, 0, 0
+        elif key.dim() == 2:
+            k, k_stride_t, k_stride_h = key, key.stride(0), head_size
+            k_heads = key.shape[1] // head_size
+        else:
+            k = key
+            _, k_heads, k_stride_t, k_stride_h = qk_layout("key", key, head_size, num_tokens)
+        cache_stride = cos_sin_cache.stride(0)
+        ints = (q_stride_t, q_stride_h, k_stride_t, k_stride_h, cache_stride)
+        # Launch hooks (profilers such as Proton) need Triton's own path and its metadata.
+        fast = self.fast and not _launch_hooks_active()
+        if fast:
+            specialization = (
+                k_heads, positions.dtype, cos_sin_cache.dtype, query.device.index,
+                positions.data_ptr() % 16 == 0, query.data_ptr() % 16 == 0,
+                k.data_ptr() % 16 == 0, cos_sin_cache.data_ptr() % 16 == 0,
+                *[(v == 1, v % 16 == 0, v < 2**31) for v in ints],
+            )  # fmt: skip
+            entry = self.compiled.get(specialization)
+            if entry is not None:
+                compiled, grid_h = entry
+                grid_t = (num_tokens + self.block_t - 1) // self.block_t
+                compiled.run(
+                    grid_t, grid_h, 1, _current_stream(query.device.index),
+                    compiled.function, compiled.packed_metadata, None, None, None,
+                    positions, query, k, cos_sin_cache, num_tokens, *ints,
+                    *self.constexprs.values(), k_heads,
+                )  # fmt: skip
+                return
+        grid = self.grid(num_tokens, k_heads)
+        compiled = self.kernel[grid](
+            positions, query, k, cos_sin_cache, num_tokens, *ints,
+            NUM_K_HEADS=k_heads, **self.constexprs, **self.options,
+        )  # fmt: skip
+        if fast and compiled is not None:
+            self.compiled[specialization] = compiled, grid[1]
+
+    def compile(self, positions, query, key, cos_sin_cache) -> None:
+        """Compile the kernel these arguments would launch into Triton's cache, without
+        launching it (ahead-of-time compile workers: they need no GPU work, and a later
+        launch with arguments of the same specialization loads the kernel from the cache).
+
+        The arguments may live on the CPU: what Triton specializes on (dtypes, 16-byte
+        alignment, integer values) is the same there. Under the interpreter, nothing happens.
+        """
+        num_tokens = positions.numel()
+        if num_tokens == 0:
+            return
+        head_size = self.spec.head_size
+        _, _, q_stride_t, q_stride_h = qk_layout("query", query, head_size, num_tokens)
+        if key is None:  # as __call__ does: no key heads, the query stands in for the pointer
+            key, k_heads, k_stride_t, k_stride_h = query, 0, 0, 0
+        else:
+            _, k_heads, k_stride_t, k_stride_h = qk_layout("key", key, head_size, num_tokens)
+        self.kernel.warmup(
+            positions, query, key, cos_sin_cache, num_tokens,
+            q_stride_t, q_stride_h, k_stride_t, k_stride_h, cos_sin_cache.stride(0),
+            grid=self.grid(num_tokens, k_heads), NUM_K_HEADS=k_heads, **self.constexprs,
+            **self.options,
+        )  # fmt: skip
+
+
+def launch_rope(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    cos_sin_cache: torch.Tensor,
+    spec: RopeSpec,
+    config: dict[str, Any],
+) -> None:
+    """Launch the kernel once through Triton's public launch, on tensors already checked
+    against ``spec`` (no fast path, nothing kept)."""
+    TritonLauncher(spec, config, fast=False)(positions, query, key, cos_sin_cache)
