@@ -34,9 +34,10 @@ from pathlib import Path
 import torch
 
 from autotune.measure import make_inputs, time_rope
-from kernels import RopeSpec, assert_rope_close, get_provider, rope_reference
+from kernels import RopeSpec, get_provider
 from kernels.integrations.vllm import selector_for
 from kernels.table import library_versions
+from kernels.testing import assert_rope_close, rope_reference
 
 # name -> (get_rope arguments, query heads, kv heads)
 MODELS: dict[str, tuple[dict, int, int]] = {

@@ -7,8 +7,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from kernels import TOLERANCES  # noqa: E402
 from kernels.integrations.transformers import RopePatch, patch_model, unpatch_model  # noqa: E402
+from kernels.testing import TOLERANCES  # noqa: E402
 
 # No tuning table for the CPU: select_rope warns once per spec and runs the torch provider.
 pytestmark = pytest.mark.filterwarnings("ignore::kernels.RopeTableWarning")

@@ -23,14 +23,9 @@ from vllm.config import (  # noqa: E402
 )
 from vllm.model_executor.custom_op import op_registry_oot  # noqa: E402
 
-from kernels import (  # noqa: E402
-    TOLERANCES,
-    RopeSelector,
-    assert_rope_close,
-    get_provider,
-    rope_reference,
-)
+from kernels import RopeSelector, get_provider  # noqa: E402
 from kernels.integrations import vllm as plugin  # noqa: E402
+from kernels.testing import TOLERANCES, assert_rope_close, rope_reference  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
