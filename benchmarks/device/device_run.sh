@@ -4,6 +4,7 @@
 # vLLM's Python files into /tmp/site); everything lands under $OUT. From the repository root:
 #
 #   bash benchmarks/device/device_run.sh tests         # GPU tests, eager launch and selector overhead
+#   bash benchmarks/device/device_run.sh integrations  # vLLM's layers and a transformers model, with and without us
 #   bash benchmarks/device/device_run.sh small-tokens  # Triton sweep vs FlashInfer/vLLM, 16-1024 tokens
 #   bash benchmarks/device/device_run.sh losing        # sweep where FlashInfer won a bucket (revision 2)
 #   bash benchmarks/device/device_run.sh defaults      # the untuned Triton default vs FlashInfer/vLLM
@@ -13,11 +14,16 @@ set -u
 export PYTHONUNBUFFERED=1
 case "$1" in
   tests)
-    python3 -m pytest -m gpu -q -p no:cacheprovider tests > "$OUT/pytest_gpu.log" 2>&1
-    tail -15 "$OUT/pytest_gpu.log"
-    python3 benchmarks/launch_overhead.py 2>&1 | tee "$OUT/launch_overhead.log"
-    python3 benchmarks/selector_overhead.py --device cuda:0 2>&1 \
-      | tee "$OUT/selector_overhead.log" | tail -8 ;;
+    timeout "${TESTS_SECONDS:-420}" python3 -m pytest -m gpu -q -p no:cacheprovider \
+      --durations=10 tests > "$OUT/pytest_gpu.log" 2>&1
+    tail -25 "$OUT/pytest_gpu.log"
+    python3 benchmarks/launch_overhead.py 2>&1 | tee "$OUT/launch_overhead.log" | tail -12
+    python3 benchmarks/selector_overhead.py --device cuda:0 --max-overhead-us 1.0 2>&1 \
+      | tee "$OUT/selector_overhead.log" | tail -12 ;;
+  integrations)
+    timeout 300 python3 benchmarks/vllm_layer.py --device cuda:0 --out "$OUT/vllm_layer" 2>&1 \
+      | tail -60
+    timeout 200 python3 benchmarks/transformers_model.py --device cuda:0 2>&1 | tail -25 ;;
   small-tokens)
     timeout -s INT "${SWEEP_SECONDS:-420}" python3 benchmarks/roofline.py --device cuda:0 \
       --specs llama-3-8b,qwen2.5-7b,gemma-2-9b,llama-3-70b:tp8 --tokens 16,256,1024 --sweep \
@@ -43,6 +49,6 @@ case "$1" in
   tune)
     bash benchmarks/device/tune_h200.sh "${TUNE_SECONDS:-300}" ;;
   *)
-    echo "usage: device_run.sh tests|small-tokens|losing|defaults|search|tune" >&2
+    echo "usage: device_run.sh tests|integrations|small-tokens|losing|defaults|search|tune" >&2
     exit 2 ;;
 esac
