@@ -57,11 +57,11 @@ __all__ = [
 
 # A winner re-timed more than this fraction above its recorded median is "slower".
 SLOWER_MARGIN = 0.05
-# A runner-up must beat the winner by more than this fraction to count: the same kernel timed
-# on two machine starts differs by up to about 1% under graph replay, so a smaller lead is noise.
+# A runner-up must beat the winner by more than this to count. A search's rounds spread 0.25%
+# (p20-p80) and a second quiet timing lands within 0.4% (README): 2% leaves room for fewer rounds.
 BEATEN_MARGIN = 0.02
-# Timed rounds per measurement and the least length of a round: fewer and shorter than a
-# search's (one verdict per entry against a 2-5% margin, not a ranking of close configs).
+# Rounds per measurement and their least length: fewer and shorter than a search's (a verdict
+# against a 2-5% margin, not a ranking of close configs), so a whole table takes minutes.
 VERIFY_REPEATS = 5
 VERIFY_ROUND_S = 0.001
 _NOTE_DEFAULT_CONFIG = "default config (a runner-up's tuned config is not recorded)"
@@ -75,7 +75,7 @@ def rope_callable(provider: str, spec: RopeSpec, config: Mapping[str, Any]) -> R
 
 @dataclass(frozen=True)
 class Contender:
-    """One provider and config that an entry's check times."""
+    """A provider and config an entry's check times, with the median the table recorded."""
 
     provider: str
     config: Mapping[str, Any]
@@ -92,14 +92,15 @@ class Check:
     tokens: int
     winner: Contender
     runner_up: Contender | None
-    unavailable: str | None = None  # why the winner cannot run here (the entry is not verified)
+    unavailable: dict[str, str] = field(default_factory=dict)  # role -> "provider: why not here"
     winner_now: Timing | None = None
     runner_up_now: Timing | None = None
     failures: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> tuple[str, ...]:
-        """Empty when the entry is right (or not verified: its winner is unavailable here);
+        """Empty when the entry is right (or not verified: its winner is unavailable here; a
+        runner-up unavailable here is skipped, so the winner is checked against its record);
         else ``failing`` (the winner or the runner-up, the selector's fallback, is rejected for
         the spec, fails the gate or raises), ``slower`` (the winner's median is more than
         :data:`SLOWER_MARGIN` above the recorded one) and ``beaten`` (the runner-up is faster
@@ -134,8 +135,8 @@ def plan_checks(
     """The checks for a validated table's entries, spec-major (a spec's kernels compile once,
     then serve every bucket), filtered by timing mode and by ``fnmatch`` patterns on spec keys.
 
-    A runner-up is the fastest other provider in ``providers_us`` that runs here; a tunable one
-    gets its default config for the spec and bucket, since the table records only the winner's.
+    A runner-up is the fastest other provider in ``providers_us``; a tunable one gets its
+    default config for the spec and bucket, since the table records only the winner's.
     """
     by_spec: dict[str, list[tuple[str, str, Mapping[str, Any]]]] = {}
     for mode, specs in table["entries"].items():
@@ -152,18 +153,19 @@ def plan_checks(
         for mode, bucket, entry in sorted(by_spec[spec_key], key=lambda c: (c[0], int(c[1]))):
             tokens = int(bucket)
             winner = Contender(entry["provider"], entry.get("config") or {}, entry["median_us"])
+            recorded = entry.get("providers_us", {}).items()
+            others = sorted((us, name) for name, us in recorded if name != winner.provider)
             runner_up = None
-            others = sorted((us, name) for name, us in entry.get("providers_us", {}).items())
-            for recorded_us, name in others:
-                if name == winner.provider or get_provider(name).unavailable_reason(device):
-                    continue
-                tunable = bool(get_provider(name).param_space)
-                config = get_provider(name).default_config(spec, tokens) if tunable else {}
+            if others:
+                tunable = bool(get_provider(others[0][1]).param_space)
+                config = get_provider(others[0][1]).default_config(spec, tokens) if tunable else {}
                 note = _NOTE_DEFAULT_CONFIG if tunable else ""
-                runner_up = Contender(name, config, recorded_us, note)
-                break
+                runner_up = Contender(others[0][1], config, others[0][0], note)
             check = Check(mode, spec, tokens, winner, runner_up)
-            check.unavailable = get_provider(winner.provider).unavailable_reason(device)
+            for role, who in ("winner", winner), ("runner-up", runner_up):
+                why = who and get_provider(who.provider).unavailable_reason(device)
+                if why:
+                    check.unavailable[role] = f"{who.provider}: {why}"
             checks.append(check)
     return checks
 
@@ -188,11 +190,11 @@ class Verifier:
     _gate: dict[tuple, str | None] = field(default_factory=dict, init=False, repr=False)
 
     def run(self, check: Check) -> Check:
-        """Fill in ``check``'s times and failures (the winner only when it runs here)."""
-        if check.unavailable is not None:
+        """Fill in ``check``'s times and failures (of those that run here)."""
+        if "winner" in check.unavailable:
             return check
         check.winner_now = self._time(check, check.winner, "winner")
-        if check.runner_up is not None:
+        if check.runner_up is not None and "runner-up" not in check.unavailable:
             check.runner_up_now = self._time(check, check.runner_up, "runner-up")
         return check
 
@@ -264,16 +266,18 @@ def format_report(checks: Sequence[Check]) -> str:
         lines += [f"    {failure}" for failure in c.failures]
     if any(c.runner_up is not None and c.runner_up.note for c in bad):
         lines.append(f"* {_NOTE_DEFAULT_CONFIG}")
-    verified = [c for c in checks if c.unavailable is None]
+    skipped = {role: sum(role in c.unavailable for c in checks) for role in ("winner", "runner-up")}
     count = {p: sum(p in c.problems for c in checks) for p in ("failing", "slower", "beaten")}
+    verified = len(checks) - skipped["winner"]
     lines.append(
-        f"{len(verified) - len(bad)} of {len(verified)} verified entries still right; "
+        f"{verified - len(bad)} of {verified} verified entries still right; "
         f"slower than recorded by more than {SLOWER_MARGIN:.0%}: {count['slower']}; "
         f"now beaten (runner-up more than {BEATEN_MARGIN:.0%} faster): {count['beaten']}; "
-        f"now failing: {count['failing']}; unavailable here: {len(checks) - len(verified)}"
+        f"now failing: {count['failing']}; unavailable here: {skipped['winner']} winners (entry "
+        f"not verified), {skipped['runner-up']} runner-ups (winner checked against its record)"
     )
-    unavailable = sorted({f"{c.winner.provider}: {c.unavailable}" for c in checks if c.unavailable})
-    lines += [f"  not verified, winner unavailable here: {reason}" for reason in unavailable]
+    reasons = {why for c in checks for why in c.unavailable.values()}
+    lines += [f"  unavailable here: {why}" for why in sorted(reasons)]
     return "\n".join(lines)
 
 
@@ -297,7 +301,7 @@ def write_checks_csv(checks: Sequence[Check], path: Path) -> Path:
                 config = orjson.dumps(dict(who.config)).decode()
                 writer.writerow([c.timing, c.spec.key, c.tokens, role, who.provider, config,
                                  who.note, who.recorded_us, *times, ",".join(c.problems),
-                                 " | ".join(c.failures) or c.unavailable or ""])  # fmt: skip
+                                 " | ".join([*c.failures, *c.unavailable.values()])])  # fmt: skip
     return path
 
 
@@ -337,9 +341,8 @@ def fix_table(
                 missing.append(f"{where}: no study finished (the log above says why)")
                 continue
             old = _described(c.winner.provider, c.winner.config, c.winner.recorded_us)
-            changed.append(
-                f"{where}: {old} -> " + _described(new["provider"], new["config"], new["median_us"])
-            )
+            now = _described(new["provider"], new["config"], new["median_us"])
+            changed.append(f"{where}: {old} -> {now}")
     return changed, missing
 
 
@@ -418,7 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args, device, path, table, storage)
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted (buckets re-tuned so far are written)", file=sys.stderr)
+        done = " (buckets re-tuned so far are written)" if args.fix else ""
+        print(f"{parser.prog}: interrupted{done}", file=sys.stderr)
         return 130
 
 
