@@ -1,15 +1,15 @@
 """``python -m autotune verify``: is a tuning table still right on this machine?
 
 After a driver, torch, Triton, FlashInfer or vLLM upgrade a table's winners may no longer win.
-Each entry's winner and runner-up (the next fastest provider in ``providers_us`` that runs here)
-go through the float64 correctness gate on fresh random inputs (key-less too where the provider
-takes key-less calls), then :func:`autotune.measure.time_rope` in the entry's timing mode; the
-entry's problems are those of :attr:`Check.problems`. Exit status: 0 when every verified entry
-is right, 1 when any is failing, slower or beaten, 2 for bad arguments or a table that cannot be
-read (one line), 130 when interrupted. ``--fix`` re-tunes those buckets (in a fresh study storage
-unless ``--storage`` is given: the original run's studies are complete, and would be resumed
-rather than re-measured) and merges them into the table; the status is then 0 when every one got
-a new entry, 1 otherwise.
+Each entry's winner and runner-up (the next fastest provider in ``providers_us``; one that cannot
+run here is skipped and counted) go through the float64 correctness gate on fresh random inputs
+(key-less too where the provider takes key-less calls), then :func:`autotune.measure.time_rope`
+in the entry's timing mode; :attr:`Check.problems` judges. Exit status: 0 when every verified
+entry is right, 1 when any is failing, slower or beaten, 2 for bad arguments or a table that
+cannot be read (one line), 130 when interrupted. ``--fix`` re-tunes those buckets (in a fresh
+study storage unless ``--storage`` is given: the original run's studies are complete, and would
+be resumed rather than re-measured) and merges them into the table; the status is then 0 when
+every one got a new entry, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -156,11 +156,11 @@ def plan_checks(
             recorded = entry.get("providers_us", {}).items()
             others = sorted((us, name) for name, us in recorded if name != winner.provider)
             runner_up = None
-            if others:
-                tunable = bool(get_provider(others[0][1]).param_space)
-                config = get_provider(others[0][1]).default_config(spec, tokens) if tunable else {}
+            for recorded_us, name in others[:1]:
+                tunable = bool(get_provider(name).param_space)
+                config = get_provider(name).default_config(spec, tokens) if tunable else {}
                 note = _NOTE_DEFAULT_CONFIG if tunable else ""
-                runner_up = Contender(others[0][1], config, others[0][0], note)
+                runner_up = Contender(name, config, recorded_us, note)
             check = Check(mode, spec, tokens, winner, runner_up)
             for role, who in ("winner", winner), ("runner-up", runner_up):
                 why = who and get_provider(who.provider).unavailable_reason(device)
