@@ -38,7 +38,6 @@ from .measure import Timing, check_correct, time_rope
 from .objective import GATE_TOKENS
 from .space import config_key
 from .storage import open_storage
-from .studies import device_tag
 from .tuning import tune
 
 __all__ = [
@@ -281,17 +280,15 @@ def format_report(checks: Sequence[Check]) -> str:
     return "\n".join(lines)
 
 
-_CSV_HEADER = ("timing", "spec", "tokens", "role", "provider", "config", "note", "recorded_us",
-               "median_us", "p20_us", "p80_us", "problems", "failures")  # fmt: skip
-
-
 def write_checks_csv(checks: Sequence[Check], path: Path) -> Path:
     """Each check's winner and runner-up as a CSV row each (``config`` as JSON; no times for
     one not timed), with the entry's problems and failures."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(_CSV_HEADER)
+        writer.writerow(["timing", "spec", "tokens", "role", "provider", "config", "note",
+                         "recorded_us", "median_us", "p20_us", "p80_us", "problems",
+                         "failures"])  # fmt: skip
         for c in checks:
             for role, who, now in ("winner", c.winner, c.winner_now), (
                 "runner-up", c.runner_up, c.runner_up_now):  # fmt: skip
@@ -371,7 +368,7 @@ def build_verify_parser() -> argparse.ArgumentParser:
                        "help": "timed rounds per measurement, e.g. --repeats 20 (default: "
                        f"{VERIFY_REPEATS})"}),
         ("--save-path", {"metavar": "DIR", "help": "also write every re-timed contender as "
-                         "<device>_verify.csv here, e.g. --save-path results/"}),
+                         "<table name>_verify.csv here, e.g. --save-path results/"}),
         ("--fix", {"action": "store_true", "help": "re-tune the failing, slower and beaten buckets "
                    "and merge them into the table, e.g. --fix"}),
         ("--trials", {"type": _positive_int, "help": "with --fix: counted trials per bucket, e.g. "
@@ -412,6 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             storage = open_storage(args.storage) if args.storage else InMemoryStorage()
         if args.save_path is not None:
             check_output_dir(args.save_path, "--save-path")
+        checks = plan_checks(table, device, timings=args.timing, spec_patterns=args.specs)
+        if not checks:
+            raise ValueError(f"no entry of {path} matches --timing and --specs")
     except FileNotFoundError as exc:
         parser.error(f"no table: {exc}")
     except OSError as exc:  # a table that cannot be read
@@ -419,17 +419,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DeviceError, ValueError) as exc:  # TableError is a ValueError
         parser.error(str(exc))
     try:
-        return _run(args, device, path, table, storage)
+        return _run(args, device, path, checks, storage)
     except KeyboardInterrupt:
         done = " (buckets re-tuned so far are written)" if args.fix else ""
         print(f"{parser.prog}: interrupted{done}", file=sys.stderr)
         return 130
 
 
-def _run(args: argparse.Namespace, device: torch.device, path: Path, table: dict, storage) -> int:
+def _run(args: argparse.Namespace, device: torch.device, path: Path, checks: list, storage) -> int:
     from tqdm.auto import tqdm
 
-    checks = plan_checks(table, device, timings=args.timing, spec_patterns=args.specs)
     verifier = Verifier(device, {"repeats": args.repeats, "min_round_s": VERIFY_ROUND_S})
     start = time.perf_counter()
     for check in tqdm(checks, unit="entry", disable=None, dynamic_ncols=True):
@@ -439,8 +438,8 @@ def _run(args: argparse.Namespace, device: torch.device, path: Path, table: dict
           f"({phases or 'nothing timed'}), {args.repeats} rounds per measurement")  # fmt: skip
     print(format_report(checks))
     if args.save_path is not None:
-        name = f"{device_tag(table['metadata']['device_name'])}_verify.csv"
-        print(f"measurements: {write_checks_csv(checks, Path(args.save_path) / name)}")
+        csv_path = Path(args.save_path) / f"{path.stem}_verify.csv"
+        print(f"measurements: {write_checks_csv(checks, csv_path)}")
     if not args.fix or not any(c.problems for c in checks):
         return 1 if any(c.problems for c in checks) else 0
     tune_kwargs = {"storage": storage, "trials": args.trials, "providers": args.providers}

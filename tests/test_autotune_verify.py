@@ -350,6 +350,15 @@ def test_the_default_table_is_the_one_select_rope_reads(tmp_path, monkeypatch, s
     assert f"no table: no {CPU_TABLE} in {tmp_path / 'nothing'}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags", [["--timing", "eager"], ["--specs", "q4_*"]])
+def test_filters_that_match_nothing_are_an_error(tmp_path, sleepy, capsys, flags):
+    path = write_cpu_table(tmp_path, {"graph": {TINY: {1: right(sleepy)}}})
+    with pytest.raises(SystemExit) as exit_:
+        run_verify(path, *flags)
+    assert exit_.value.code == 2
+    assert f"no entry of {path} matches --timing and --specs" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", [["--trials", "2"], ["--providers", "torch"], ["--storage", "x"]])
 def test_fix_options_need_fix(tmp_path, flag, capsys):
     with pytest.raises(SystemExit) as exit_:
