@@ -175,8 +175,7 @@ class Verifier:
 
     Attributes:
         device: Where contenders run.
-        time_kwargs: Arguments to :func:`autotune.measure.time_rope` (``repeats``,
-            ``min_round_s``).
+        time_kwargs: ``repeats`` and ``min_round_s`` for :func:`autotune.measure.time_rope`.
         phases: Host seconds spent so far: ``gate``, and time_rope's ``inputs``, ``warmup``
             and ``measure``.
     """
@@ -310,10 +309,9 @@ def fix_table(
     checks: Sequence[Check], table_path: Path, device: torch.device, **tune_kwargs: Any
 ) -> tuple[list[str], list[str]]:
     """Re-tune the buckets of ``checks`` with problems, one :func:`autotune.tune` call per
-    (spec, timing mode) with ``tune_kwargs`` (``storage``: one without the table's original
-    studies, which would be resumed rather than re-measured; ``trials``, ``providers``...),
-    merging the results into ``table_path`` (named after the device: ``tune`` writes
-    ``<directory>/<device table name>``).
+    (spec, timing mode) with ``tune_kwargs`` (a ``storage`` without the table's original studies,
+    which would be resumed rather than re-measured; ``trials``...), merging the results into
+    ``table_path`` (named after the device: ``tune`` writes ``<directory>/<device table name>``).
 
     Returns:
         What changed, one line per bucket; and the buckets that got no new entry.
@@ -359,7 +357,7 @@ def build_verify_parser() -> argparse.ArgumentParser:
         ("--device", {"help": "device to verify on, e.g. --device cuda:0 (default: the first CUDA "
                       "device, else the CPU)"}),
         ("--table", {"metavar": "FILE", "help": "the table, e.g. --table configs/NVIDIA_H200.json "
-                     "(default: the one select_rope reads for the device)"}),
+                     "(default: the first one select_rope looks at for the device)"}),
         ("--timing", {"type": _timing, "help": "only these timing modes, e.g. --timing graph "
                       "(default: every mode in the table)"}),
         ("--specs", {"type": _comma_list, "metavar": "PATTERNS", "help": "only spec keys matching "
@@ -426,7 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _run(args: argparse.Namespace, device: torch.device, path: Path, checks: list, storage) -> int:
+def _run(
+    args: argparse.Namespace, device: torch.device, path: Path, checks: list[Check], storage: Any
+) -> int:
     from tqdm.auto import tqdm
 
     verifier = Verifier(device, {"repeats": args.repeats, "min_round_s": VERIFY_ROUND_S})
