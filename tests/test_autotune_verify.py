@@ -226,7 +226,7 @@ def test_problems_follow_the_margins():
 # -- what is checked -----------------------------------------------------------------------------
 
 
-def test_plan_is_spec_major_filtered_and_picks_an_available_runner_up(registered, sleepy):
+def test_plan_is_spec_major_filtered_and_names_the_runner_up(registered, sleepy):
     elsewhere = registered(_Elsewhere()).name
     table = empty_table(device_metadata(CPU))
     table["entries"]["graph"] = {
