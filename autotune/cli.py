@@ -1,5 +1,4 @@
-"""``python -m autotune``: the command line over :func:`autotune.tune` and
-:func:`autotune.export_tables`."""
+"""``python -m autotune``: the command line over :func:`autotune.tune`; ``export``, ``verify``."""
 
 from __future__ import annotations
 
@@ -33,6 +32,7 @@ from .objective import SEARCH_REPEATS
 from .report import format_summary
 from .storage import default_storage_path, open_storage
 from .tuning import tune
+from .verify import main as verify
 
 __all__ = ["build_export_parser", "build_parser", "main", "specs_from_args"]
 
@@ -112,10 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
             "tunes the default space (popular models, bf16 and fp16, 1 to 65536 tokens; a "
             "trimmed one on the CPU)."
         ),
-        epilog=(
-            "Export a table from a study storage: python -m autotune export --storage URL "
-            "--output DIR (see python -m autotune export --help)."
-        ),
+        epilog="Other commands (see their --help): python -m autotune export (write a table from "
+        "a study storage), python -m autotune verify (re-time a table's winners on this device).",
     )
     parser.add_argument(
         "--device",
@@ -364,8 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finished), 2 bad arguments, storage or output (one line, before any tuning), or no such
     device, 130 interrupted."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["export"]:
-        return _export(argv[1:])
+    if argv[:1] in (["export"], ["verify"]):  # commands with their own parsers
+        return (_export if argv[0] == "export" else verify)(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list_models:

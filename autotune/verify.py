@@ -1,0 +1,449 @@
+"""``python -m autotune verify``: is a tuning table still right on this machine?
+
+After a driver, torch, Triton, FlashInfer or vLLM upgrade a table's winners may no longer win.
+Each entry's winner and runner-up (the next fastest provider in ``providers_us``; one that cannot
+run here is skipped and counted) go through the float64 correctness gate on fresh random inputs
+(key-less too where the provider takes key-less calls), then :func:`autotune.measure.time_rope`
+in the entry's timing mode; :attr:`Check.problems` judges. Exit status: 0 when every verified
+entry is right, 1 when any is failing, slower or beaten, 2 for bad arguments or a table that
+cannot be read (one line), 130 when interrupted. ``--fix`` re-tunes those buckets (in a fresh
+study storage unless ``--storage`` is given: the original run's studies are complete, and would
+be resumed rather than re-measured) and merges them into the table; the status is then 0 when
+every one got a new entry, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fnmatch
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import torch
+from optuna.storages import InMemoryStorage
+
+from kernels import RopeSpec, get_provider, provider_names
+from kernels.providers import RopeFn
+from kernels.table import device_metadata, device_table_name, read_table, table_search_path
+
+from ._device import DeviceError, resolve_device
+from ._preflight import OneLineParser, check_output_dir
+from .measure import Timing, check_correct, time_rope
+from .objective import GATE_TOKENS
+from .space import config_key
+from .storage import open_storage
+from .tuning import tune
+
+__all__ = [
+    "BEATEN_MARGIN",
+    "SLOWER_MARGIN",
+    "Check",
+    "Contender",
+    "Verifier",
+    "default_table_path",
+    "fix_table",
+    "format_report",
+    "main",
+    "plan_checks",
+    "rope_callable",
+]
+
+# A winner re-timed more than this fraction above its recorded median is "slower".
+SLOWER_MARGIN = 0.05
+# A runner-up must beat the winner by more than this to count. A search's rounds spread 0.25%
+# (p20-p80) and a second quiet timing lands within 0.4% (README): 2% leaves room for fewer rounds.
+BEATEN_MARGIN = 0.02
+# Rounds per measurement and their least length: fewer and shorter than a search's (a verdict
+# against a 2-5% margin, not a ranking of close configs), so a whole table takes minutes.
+VERIFY_REPEATS = 5
+VERIFY_ROUND_S = 0.001
+_NOTE_DEFAULT_CONFIG = "default config (a runner-up's tuned config is not recorded)"
+
+
+def rope_callable(provider: str, spec: RopeSpec, config: Mapping[str, Any]) -> RopeFn:
+    """The provider's cached callable for ``spec`` and ``config`` (the one place this module
+    binds a provider); ValueError when it does not support ``spec`` or rejects ``config``."""
+    return get_provider(provider).bound(spec, config)
+
+
+@dataclass(frozen=True)
+class Contender:
+    """A provider and config an entry's check times, with the median the table recorded."""
+
+    provider: str
+    config: Mapping[str, Any]
+    recorded_us: float
+    note: str = ""
+
+
+@dataclass
+class Check:
+    """One table entry and what re-timing it found (times in microseconds; None: not timed)."""
+
+    timing: str
+    spec: RopeSpec
+    tokens: int
+    winner: Contender
+    runner_up: Contender | None
+    unavailable: dict[str, str] = field(default_factory=dict)  # role -> "provider: why not here"
+    winner_now: Timing | None = None
+    runner_up_now: Timing | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        """Empty when the entry is right (or not verified: its winner is unavailable here; a
+        runner-up unavailable here is skipped, so the winner is checked against its record);
+        else ``failing`` (the winner or the runner-up, the selector's fallback, is rejected for
+        the spec, fails the gate or raises), ``slower`` (the winner's median is more than
+        :data:`SLOWER_MARGIN` above the recorded one) and ``beaten`` (the runner-up is faster
+        by more than :data:`BEATEN_MARGIN`); an entry can be both slower and beaten."""
+        found = ["failing"] if self.failures else []
+        winner, rival = self.winner_now, self.runner_up_now
+        if winner is not None and winner.median_us > self.winner.recorded_us * (1 + SLOWER_MARGIN):
+            found.append("slower")
+        if winner and rival and rival.median_us * (1 + BEATEN_MARGIN) < winner.median_us:
+            found.append("beaten")
+        return tuple(found)
+
+
+def default_table_path(device: torch.device) -> Path:
+    """The table ``select_rope`` reads for ``device``: the first file named after it along
+    :func:`kernels.table.table_search_path`; FileNotFoundError when there is none."""
+    name = device_table_name(device_metadata(device)["device_name"])
+    dirs = table_search_path()
+    for directory in dirs:
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(f"no {name} in {', '.join(map(str, dirs))}")
+
+
+def plan_checks(
+    table: Mapping[str, Any],
+    device: torch.device,
+    *,
+    timings: Sequence[str] | None = None,
+    spec_patterns: Sequence[str] | None = None,
+) -> list[Check]:
+    """The checks for a validated table's entries, spec-major (a spec's kernels compile once,
+    then serve every bucket), filtered by timing mode and by ``fnmatch`` patterns on spec keys.
+
+    A runner-up is the fastest other provider in ``providers_us``; a tunable one gets its
+    default config for the spec and bucket, since the table records only the winner's.
+    """
+    by_spec: dict[str, list[tuple[str, str, Mapping[str, Any]]]] = {}
+    for mode, specs in table["entries"].items():
+        if timings is not None and mode not in timings:
+            continue
+        for spec_key, buckets in specs.items():
+            if spec_patterns and not any(fnmatch.fnmatch(spec_key, p) for p in spec_patterns):
+                continue
+            for bucket, entry in buckets.items():
+                by_spec.setdefault(spec_key, []).append((mode, bucket, entry))
+    checks = []
+    for spec_key in sorted(by_spec):
+        spec = RopeSpec.from_key(spec_key)
+        for mode, bucket, entry in sorted(by_spec[spec_key], key=lambda c: (c[0], int(c[1]))):
+            tokens = int(bucket)
+            winner = Contender(entry["provider"], entry.get("config") or {}, entry["median_us"])
+            recorded = entry.get("providers_us", {}).items()
+            others = sorted((us, name) for name, us in recorded if name != winner.provider)
+            runner_up = None
+            for recorded_us, name in others[:1]:
+                tunable = bool(get_provider(name).param_space)
+                config = get_provider(name).default_config(spec, tokens) if tunable else {}
+                note = _NOTE_DEFAULT_CONFIG if tunable else ""
+                runner_up = Contender(name, config, recorded_us, note)
+            check = Check(mode, spec, tokens, winner, runner_up)
+            for role, who in ("winner", winner), ("runner-up", runner_up):
+                why = who and get_provider(who.provider).unavailable_reason(device)
+                if why:
+                    check.unavailable[role] = f"{who.provider}: {why}"
+            checks.append(check)
+    return checks
+
+
+@dataclass
+class Verifier:
+    """Gates and times contenders on one device; each (spec, provider, config) is gated once.
+
+    Attributes:
+        device: Where contenders run.
+        time_kwargs: ``repeats`` and ``min_round_s`` for :func:`autotune.measure.time_rope`.
+        phases: Host seconds spent so far: ``gate``, and time_rope's ``inputs``, ``warmup``
+            and ``measure``.
+    """
+
+    device: torch.device
+    time_kwargs: Mapping[str, Any] = field(
+        default_factory=lambda: {"repeats": VERIFY_REPEATS, "min_round_s": VERIFY_ROUND_S}
+    )
+    phases: dict[str, float] = field(default_factory=dict)
+    _gate: dict[tuple, str | None] = field(default_factory=dict, init=False, repr=False)
+
+    def run(self, check: Check) -> Check:
+        """Fill in ``check``'s times and failures (of those that run here)."""
+        if "winner" in check.unavailable:
+            return check
+        check.winner_now = self._time(check, check.winner, "winner")
+        if check.runner_up is not None and "runner-up" not in check.unavailable:
+            check.runner_up_now = self._time(check, check.runner_up, "runner-up")
+        return check
+
+    def _time(self, check: Check, contender: Contender, role: str) -> Timing | None:
+        name = f"{role} {contender.provider}"
+        try:
+            fn = rope_callable(contender.provider, check.spec, contender.config)
+        except ValueError as exc:
+            check.failures.append(f"{name}: rejected: {exc}")
+            return None
+        error = self._gate_error(fn, check.spec, contender)
+        if error is not None:
+            check.failures.append(f"{name}: {error}")
+            return None
+        phases: dict[str, float] = {}
+        try:
+            timing = time_rope(fn, check.spec, check.tokens, self.device, mode=check.timing,
+                               phases=phases, **self.time_kwargs)  # fmt: skip
+        except Exception as exc:  # kernel error, out of memory, launch failure
+            check.failures.append(f"{name}: error: {type(exc).__name__}: {exc}")
+            return None
+        finally:
+            for phase, seconds in phases.items():
+                self.phases[phase] = self.phases.get(phase, 0.0) + seconds
+        return timing
+
+    def _gate_error(self, fn: RopeFn, spec: RopeSpec, contender: Contender) -> str | None:
+        """Why ``fn`` fails the float64 gate (``"wrong result: ..."``, ``"error: ..."``), or
+        None when it passes; decided once per (spec, provider, config)."""
+        key = (spec, contender.provider, config_key(contender.config))
+        if key not in self._gate:
+            start = time.perf_counter()
+            keyless = get_provider(contender.provider).supports(spec, has_key=False)
+            try:
+                check_correct(fn, spec, GATE_TOKENS, self.device, keyless=keyless)
+                self._gate[key] = None
+            except AssertionError as exc:
+                self._gate[key] = f"wrong result: {exc}"
+            except Exception as exc:  # compile error, out of memory, launch failure
+                self._gate[key] = f"error: {type(exc).__name__}: {exc}"
+            self.phases["gate"] = self.phases.get("gate", 0.0) + time.perf_counter() - start
+        return self._gate[key]
+
+
+def _cell(who: Contender | None, now: Timing | None) -> str:
+    """``provider[*] recorded -> now us (+change)``; ``*`` marks a default config."""
+    if who is None:
+        return "-"
+    name = who.provider + ("*" if who.note else "")
+    change = f"{now.median_us:.2f} ({now.median_us / who.recorded_us - 1:+.1%})" if now else "-"
+    return f"{name} {who.recorded_us:.2f} -> {change}"
+
+
+_HEADER = (
+    f"{'timing':<7}{'spec':<36}{'tokens':>7}  {'problems':<22}"
+    f"{'winner: recorded -> now us':<44}runner-up: recorded -> now us"
+)
+
+
+def format_report(checks: Sequence[Check]) -> str:
+    """The entries that are not right as a table (with each failure's reason), then counts."""
+    bad = [c for c in checks if c.problems]
+    lines = [_HEADER] if bad else []
+    for c in bad:
+        lines.append(
+            f"{c.timing:<7}{c.spec.key:<36}{c.tokens:>7}  {','.join(c.problems):<22}"
+            f"{_cell(c.winner, c.winner_now):<44}{_cell(c.runner_up, c.runner_up_now)}"
+        )
+        lines += [f"    {failure}" for failure in c.failures]
+    if any(c.runner_up is not None and c.runner_up.note for c in bad):
+        lines.append(f"* {_NOTE_DEFAULT_CONFIG}")
+    skipped = {role: sum(role in c.unavailable for c in checks) for role in ("winner", "runner-up")}
+    count = {p: sum(p in c.problems for c in checks) for p in ("failing", "slower", "beaten")}
+    verified = len(checks) - skipped["winner"]
+    lines.append(
+        f"{verified - len(bad)} of {verified} verified entries still right; "
+        f"slower than recorded by more than {SLOWER_MARGIN:.0%}: {count['slower']}; "
+        f"now beaten (runner-up more than {BEATEN_MARGIN:.0%} faster): {count['beaten']}; "
+        f"now failing: {count['failing']}; unavailable here: {skipped['winner']} winners (entry "
+        f"not verified), {skipped['runner-up']} runner-ups (winner checked against its record)"
+    )
+    reasons = {why for c in checks for why in c.unavailable.values()}
+    lines += [f"  unavailable here: {why}" for why in sorted(reasons)]
+    return "\n".join(lines)
+
+
+def write_checks_csv(checks: Sequence[Check], path: Path) -> Path:
+    """Each check's winner and runner-up as a CSV row each (``config`` as JSON; no times for
+    one not timed), with the entry's problems and failures."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["timing", "spec", "tokens", "role", "provider", "config", "note",
+                         "recorded_us", "median_us", "p20_us", "p80_us", "problems",
+                         "failures"])  # fmt: skip
+        for c in checks:
+            for role, who, now in ("winner", c.winner, c.winner_now), (
+                "runner-up", c.runner_up, c.runner_up_now):  # fmt: skip
+                if who is None:
+                    continue
+                times = (now.median_us, now.p20_us, now.p80_us) if now else ("", "", "")
+                config = orjson.dumps(dict(who.config)).decode()
+                writer.writerow([c.timing, c.spec.key, c.tokens, role, who.provider, config,
+                                 who.note, who.recorded_us, *times, ",".join(c.problems),
+                                 " | ".join([*c.failures, *c.unavailable.values()])])  # fmt: skip
+    return path
+
+
+def _described(provider: str, config: Mapping[str, Any] | None, median_us: float) -> str:
+    return f"{provider} {dict(config) if config else ''} {median_us:.2f} us".replace("  ", " ")
+
+
+def fix_table(
+    checks: Sequence[Check], table_path: Path, device: torch.device, **tune_kwargs: Any
+) -> tuple[list[str], list[str]]:
+    """Re-tune the buckets of ``checks`` with problems, one :func:`autotune.tune` call per
+    (spec, timing mode) with ``tune_kwargs`` (a ``storage`` without the table's original studies,
+    which would be resumed rather than re-measured; ``trials``...), merging the results into
+    ``table_path`` (named after the device: ``tune`` writes ``<directory>/<device table name>``).
+
+    Returns:
+        What changed, one line per bucket; and the buckets that got no new entry.
+    """
+    groups: dict[tuple[RopeSpec, str], list[Check]] = {}
+    for c in checks:
+        if c.problems:
+            groups.setdefault((c.spec, c.timing), []).append(c)
+    changed, missing = [], []
+    for (spec, timing), bad in groups.items():
+        try:
+            table = tune([spec], [c.tokens for c in bad], device=device, timing=timing,
+                         output=table_path.parent, **tune_kwargs)  # fmt: skip
+        except ValueError as exc:  # no asked provider runs the spec here
+            missing += [f"{timing} {spec.key} {c.tokens}: {exc}" for c in bad]
+            continue
+        entries = table["entries"].get(timing, {}).get(spec.key, {})
+        for c in bad:
+            where = f"{timing} {spec.key} {c.tokens}"
+            new = entries.get(str(c.tokens))
+            if new is None:
+                missing.append(f"{where}: no study finished (the log above says why)")
+                continue
+            old = _described(c.winner.provider, c.winner.config, c.winner.recorded_us)
+            now = _described(new["provider"], new["config"], new["median_us"])
+            changed.append(f"{where}: {old} -> {now}")
+    return changed, missing
+
+
+def build_verify_parser() -> argparse.ArgumentParser:
+    """The ``verify`` command's parser."""
+    from .cli import _comma_list, _positive_int, _providers, _timing  # cli dispatches to here
+
+    parser = OneLineParser(
+        prog="python -m autotune verify",
+        description="Re-time each table entry's winner and runner-up on this device, each through "
+        "the float64 correctness gate first, and list the entries now failing, slower than "
+        f"recorded by more than {SLOWER_MARGIN:.0%}, or beaten by the runner-up by more than "
+        f"{BEATEN_MARGIN:.0%}. Exit status 0: all right; 1: some are not (with --fix: some could "
+        "not be re-tuned); 2: bad arguments or an unreadable table.",
+    )
+    flags: tuple[tuple[str, dict[str, Any]], ...] = (
+        ("--device", {"help": "device to verify on, e.g. --device cuda:0 (default: the first CUDA "
+                      "device, else the CPU)"}),
+        ("--table", {"metavar": "FILE", "help": "the table, e.g. --table configs/NVIDIA_H200.json "
+                     "(default: the first one select_rope looks at for the device)"}),
+        ("--timing", {"type": _timing, "help": "only these timing modes, e.g. --timing graph "
+                      "(default: every mode in the table)"}),
+        ("--specs", {"type": _comma_list, "metavar": "PATTERNS", "help": "only spec keys matching "
+                     "these shell patterns, e.g. --specs 'q32_kv8_*,*_gptj_*' (default: all)"}),
+        ("--repeats", {"type": _positive_int, "default": VERIFY_REPEATS, "metavar": "N",
+                       "help": "timed rounds per measurement, e.g. --repeats 20 (default: "
+                       f"{VERIFY_REPEATS})"}),
+        ("--save-path", {"metavar": "DIR", "help": "also write every re-timed contender as "
+                         "<table name>_verify.csv here, e.g. --save-path results/"}),
+        ("--fix", {"action": "store_true", "help": "re-tune the failing, slower and beaten buckets "
+                   "and merge them into the table, e.g. --fix"}),
+        ("--trials", {"type": _positive_int, "help": "with --fix: counted trials per bucket, e.g. "
+                      "--trials 32 (default: the tuner's)"}),
+        ("--providers", {"type": _providers, "help": "with --fix: providers to search, e.g. "
+                         "--providers triton,vllm (default: all that run here)"}),
+        ("--storage", {"metavar": "URL", "help": "with --fix: Optuna storage for the re-tuning "
+                       "studies, so that an interrupted fix resumes, e.g. --storage "
+                       "./verify.journal (default: a fresh in-memory one; never the original "
+                       "run's storage, whose complete studies would be resumed, not re-measured)"}),
+    )  # fmt: skip
+    for flag, kwargs in flags:
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``python -m autotune verify``; returns the exit status (see the module docstring)."""
+    parser = build_verify_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if not args.fix and (args.trials or args.providers or args.storage):
+        parser.error("--trials, --providers and --storage apply to --fix")
+    from .cli import _setup_logging
+
+    _setup_logging(verbose=False, quiet=False)
+    path, storage = args.table, None
+    try:  # everything that can be wrong with the arguments, before anything is timed
+        device = resolve_device(args.device, purpose="verifying")
+        path = default_table_path(device) if path is None else Path(path)
+        table = read_table(path, provider_names())
+        here, tuned_on = device_metadata(device)["device_name"], table["metadata"]["device_name"]
+        if tuned_on != here:
+            raise ValueError(f"{path} was tuned on {tuned_on!r}, this device is {here!r}")
+        if args.fix:
+            check_output_dir(path.parent, "--table")
+            if path.name != device_table_name(here):
+                raise ValueError(f"--fix merges into {device_table_name(here)}: rename {path}")
+            storage = open_storage(args.storage) if args.storage else InMemoryStorage()
+        if args.save_path is not None:
+            check_output_dir(args.save_path, "--save-path")
+        checks = plan_checks(table, device, timings=args.timing, spec_patterns=args.specs)
+        if not checks:
+            raise ValueError(f"no entry of {path} matches --timing and --specs")
+    except FileNotFoundError as exc:
+        parser.error(f"no table: {exc}")
+    except OSError as exc:  # a table that cannot be read
+        parser.error(f"{path}: {exc.strerror or exc}")
+    except (DeviceError, ValueError) as exc:  # TableError is a ValueError
+        parser.error(str(exc))
+    try:
+        return _run(args, device, path, checks, storage)
+    except KeyboardInterrupt:
+        done = " (buckets re-tuned so far are written)" if args.fix else ""
+        print(f"{parser.prog}: interrupted{done}", file=sys.stderr)
+        return 130
+
+
+def _run(
+    args: argparse.Namespace, device: torch.device, path: Path, checks: list[Check], storage: Any
+) -> int:
+    from tqdm.auto import tqdm
+
+    verifier = Verifier(device, {"repeats": args.repeats, "min_round_s": VERIFY_ROUND_S})
+    start = time.perf_counter()
+    for check in tqdm(checks, unit="entry", disable=None, dynamic_ncols=True):
+        verifier.run(check)
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(verifier.phases.items()))
+    print(f"verified {path} on {device} in {time.perf_counter() - start:.1f} s "
+          f"({phases or 'nothing timed'}), {args.repeats} rounds per measurement")  # fmt: skip
+    print(format_report(checks))
+    if args.save_path is not None:
+        csv_path = Path(args.save_path) / f"{path.stem}_verify.csv"
+        print(f"measurements: {write_checks_csv(checks, csv_path)}")
+    if not args.fix or not any(c.problems for c in checks):
+        return 1 if any(c.problems for c in checks) else 0
+    tune_kwargs = {"storage": storage, "trials": args.trials, "providers": args.providers}
+    changed, missing = fix_table(checks, path, device, **tune_kwargs)
+    print(f"re-tuned into {path}:")
+    print("\n".join([f"  {line}" for line in changed] + [f"  not re-tuned: {m}" for m in missing]))
+    return 1 if missing else 0
