@@ -51,7 +51,6 @@ __all__ = [
     "format_report",
     "main",
     "plan_checks",
-    "rope_callable",
 ]
 
 # A winner re-timed more than this fraction above its recorded median is "slower".
@@ -64,12 +63,6 @@ BEATEN_MARGIN = 0.02
 VERIFY_REPEATS = 5
 VERIFY_ROUND_S = 0.001
 _NOTE_DEFAULT_CONFIG = "default config (a runner-up's tuned config is not recorded)"
-
-
-def rope_callable(provider: str, spec: RopeSpec, config: Mapping[str, Any]) -> RopeFn:
-    """The provider's cached callable for ``spec`` and ``config`` (the one place this module
-    binds a provider); ValueError when it does not support ``spec`` or rejects ``config``."""
-    return get_provider(provider).bound(spec, config)
 
 
 @dataclass(frozen=True)
@@ -199,7 +192,7 @@ class Verifier:
     def _time(self, check: Check, contender: Contender, role: str) -> Timing | None:
         name = f"{role} {contender.provider}"
         try:
-            fn = rope_callable(contender.provider, check.spec, contender.config)
+            fn = get_provider(contender.provider).callable_for(check.spec, contender.config)
         except ValueError as exc:
             check.failures.append(f"{name}: rejected: {exc}")
             return None

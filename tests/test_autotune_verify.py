@@ -42,8 +42,8 @@ class _SleepyTorch(TorchProvider):
     name: str = "test_sleepy"
     description: str = "torch, then a 5 ms sleep"
 
-    def bind(self, spec, config):
-        run = super().bind(spec, config)
+    def build(self, spec, config):
+        run = super().build(spec, config)
 
         def sleepy(*args):
             run(*args)
@@ -60,8 +60,8 @@ class _WrongTorch(TorchProvider):
     description: str = "torch with a sign error"
     keyless_only: bool = False
 
-    def bind(self, spec, config):
-        run = super().bind(spec, config)
+    def build(self, spec, config):
+        run = super().build(spec, config)
 
         def wrong(positions, query, key, cos_sin_cache):
             run(positions, query, key, cos_sin_cache)
@@ -178,7 +178,7 @@ def test_a_provider_that_raises_is_failing(tmp_path, registered, capsys):
         name: str = "test_raising"
         description: str = "raises in every call"
 
-        def bind(self, spec, config):
+        def build(self, spec, config):
             def fail(*args):
                 raise RuntimeError("kernel launch failed")
 
