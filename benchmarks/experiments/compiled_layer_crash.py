@@ -1,0 +1,68 @@
+"""Which part of the compiled vLLM-override path makes an illegal memory access on the GPU:
+each variant runs in its own process (a CUDA fault ends the process), over the token counts
+the layer benchmark uses, and prints ok or the error.
+
+    python benchmarks/experiments/compiled_layer_crash.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+VARIANT = r"""
+import sys, torch
+sys.path.insert(0, {root!r}); sys.path.insert(0, {root!r} + "/benchmarks")
+import vllm_layer as vl
+from autotune.measure import time_rope, make_inputs
+from kernels import RopeSpec
+from kernels.providers import _triton_launch
+mode, fast, tokens_list, compiled = {mode!r}, {fast!r}, {tokens!r}, {compiled!r}
+if not fast:
+    _triton_launch.fast_launch_supported = lambda version: False
+device = torch.device("cuda:0")
+ours = vl.build_layer("llama3-8b", torch.bfloat16, device, overridden=True)
+spec = RopeSpec(ours.head_size, ours.rotary_dim, 32, 8, ours.is_neox_style, torch.bfloat16)
+def run_ours(p, q, k, c, layer=ours):
+    layer.forward_cuda(p, q, k)
+fn = torch.compile(run_ours, fullgraph=True) if compiled else run_ours
+for tokens in tokens_list:
+    if mode == "call":
+        x = make_inputs(spec, tokens, device)
+        for _ in range(3):
+            fn(*x.args)
+        torch.cuda.synchronize()
+    else:
+        time_rope(fn, spec, tokens, device, mode=mode, repeats=3)
+    print("  ok", tokens, flush=True)
+"""
+
+
+def main() -> int:
+    variants = [
+        ("compiled, graph timing, fast launch", "graph", True, (1, 16, 256, 4096), True),
+        ("compiled, graph timing, 4096 first", "graph", True, (4096,), True),
+        ("compiled, graph timing, public launch", "graph", False, (1, 16, 256, 4096), True),
+        ("compiled, plain calls, fast launch", "call", True, (1, 16, 256, 4096), True),
+        ("compiled, eager timing, fast launch", "eager", True, (1, 16, 256, 4096), True),
+        ("eager layer, graph timing, fast launch", "graph", True, (1, 16, 256, 4096), False),
+    ]
+    for name, mode, fast, tokens, compiled in variants:
+        code = VARIANT.format(
+            root=str(ROOT), mode=mode, fast=fast, tokens=tokens, compiled=compiled
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=240
+        )
+        errors = [line for line in proc.stderr.splitlines() if "Error" in line][-2:]
+        print(f"{name}: exit {proc.returncode}\n{proc.stdout.rstrip()}")
+        for line in errors:
+            print("  ", line[:300])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
