@@ -26,7 +26,11 @@ def describe(name: str, t: torch.Tensor | None) -> str:
     if t is None:
         return f"{name}=None"
     storage = t.untyped_storage().nbytes()
-    end = t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1
+    end = (
+        t.storage_offset()
+        + sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True))
+        + 1
+    )
     return (
         f"{name}: {tuple(t.shape)} {t.dtype} stride={t.stride()} offset={t.storage_offset()} "
         f"last byte={end * t.element_size()} of storage {storage} ptr%16={t.data_ptr() % 16}"
