@@ -37,6 +37,7 @@ from kernels import RopeSpec, get_provider
 from kernels.perf_model import (
     FEATURES_VERSION,
     SCHEMA_VERSION,
+    TRITON,
     PerfModel,
     feature_names,
     features,
@@ -66,6 +67,8 @@ GBT_PARAMS: dict[str, Any] = {
     "subsample": 0.8,
     "random_state": 0,
 }
+# The vendor providers have one row per bucket (about 500) and no config: smaller trees.
+VENDOR_GBT_PARAMS: dict[str, Any] = {**GBT_PARAMS, "n_estimators": 100, "max_depth": 3}
 
 
 @dataclass(frozen=True)
@@ -183,23 +186,36 @@ def read_rows(path: str | os.PathLike) -> list[Measurement]:
 # -- fitting -----------------------------------------------------------------------------------
 
 
+def _threshold(value: float) -> float:
+    """The largest float32 at or below ``value``, as its shortest decimal: for float32
+    features ``x <= value`` and ``x <= result`` agree, and the file stays small."""
+    t = np.float32(value)
+    if float(t) > value:
+        t = np.nextafter(t, np.float32(-np.inf))
+    return float(np.format_float_positional(t, unique=True, trim="-"))
+
+
 def _export_forest(gbt: Any) -> dict[str, Any]:
     """A fitted ``GradientBoostingRegressor`` as the model file's trees (its public
-    ``init_`` and ``estimators_[i, 0].tree_`` arrays)."""
+    ``init_`` and ``estimators_[i, 0].tree_`` arrays); leaf values to 7 significant digits."""
     trees = []
     for estimator in gbt.estimators_[:, 0]:
         tree = estimator.tree_
+        leaf = tree.children_left == -1
         trees.append(
             {
-                "feature": [int(f) if left != -1 else -1
-                            for f, left in zip(tree.feature, tree.children_left, strict=True)],
-                "threshold": [float(t) if left != -1 else 0.0
-                              for t, left in zip(tree.threshold, tree.children_left, strict=True)],
+                "feature": [
+                    -1 if is_leaf else int(f) for f, is_leaf in zip(tree.feature, leaf, strict=True)
+                ],
+                "threshold": [
+                    0.0 if is_leaf else _threshold(t)
+                    for t, is_leaf in zip(tree.threshold, leaf, strict=True)
+                ],
                 "left": [int(v) for v in tree.children_left],
                 "right": [int(v) for v in tree.children_right],
-                "value": [float(v) for v in tree.value[:, 0, 0]],
+                "value": [float(f"{v:.7g}") for v in tree.value[:, 0, 0]],
             }
-        )  # fmt: skip
+        )
     return {
         "base": float(np.ravel(gbt.init_.constant_)[0]),
         "learning_rate": float(gbt.learning_rate),
@@ -213,7 +229,8 @@ def fit_model(rows: Sequence[Measurement], metadata: Mapping[str, Any]) -> dict[
     Args:
         metadata: The table header of the device measured (``device_name``, ``sm_count``...).
     """
-    from sklearn.ensemble import GradientBoostingRegressor  # the tune extra; fitting only
+    from sklearn import __version__ as sklearn_version  # the tune extra; fitting only
+    from sklearn.ensemble import GradientBoostingRegressor
 
     sm_count = metadata.get("sm_count") or 132
     by_provider: dict[str, list[Measurement]] = defaultdict(list)
@@ -223,7 +240,8 @@ def fit_model(rows: Sequence[Measurement], metadata: Mapping[str, Any]) -> dict[
     for name, part in sorted(by_provider.items()):
         x = np.array([features(name, r.spec, r.tokens, r.config, sm_count=sm_count) for r in part])
         y = np.log([r.median_us for r in part])
-        gbt = GradientBoostingRegressor(**GBT_PARAMS).fit(x, y)
+        params = GBT_PARAMS if name == TRITON else VENDOR_GBT_PARAMS
+        gbt = GradientBoostingRegressor(**params).fit(x, y)
         residual = y - gbt.predict(x)
         providers[name] = {"features": list(feature_names(name)), **_export_forest(gbt)}
         fit_info[name] = {
@@ -233,12 +251,11 @@ def fit_model(rows: Sequence[Measurement], metadata: Mapping[str, Any]) -> dict[
     model = {
         "schema_version": SCHEMA_VERSION,
         "features_version": FEATURES_VERSION,
-        "metadata": {
-            **dict(metadata),
-            "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        },
+        "metadata": dict(metadata),  # as the table's: "updated" is the newest measurement
         "providers": providers,
         "fit": {
+            "fitted": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "library": f"scikit-learn {sklearn_version} GradientBoostingRegressor",
             "specs": sorted({r.spec_key for r in rows}),
             "buckets": sorted({r.tokens for r in rows}),
             "providers": fit_info,
@@ -248,12 +265,28 @@ def fit_model(rows: Sequence[Measurement], metadata: Mapping[str, Any]) -> dict[
     return model
 
 
+def _dumps(value: Any, indent: int = 0) -> bytes:
+    """JSON with sorted keys, objects one key per line down to the trees, each tree on one line."""
+    if isinstance(value, dict) and "left" not in value:
+        pad = b"\n" + b"  " * (indent + 1)
+        items = [
+            pad + orjson.dumps(k) + b": " + _dumps(v, indent + 1) for k, v in sorted(value.items())
+        ]
+        return b"{" + b",".join(items) + b"\n" + b"  " * indent + b"}" if items else b"{}"
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        pad = b"\n" + b"  " * (indent + 1)
+        items = [pad + _dumps(v, indent + 1) for v in value]
+        return b"[" + b",".join(items) + b"\n" + b"  " * indent + b"]"
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
 def write_model(path: str | os.PathLike, model: Mapping[str, Any]) -> Path:
     """Validate ``model`` and write it atomically (temporary file, fsync, rename)."""
     validate_model(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = orjson.dumps(model, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2) + b"\n"
+    # One line per tree (the bulk of the file): readable diffs, a third of an indented size.
+    payload = _dumps(model) + b"\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

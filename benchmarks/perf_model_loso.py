@@ -103,14 +103,14 @@ def summary(name: str, ratios: list[float]) -> str:
     )
 
 
-def measure(listing: str, device: str, out: str, repeats: int) -> int:
+def measure(listing: str, device: str, out: str, repeats: int, index: int, count: int) -> int:
     """Time each (spec, tokens, provider, config) of ``listing`` on ``device``."""
     from autotune.measure import check_correct, time_rope
     from kernels import get_provider
 
     rows = []
     with open(listing, newline="") as f:
-        todo = list(csv.DictReader(f))
+        todo = list(csv.DictReader(f))[index::count]
     for i, item in enumerate(todo, 1):
         spec = RopeSpec.from_key(item["spec"])
         tokens, name = int(item["tokens"]), item["provider"]
@@ -139,11 +139,13 @@ def main() -> int:
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--extra-out", help="with --measure: write the timings here")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--shard", default="0/1", help="with --measure: I/N, every N-th row")
     args = parser.parse_args()
     if args.measure:
         if not args.extra_out:
             parser.error("--measure needs --extra-out")
-        return measure(args.measure, args.device, args.extra_out, args.repeats)
+        index, count = map(int, args.shard.split("/"))
+        return measure(args.measure, args.device, args.extra_out, args.repeats, index, count)
     started = time.perf_counter()
     rows, meta = load(args)
     extra = read_rows(args.extra_rows) if args.extra_rows else []
@@ -201,6 +203,8 @@ def main() -> int:
                     if not isinstance(choice, tuple):
                         choice = (choice.provider, choice.config)
                     us = measured.get((key, tokens, choice[0], config_key(choice[1])))
+                    if us is None:
+                        missing.append((key, tokens, choice[0], config_key(choice[1])))
                     between[label].append(None if us is None else us / best_us)
             if pick_us is not None:
                 model_r.append(pick_us / best_us)
@@ -292,8 +296,8 @@ def main() -> int:
         f"over {len(reached)} buckets"
     )
     lines.append(
-        "  buckets within 2% after k model-ordered Triton trials (plus vendors and default): "
-        + ", ".join(f"k={b}: {warm_hits[b]}/{n}" for b in BUDGETS)
+        "  buckets within 2% after k Triton trials (the default, then the model's order; the "
+        "vendors before them): " + ", ".join(f"k={b}: {warm_hits[b]}/{n}" for b in BUDGETS)
     )
     lines.append("")
     lines.append(

@@ -27,7 +27,8 @@ File (``NVIDIA H200`` -> ``NVIDIA_H200.model.json``, beside the table)::
     }
 
 A tree's node ``i`` is a leaf when ``left[i] == -1`` (its ``value`` is added); otherwise a call
-goes to ``left[i]`` when ``float32(x[feature[i]]) <= threshold[i]``, else to ``right[i]``; children
+goes to ``left[i]`` when ``float32(x[feature[i]]) <= float32(threshold[i])``, else to ``right[i]``
+(features and thresholds compared as float32, as the fitting library does); children
 come after their parent. The prediction is ``exp(base + learning_rate * sum of leaf values)``.
 ``features`` must equal this module's names for that provider under ``features_version`` (a
 changed definition bumps it, and an older file is refused rather than misread).
@@ -233,6 +234,7 @@ def triton_candidates(spec: RopeSpec) -> list[dict[str, int]]:
 _MAX_TREES = 2000
 _MAX_NODES = 1 << 12
 _TREE_FIELDS = ("feature", "threshold", "left", "right", "value")
+_MAX_RANKINGS = 256
 
 
 class PerfModelError(ValueError):
@@ -337,11 +339,13 @@ class _Forest:
                 [t[field] + [pad] * (width - len(t[field])) for t in trees], dtype=dtype
             )
 
-        self.feature = pack("feature", torch.int64, 0).clamp_(min=0)
-        self.threshold = pack("threshold", torch.float64, 0.0)
-        self.left = pack("left", torch.int64, -1)
-        self.right = pack("right", torch.int64, -1)
-        self.value = pack("value", torch.float64, 0.0)
+        # Flat [trees * width] arrays; a node of tree t is at t * width + node (torch.take).
+        self.offset = torch.arange(len(trees), dtype=torch.int64) * width
+        self.feature = pack("feature", torch.int64, 0).clamp_(min=0).flatten()
+        self.threshold = pack("threshold", torch.float32, 0.0).flatten()
+        self.left = pack("left", torch.int64, -1).flatten()
+        self.right = pack("right", torch.int64, -1).flatten()
+        self.value = pack("value", torch.float64, 0.0).flatten()
         self.base = float(part["base"])
         self.learning_rate = float(part["learning_rate"])
         self.depth = self._depth(trees)
@@ -360,17 +364,13 @@ class _Forest:
     def log_us(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[rows, features]`` float64; returns ``[rows]`` predicted log(us)."""
         # Thresholds were chosen on float32 features: compare the same rounded values.
-        x = x.to(torch.float32).to(torch.float64)
-        rows, trees = x.shape[0], self.left.shape[0]
-        tree_idx = torch.arange(trees).expand(rows, trees)
-        node = torch.zeros(rows, trees, dtype=torch.int64)
+        x = x.to(torch.float32)
+        at = self.offset.expand(x.shape[0], -1).clone()  # every tree's root, per row
         for _ in range(self.depth):
-            feature = self.feature[tree_idx, node]
-            go_left = x.gather(1, feature) <= self.threshold[tree_idx, node]
-            child = torch.where(go_left, self.left[tree_idx, node], self.right[tree_idx, node])
-            node = torch.where(child == -1, node, child)
-        leaves = self.value[tree_idx, node]
-        return self.base + self.learning_rate * leaves.sum(dim=1)
+            go_left = x.gather(1, self.feature.take(at)) <= self.threshold.take(at)
+            child = torch.where(go_left, self.left.take(at), self.right.take(at))
+            at = torch.where(child == -1, at, child + self.offset)
+        return self.base + self.learning_rate * self.value.take(at).sum(dim=1)
 
 
 @dataclass(frozen=True)
@@ -397,6 +397,8 @@ class PerfModel:
         self.sm_count: int = self.metadata.get("sm_count") or 132
         self._forests = {name: _Forest(part) for name, part in data["providers"].items()}
         self._candidates: dict[RopeSpec, list[dict[str, int]]] = {}
+        # Rankings asked again (a selector's buckets, the tuner's studies): bounded memo.
+        self._ranked: dict[tuple[RopeSpec, int], list[int]] = {}
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PerfModel | None:
@@ -472,8 +474,13 @@ class PerfModel:
             KeyError: the model has no Triton part.
         """
         configs = self.candidates(spec)
-        times = self.predict_triton_configs(spec, tokens, configs)
-        order = sorted(range(len(configs)), key=lambda i: (times[i], i))
+        order = self._ranked.get((spec, tokens))
+        if order is None:
+            times = self.predict_triton_configs(spec, tokens, configs)
+            order = sorted(range(len(configs)), key=lambda i: (times[i], i))
+            if len(self._ranked) >= _MAX_RANKINGS:
+                self._ranked.pop(next(iter(self._ranked)))
+            self._ranked[(spec, tokens)] = order
         return [dict(configs[i]) for i in order[:k]]
 
     def best(self, spec: RopeSpec, tokens: int, providers: Iterable[str]) -> Prediction | None:

@@ -254,4 +254,5 @@ def test_exported_trees_match_scikit_learn(tmp_path):
     data["providers"] = {TRITON: {"features": list(feature_names(TRITON)), **_export_forest(gbt)}}
     model = PerfModel(data)
     ours = [math.log(model.predict_us(TRITON, spec, 100 + 7 * i, c)) for i, c in enumerate(configs)]
-    assert ours == pytest.approx(gbt.predict(x).tolist(), abs=1e-9)
+    # Leaf values are stored to 7 significant digits; every split is reproduced exactly.
+    assert ours == pytest.approx(gbt.predict(x).tolist(), abs=1e-6)
