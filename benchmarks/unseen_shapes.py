@@ -130,7 +130,7 @@ def main() -> int:
                 device, table_dir=args.table_dir,
             )  # fmt: skip
         ours = _measure(rope, case, device, timing)
-        choice = rope.explain(case.tokens) if hasattr(rope, "explain") else None
+        choice = rope.explain(case.tokens, has_key=case.with_key)
         picked = "-"
         if model is not None:
             names = [n for n in model.providers if _available(n, device, s, case.with_key)]
@@ -150,7 +150,7 @@ def main() -> int:
                 "key": case.with_key,
                 "tokens": case.tokens,
                 "ours_us": ours,
-                "ours_choice": f"{choice.provider} {dict(choice.config)}" if choice else "",
+                "ours_choice": f"{choice.provider} {dict(choice.config)}",
                 "model_pick_us": picked,
                 "flashinfer_us": vendor.get("flashinfer", "-"),
                 "vllm_us": vendor.get("vllm", "-"),

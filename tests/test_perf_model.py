@@ -256,3 +256,23 @@ def test_exported_trees_match_scikit_learn(tmp_path):
     ours = [math.log(model.predict_us(TRITON, spec, 100 + 7 * i, c)) for i, c in enumerate(configs)]
     # Leaf values are stored to 7 significant digits; every split is reproduced exactly.
     assert ours == pytest.approx(gbt.predict(x).tolist(), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_unseen_shapes_smoke_runs_on_the_cpu(tmp_path):
+    """benchmarks/unseen_shapes.py --cpu-smoke: correctness gate, timing, the model's pick."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OUT": str(tmp_path), "TRITON_INTERPRET": "1"}
+    subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "unseen_shapes.py"), "--cpu-smoke"],
+        check=True, env=env, cwd=root, capture_output=True, timeout=600,
+    )  # fmt: skip
+    text = (tmp_path / "unseen_shapes_cpu_smoke.txt").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 2
+    if SHIPPED.exists():  # the model's pick was bound, checked and timed
+        assert all(line.split("|")[6].strip() != "-" for line in rows)
