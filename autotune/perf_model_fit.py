@@ -4,8 +4,9 @@ Reads the measured trials of an Optuna storage (the tuner's journal or database)
 distinct (mode, spec, bucket, provider, config) with the median of its timings, and fits each
 provider's log-time model with scikit-learn's ``GradientBoostingRegressor`` (well kept, exact
 and seeded, and its trees are public arrays that export to the model file; the runtime
-evaluates them with torch, without scikit-learn). A linear log-time model over the same
-features ranked Triton configs 9.5% off the best in leave-one-shape-out, the trees 2%.
+evaluates them with torch, without scikit-learn). Trees were chosen over a linear log-time
+model on the same features by leave-one-shape-out (``benchmarks/perf_model_loso.py``; the
+numbers are in ``benchmarks/NOTES.md``).
 
 Command line::
 
@@ -57,9 +58,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Gradient boosting settings, chosen by leave-one-shape-out on the H200 journal
-# (benchmarks/perf_model_loso.py): 200 trees of depth 5 rank Triton configs within a few
-# percent; fixed seed so that a refit on the same rows writes the same file.
+# Gradient boosting settings, checked by leave-one-shape-out (benchmarks/perf_model_loso.py);
+# a fixed seed, so that a refit on the same rows writes the same trees.
 GBT_PARAMS: dict[str, Any] = {
     "n_estimators": 200,
     "max_depth": 5,
@@ -232,7 +232,7 @@ def fit_model(rows: Sequence[Measurement], metadata: Mapping[str, Any]) -> dict[
     from sklearn import __version__ as sklearn_version  # the tune extra; fitting only
     from sklearn.ensemble import GradientBoostingRegressor
 
-    sm_count = metadata.get("sm_count") or 132
+    sm_count = metadata.get("sm_count") or 1
     by_provider: dict[str, list[Measurement]] = defaultdict(list)
     for r in rows:
         by_provider[r.provider].append(r)

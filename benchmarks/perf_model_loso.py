@@ -166,6 +166,7 @@ def main() -> int:
     lines = []
     model_r, model_r_measured_only, today_r, restricted_r = [], [], [], []
     missing, per_shape, missing_top = [], [], []
+    paired: dict[tuple[str, int], dict[str, float]] = {}
     top_timed, top_hits = 0, dict.fromkeys(range(1, TOP_K + 1), 0)
     warm_trials: list[int] = []
     between: dict[str, list[float | None]] = defaultdict(list)
@@ -187,6 +188,7 @@ def main() -> int:
                 missing.append((key, tokens, pick.provider, config_key(pick.config)))
             else:
                 model_r_measured_only.append(pick_us / best_us)
+                paired.setdefault((key, tokens), {})["model"] = pick_us / best_us
             # Restricted: the model choosing among what the journal measured in this bucket.
             scored = min(
                 bucket_rows, key=lambda r: (model.predict_us(r.provider, spec, tokens, r.config),
@@ -238,6 +240,7 @@ def main() -> int:
                     missing.append((key, tokens, TRITON, config_key(cfg)))
             if today_us is not None:
                 today_r.append(today_us / best_us)
+                paired.setdefault((key, tokens), {})["today"] = today_us / best_us
                 shape_today.append(today_us / best_us)
 
             # Warm start: vendors and the default first (as a study does), then the model's order.
@@ -285,11 +288,15 @@ def main() -> int:
     lines.append("")
     lines.append(summary("model pick, where the journal timed it", model_r_measured_only))
     lines.append(
-        f"  model picks the journal never timed: {len(missing)} (listed in --missing for a GPU "
-        "measurement)"
+        f"  model picks the journal never timed: {n - len(model_r_measured_only)}; with today's "
+        f"rule's and the between-bucket choices, {len(set(missing))} configs to time on the GPU "
+        "(--missing)"
     )
     lines.append(summary("model choosing among the bucket's measured candidates", restricted_r))
     lines.append(summary("today's rule (nearest spec, else Triton default)", today_r))
+    both = [v for v in paired.values() if len(v) == 2]
+    lines.append(summary("  paired, model pick", [v["model"] for v in both]))
+    lines.append(summary("  paired, today's rule", [v["today"] for v in both]))
     lines.append("")
     lines.append("per shape (geomean ratio: model pick where timed | today's rule):")
 

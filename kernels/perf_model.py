@@ -165,7 +165,7 @@ def features(
     tokens: int,
     config: Mapping[str, Any] | None = None,
     *,
-    sm_count: int = 132,
+    sm_count: int,
 ) -> list[float]:
     """Feature vector of one call (order of :func:`feature_names`).
 
@@ -173,7 +173,8 @@ def features(
         provider: Provider name; ``"triton"`` needs ``config`` (block_t, block_h, head_split,
             num_warps, num_stages), the others take none.
         tokens: Token count, at least 1.
-        sm_count: The device's streaming multiprocessors (the model file's metadata).
+        sm_count: The device's streaming multiprocessors (the model file's metadata; 1 when
+            it has none, as for a CPU).
     """
     base = _spec_features(spec, tokens)
     if provider != TRITON:
@@ -394,7 +395,7 @@ class PerfModel:
         validate_model(data)
         self.source = source
         self.metadata: Mapping[str, Any] = data["metadata"]
-        self.sm_count: int = self.metadata.get("sm_count") or 132
+        self.sm_count: int = self.metadata.get("sm_count") or 1
         self._forests = {name: _Forest(part) for name, part in data["providers"].items()}
         self._candidates: dict[RopeSpec, list[dict[str, int]]] = {}
         # Rankings asked again (a selector's buckets, the tuner's studies): bounded memo.
@@ -511,14 +512,15 @@ def choose_between_buckets(
     neighbours: Iterable[tuple[str, Mapping[str, Any] | None]],
     providers: Iterable[str],
     *,
-    margin: float = 1.0,
+    margin: float = 1.1,
 ) -> Prediction | None:
     """The choice for a token count between a tuned spec's buckets (item 4 of issue 18).
 
     Candidates: the measured winners ``(provider, config)`` of the neighbouring tuned buckets,
     and the model's own best pick; each is predicted at ``tokens`` and the fastest wins. The
     model's own pick must be predicted faster than the best neighbour by ``margin`` (the
-    neighbours' winners are measured; the model's pick is not). Providers outside
+    neighbours' winners are measured; the model's pick is not; the default is the margin that
+    did best in ``benchmarks/perf_model_loso.py``). Providers outside
     ``providers`` (unavailable or unsupporting) and Triton configs invalid for ``spec`` are
     skipped. None when nothing is left.
     """

@@ -196,8 +196,8 @@ def test_between_buckets_keeps_a_neighbour_unless_the_model_beats_it_by_the_marg
 
 def test_features_match_their_names():
     for provider in ("vllm", TRITON):
-        x = features(provider, SPECS[1], 5, {"block_t": 2, "block_h": 4, "head_split": 2,
-                                             "num_warps": 2, "num_stages": 3})  # fmt: skip
+        config = {"block_t": 2, "block_h": 4, "head_split": 2, "num_warps": 2, "num_stages": 3}
+        x = features(provider, SPECS[1], 5, config, sm_count=132)
         assert len(x) == len(feature_names(provider)) and all(map(math.isfinite, x))
 
 
@@ -246,11 +246,13 @@ def test_exported_trees_match_scikit_learn(tmp_path):
 
     spec = SPECS[1]
     configs = triton_candidates(spec)[:40]
-    x = np.array([features(TRITON, spec, 100 + 7 * i, c) for i, c in enumerate(configs)])
+    x = np.array(
+        [features(TRITON, spec, 100 + 7 * i, c, sm_count=132) for i, c in enumerate(configs)]
+    )
     y = np.log(1.0 + np.arange(len(configs)) % 7)
     gbt = sklearn.GradientBoostingRegressor(**GBT_PARAMS).fit(x, y)
     data = _model()
-    data["metadata"]["sm_count"] = 132  # the features above used the default SM count
+    data["metadata"]["sm_count"] = 132  # as the features above
     data["providers"] = {TRITON: {"features": list(feature_names(TRITON)), **_export_forest(gbt)}}
     model = PerfModel(data)
     ours = [math.log(model.predict_us(TRITON, spec, 100 + 7 * i, c)) for i, c in enumerate(configs)]
