@@ -134,7 +134,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--journal", help="the tuner's journal (decompressed)")
     parser.add_argument("--rows-cache", help="CSV cache of the journal's rows (read if present)")
-    parser.add_argument("--extra-rows", help="CSV of extra measurements to score picks with")
+    parser.add_argument(
+        "--extra-rows", action="append", default=[], help="CSV of extra timings (repeatable)"
+    )
     parser.add_argument("--out", help="write the report here as well")
     parser.add_argument("--missing", help="write the unmeasured picks here (CSV)")
     parser.add_argument("--missing-top", help="write the unmeasured top-k configs here (CSV)")
@@ -151,7 +153,7 @@ def main() -> int:
         return measure(args.measure, args.device, args.extra_out, args.repeats, index, count)
     started = time.perf_counter()
     rows, meta = load(args)
-    extra = read_rows(args.extra_rows) if args.extra_rows else []
+    extra = [r for path in args.extra_rows for r in read_rows(path)]
     nearest_spec_key, default_triton_config, config_problems = _today_helpers()
 
     measured: dict[tuple[str, int, str, str], float] = {}
