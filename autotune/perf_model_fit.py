@@ -73,13 +73,18 @@ VENDOR_GBT_PARAMS: dict[str, Any] = {**GBT_PARAMS, "n_estimators": 100, "max_dep
 
 @dataclass(frozen=True)
 class Measurement:
-    """One measured (spec, bucket, provider, config) and its median time in us."""
+    """One measured (spec, bucket, provider, config) and its median time in us.
+
+    ``measured_at`` is when it was first measured (ISO 8601, empty when unknown): the order in
+    which a study's sampler found it.
+    """
 
     spec_key: str
     tokens: int
     provider: str
     config: Mapping[str, Any] | None
     median_us: float
+    measured_at: str = ""
 
     @property
     def spec(self) -> RopeSpec:
@@ -128,6 +133,7 @@ def measurements_from_storage(
     from optuna.trial import TrialState
 
     times: dict[tuple[str, int, str, str], set[float]] = defaultdict(set)
+    first: dict[tuple[str, int, str, str], str] = {}
     metadata: dict[str, Any] = {}
     for study in storage.get_all_studies():
         attrs = study.user_attrs
@@ -150,9 +156,22 @@ def measurements_from_storage(
             if median is None or not math.isfinite(median) or median <= 0:
                 continue
             config = json.dumps(user.get("config") or None, sort_keys=True)
-            times[(attrs["spec"], int(attrs["tokens"]), user["provider"], config)].add(median)
+            key = (attrs["spec"], int(attrs["tokens"]), user["provider"], config)
+            times[key].add(median)
+            # A copied trial (a study started from another) keeps its user attributes but is
+            # completed later: the earliest completion is the original measurement.
+            done = trial.datetime_complete.isoformat() if trial.datetime_complete else ""
+            if done and (key not in first or done < first[key]):
+                first[key] = done
     rows = [
-        Measurement(spec, tokens, provider, json.loads(config), statistics.median(sorted(v)))
+        Measurement(
+            spec,
+            tokens,
+            provider,
+            json.loads(config),
+            statistics.median(sorted(v)),
+            first.get((spec, tokens, provider, config), ""),
+        )
         for (spec, tokens, provider, config), v in sorted(times.items())
     ]
     return rows, metadata
@@ -162,10 +181,12 @@ def write_rows(path: str | os.PathLike, rows: Iterable[Measurement]) -> None:
     """A compact CSV cache of ``rows`` (loading a large journal takes a while)."""
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["spec", "tokens", "provider", "config", "median_us"])
+        out.writerow(["spec", "tokens", "provider", "config", "median_us", "measured_at"])
         for r in rows:
             config = json.dumps(r.config, sort_keys=True) if r.config else ""
-            out.writerow([r.spec_key, r.tokens, r.provider, config, repr(r.median_us)])
+            out.writerow(
+                [r.spec_key, r.tokens, r.provider, config, repr(r.median_us), r.measured_at]
+            )
 
 
 def read_rows(path: str | os.PathLike) -> list[Measurement]:
@@ -178,6 +199,7 @@ def read_rows(path: str | os.PathLike) -> list[Measurement]:
                 r["provider"],
                 json.loads(r["config"]) if r["config"] else None,
                 float(r["median_us"]),
+                r.get("measured_at") or "",
             )
             for r in csv.DictReader(f)
         ]

@@ -173,6 +173,7 @@ def main() -> int:
     warm_trials: list[int] = []
     between: dict[str, list[float | None]] = defaultdict(list)
     warm_hits = {b: 0 for b in BUDGETS}
+    sampler_hits, sampler_buckets = dict.fromkeys(BUDGETS, 0), [0]
     for shape in shapes:
         train = [r for r in rows if shape_of(r.spec_key) != shape]
         model = PerfModel(fit_model(train, meta))
@@ -265,6 +266,14 @@ def main() -> int:
                 triton_budget = len(order) - len(triton_rows) + b
                 if min(r.median_us for r in order[:triton_budget]) <= WITHIN * best_us:
                     warm_hits[b] += 1
+            # Today's tuner: the same configs in the order its sampler measured them.
+            vendors = [r.median_us for r in bucket_rows if r.provider != TRITON]
+            sampled = [r.median_us for r in sorted(triton_rows, key=lambda r: r.measured_at)]
+            if all(r.measured_at for r in triton_rows):
+                sampler_buckets[0] += 1
+                for b in BUDGETS:
+                    if min(vendors + sampled[:b]) <= WITHIN * best_us:
+                        sampler_hits[b] += 1
 
             # Warm start over the whole space: the model's top TOP_K of every valid config.
             first = [r.median_us for r in order[: len(order) - len(triton_rows) + 1]]
@@ -324,6 +333,10 @@ def main() -> int:
     lines.append(
         "  buckets within 2% after k Triton trials (the default, then the model's order; the "
         "vendors before them): " + ", ".join(f"k={b}: {warm_hits[b]}/{n}" for b in BUDGETS)
+    )
+    lines.append(
+        "  the same configs in the order today's sampler measured them (the default first): "
+        + ", ".join(f"k={b}: {sampler_hits[b]}/{sampler_buckets[0]}" for b in BUDGETS)
     )
     lines.append(
         f"  over the whole space (vendors, default, then the model's top {TOP_K} of every valid "
