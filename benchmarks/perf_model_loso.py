@@ -106,7 +106,8 @@ def summary(name: str, ratios: list[float]) -> str:
 
 
 def measure(listing: str, device: str, out: str, repeats: int, index: int, count: int) -> int:
-    """Time each (spec, tokens, provider, config) of ``listing`` on ``device``."""
+    """Time each (spec, tokens, provider, config) of ``listing`` on ``device``; ``out`` is
+    rewritten after each one, so a run stopped by a time limit keeps what it measured."""
     from autotune.measure import check_correct, time_rope
     from kernels import get_provider
 
@@ -125,8 +126,8 @@ def measure(listing: str, device: str, out: str, repeats: int, index: int, count
             print(f"{item['spec']} {tokens} {name} {config}: {type(exc).__name__}: {exc}")
             continue
         rows.append(Measurement(spec.key, tokens, name, config, timing.median_us))
+        write_rows(out, rows)
         print(f"[{i}/{len(todo)}] {spec.key} {tokens} {name} {config}: {timing.median_us:.3f} us")
-    write_rows(out, rows)
     return 0
 
 
