@@ -1,7 +1,7 @@
 """Fit the performance model (:mod:`kernels.perf_model`) on what the tuner measured.
 
 Reads the measured trials of an Optuna storage (the tuner's journal or database), one row per
-distinct (mode, spec, bucket, provider, config) with the median of its timings, and fits each
+distinct (timing, spec, bucket, provider, config) with the median of its timings, and fits each
 provider's log-time model with scikit-learn's ``GradientBoostingRegressor`` (well kept, exact
 and seeded, and its trees are public arrays that export to the model file; the runtime
 evaluates them with torch, without scikit-learn). Trees were chosen over a linear log-time
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from kernels import RopeSpec, get_provider
+from kernels import RopeSpec
 from kernels.perf_model import (
     FEATURES_VERSION,
     SCHEMA_VERSION,
@@ -46,11 +46,13 @@ from kernels.perf_model import (
     validate_model,
 )
 
+from .storage import open_storage
+from .studies import StudyKey
+
 __all__ = [
     "Measurement",
     "fit_model",
     "measurements_from_storage",
-    "open_storage",
     "read_rows",
     "write_model",
     "write_rows",
@@ -94,32 +96,8 @@ class Measurement:
 # -- reading the storage -----------------------------------------------------------------------
 
 
-def open_storage(path_or_url: str) -> Any:
-    """An Optuna storage: a journal file path, or a database URL."""
-    import optuna
-
-    if "://" in path_or_url:
-        return optuna.storages.RDBStorage(path_or_url)
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path_or_url))
-
-
-def _timed_current_revisions(study_name: str) -> bool:
-    """Whether every provider in the study name (``...:<p1>+<p2>@<rev>``) is registered at the
-    revision it was timed at: older kernels' timings describe code that no longer runs."""
-    for tag in study_name.rsplit(":", 1)[-1].split("+"):
-        name, _, revision = tag.partition("@")
-        if revision and not revision.isdigit():
-            return False  # a claim marker, not a study of measurements
-        try:
-            if get_provider(name).revision != int(revision or 1):
-                return False
-        except KeyError:
-            return False
-    return True
-
-
 def measurements_from_storage(
-    storage: Any, *, mode: str = "graph", device_name: str | None = None
+    storage: Any, *, timing: str = "graph", device_name: str | None = None
 ) -> tuple[list[Measurement], dict[str, Any]]:
     """Distinct measurements of ``storage``'s studies at the providers' current revisions.
 
@@ -137,11 +115,10 @@ def measurements_from_storage(
     metadata: dict[str, Any] = {}
     for study in storage.get_all_studies():
         attrs = study.user_attrs
-        if "spec" not in attrs or attrs.get("mode") != mode:
+        key = StudyKey.from_attrs(attrs)
+        if key is None or key.timing != timing or key.stale():
             continue
-        if device_name is not None and attrs.get("device_name") != device_name:
-            continue
-        if not _timed_current_revisions(study.study_name):
+        if device_name is not None and key.device_name != device_name:
             continue
         meta = attrs.get("metadata") or {}
         if meta.get("updated", "") >= metadata.get("updated", ""):
@@ -156,13 +133,13 @@ def measurements_from_storage(
             if median is None or not math.isfinite(median) or median <= 0:
                 continue
             config = json.dumps(user.get("config") or None, sort_keys=True)
-            key = (attrs["spec"], int(attrs["tokens"]), user["provider"], config)
-            times[key].add(median)
+            row = (attrs["spec"], int(attrs["tokens"]), user["provider"], config)
+            times[row].add(median)
             # A copied trial (a study started from another) keeps its user attributes but is
             # completed later: the earliest completion is the original measurement.
             done = trial.datetime_complete.isoformat() if trial.datetime_complete else ""
-            if done and (key not in first or done < first[key]):
-                first[key] = done
+            if done and (row not in first or done < first[row]):
+                first[row] = done
     rows = [
         Measurement(
             spec,
@@ -333,13 +310,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     source.add_argument("--storage", help="Optuna journal file or database URL")
     source.add_argument("--rows", help="a rows CSV written by --save-rows")
     parser.add_argument("--output", required=True, help="directory for <device>.model.json")
-    parser.add_argument("--mode", default="graph", choices=("graph", "eager"))
+    parser.add_argument("--timing", default="graph", choices=("graph", "eager"))
     parser.add_argument("--save-rows", help="also write the extracted rows to this CSV")
     parser.add_argument("--metadata-from", help="table JSON whose metadata header to use")
     args = parser.parse_args(argv)
     metadata: dict[str, Any] = {}
     if args.storage:
-        rows, metadata = measurements_from_storage(open_storage(args.storage), mode=args.mode)
+        rows, metadata = measurements_from_storage(
+            open_storage(args.storage, create=False), timing=args.timing
+        )
     else:
         rows = read_rows(args.rows)
     if args.metadata_from:

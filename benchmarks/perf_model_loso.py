@@ -46,10 +46,10 @@ from autotune.perf_model_fit import (
     Measurement,
     fit_model,
     measurements_from_storage,
-    open_storage,
     read_rows,
     write_rows,
 )
+from autotune.storage import open_storage
 from kernels import RopeSpec
 from kernels.perf_model import TRITON, PerfModel, choose_between_buckets
 
@@ -63,6 +63,7 @@ TOP_K_DTYPE = "bfloat16"  # the GPU list of unmeasured top-k configs: one dtype 
 def _today_helpers():
     """The selector's nearest-spec rule and Triton's default (private modules: may move)."""
     from kernels._dispatch import nearest_spec_key
+
     from kernels.providers import default_triton_config
     from kernels.providers._triton import config_problems
 
@@ -82,7 +83,7 @@ def load(args) -> tuple[list[Measurement], dict]:
     if args.rows_cache and Path(args.rows_cache).exists():
         rows = read_rows(args.rows_cache)
     else:
-        rows, meta = measurements_from_storage(open_storage(args.journal))
+        rows, meta = measurements_from_storage(open_storage(args.journal, create=False))
         if args.rows_cache:
             write_rows(args.rows_cache, rows)
     return rows, meta
