@@ -11,7 +11,7 @@ import sys
 __all__ = ["TUNE_EXTRA_MODULES", "environment_problem", "require_environment"]
 
 # The modules of the ``tune`` extra in pyproject.toml.
-TUNE_EXTRA_MODULES = ("optuna", "tqdm", "matplotlib")
+TUNE_EXTRA_MODULES = ("optuna", "tqdm", "matplotlib", "sklearn")
 INSTALL_TUNE_EXTRA = "pip install 'rope-autotune[tune]'"
 
 

@@ -107,13 +107,15 @@ def warn_if_stale(path: Path, table: Mapping[str, Any]) -> None:
 
 
 def find_entries(
-    tables: list[tuple[Path, dict]], spec: RopeSpec, timing: str
+    tables: list[tuple[Path, dict]], spec: RopeSpec, timing: str, *, nearest: bool = True
 ) -> tuple[Path, dict, str] | None:
-    """(file, table, spec key) of the exact spec in the first table having it, else of the nearest
-    spec in the first table having one, else None."""
+    """(file, table, spec key) of the exact spec in the first table having it, else (with
+    ``nearest``) of the nearest spec in the first table having one, else None."""
     for path, table in tables:
         if spec.key in table["entries"].get(timing, {}):
             return path, table, spec.key
+    if not nearest:
+        return None
     for path, table in tables:
         key = nearest_spec_key(spec, table["entries"].get(timing, {}))
         if key is not None:

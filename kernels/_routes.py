@@ -27,6 +27,7 @@ __all__ = [
     "fallback_route",
     "forced_routes",
     "resolve_entry",
+    "try_route",
 ]
 
 # Buckets used when no table entry applies (fallback or a forced provider without a config):
@@ -82,7 +83,7 @@ class Availability:
         return self._reasons[name]
 
 
-def _try_route(
+def try_route(
     name: str,
     config: Mapping[str, Any] | None,
     spec: RopeSpec,
@@ -90,7 +91,8 @@ def _try_route(
     has_key: bool,
     unavailable: Availability,
 ) -> tuple[Route | None, str]:
-    """A route of ``name`` for ``spec``, or why not (a Route with an empty ``why``)."""
+    """A route of ``name`` (``config``, or its default for ``bucket`` when None) for ``spec``,
+    with an empty ``why`` for the caller to fill; or None and why not."""
     reason = unavailable(name)
     if reason is not None:
         return None, f"{name} unavailable here ({reason})"
@@ -132,7 +134,7 @@ def resolve_entry(
         candidates.append((name, None, f"best available recorded ({time_us:.3g} us)"))
     skipped = []
     for name, cfg, label in candidates:
-        route, why_not = _try_route(name, cfg, spec, bucket, has_key, unavailable)
+        route, why_not = try_route(name, cfg, spec, bucket, has_key, unavailable)
         if route is not None:
             why = f"{where}: {label}"
             if skipped:
@@ -149,7 +151,7 @@ def fallback_route(
     cannot serve), which runs every spec on every device."""
     if device.type == "cuda":
         unavailable = Availability(device)
-        route, _ = _try_route(
+        route, _ = try_route(
             "triton", default_triton_config(spec, bucket), spec, bucket, has_key, unavailable
         )
         if route is not None:

@@ -5,12 +5,17 @@ Lookup, first match wins (:mod:`kernels._lookup`):
 1. Table files, in :func:`kernels.table.table_search_path` order (``$ROPE_AUTOTUNE_CONFIG_DIR``,
    the user config directory, the shipped ``configs/``), the file named by the normalized device
    name (``NVIDIA H200`` -> ``NVIDIA_H200.json``). A bad file is skipped with one warning.
-2. In the requested timing mode's entries: the exact spec (:attr:`RopeSpec.key`) in the first
-   table that has it; else the nearest spec (same head size, rotary dim, style and element
-   size, so bf16 stands in for fp16 and back; closest head counts in log distance, then the
-   same dtype, see :func:`kernels._lookup.nearest_spec_key`) in the first table that has one.
-3. Else the fallback: Triton's default config on CUDA, ``torch`` on the CPU, with one warning
-   naming the command that tunes this device.
+2. In the requested timing mode's entries, the exact spec (:attr:`RopeSpec.key`) in the first
+   table that has it (eager timing without eager entries takes the graph entries). With a
+   performance model for the device (``NVIDIA_H200.model.json`` in the same directories,
+   :mod:`kernels._predicted`), token counts between two tuned buckets get the faster predicted
+   of the neighbours' winners and the model's own pick.
+3. Else, with a model: per bucket, the provider and config the model predicts fastest among
+   those available here (``explain()`` says "predicted" and the expected time).
+4. Else the nearest spec in a table (same head size, rotary dim, style and element size; closest
+   head counts in log distance, see :func:`kernels._lookup.nearest_spec_key`), else Triton's
+   default config on CUDA, ``torch`` on the CPU, with one warning naming the command that
+   tunes this device.
 
 Per call, the arguments' metadata is checked against the spec, then the token count picks the
 bucket nearest in log scale (boundaries at the geometric midpoints between the table's buckets)
@@ -19,6 +24,7 @@ and runs that bucket's provider, built at selection time (:mod:`kernels._routes`
 
 from __future__ import annotations
 
+import itertools
 import logging
 from bisect import bisect_left
 from collections.abc import Mapping
@@ -38,6 +44,7 @@ from ._lookup import (
     warn_if_stale,
     warn_once,
 )
+from ._predicted import between_route, find_model, predicted_route
 from ._routes import (
     FALLBACK_BUCKETS,
     Availability,
@@ -48,6 +55,7 @@ from ._routes import (
     resolve_entry,
 )
 from ._spec import RopeSpec
+from .perf_model import PerfModel
 from .table import TIMING_MODES, RopeTableWarning, device_table_name
 
 __all__ = ["Explanation", "RopeSelector", "RopeTableWarning", "select_rope"]
@@ -286,8 +294,42 @@ def select_rope(
         return RopeSelector(spec, device, timing, buckets, routes, keyless, None, None, debug=debug)
 
     file_name = device_table_name(device_name(device))
-    found = find_entries(read_tables(table_files(table_dir, file_name)), spec, timing)
-    if found is None:
+    tables = read_tables(table_files(table_dir, file_name))
+    model = find_model(table_dir, device)
+    found = _find_entries(tables, spec, timing, nearest=model is None)
+    unavailable = Availability(device)
+    if found is not None:
+        path, table, spec_key, used = found
+        warn_if_stale(path, table)
+        exact = model if spec_key == spec.key else None
+        routes, keyless = _table_routes(spec, device, table, spec_key, used, path, exact)
+        buckets = tuple(sorted(routes))
+        selector = RopeSelector(
+            spec,
+            device,
+            timing,
+            buckets,
+            tuple(routes[b] for b in buckets),
+            tuple(keyless[b] for b in buckets),
+            path,
+            spec_key,
+            debug=debug,
+        )
+    elif model is not None:
+        why = f"no {timing} entry for {spec.key} in any {file_name}"
+        routes, keyless = [], []
+        for bucket in FALLBACK_BUCKETS:
+            for has_key, out in ((True, routes), (False, keyless)):
+                route = predicted_route(model, spec, bucket, has_key, unavailable)
+                out.append(route or fallback_route(spec, device, bucket, has_key, why))
+        logger.info(
+            "select_rope %s on %s: %s; predicted by %s", spec.key, device, why, model.source
+        )
+        selector = RopeSelector(
+            spec, device, timing, FALLBACK_BUCKETS, tuple(routes), tuple(keyless),
+            model.source, None, debug=debug,
+        )  # fmt: skip
+    else:
         fallback = "Triton's default config" if device.type == "cuda" else "torch"
         why = f"fallback: no {timing} entry for {spec.key} in any {file_name}"
         warn_once(
@@ -300,45 +342,65 @@ def select_rope(
         buckets = FALLBACK_BUCKETS if device.type == "cuda" else (1,)
         routes = tuple(fallback_route(spec, device, b, True, why) for b in buckets)
         keyless = tuple(fallback_route(spec, device, b, False, why) for b in buckets)
-        return RopeSelector(spec, device, timing, buckets, routes, keyless, None, None, debug=debug)
-
-    path, table, spec_key = found
-    warn_if_stale(path, table)
-    entries = table["entries"][timing][spec_key]
-    buckets = tuple(sorted(int(b) for b in entries))
-    match = "exact spec" if spec_key == spec.key else f"nearest spec to {spec.key}"
-    unavailable = Availability(device)
-    per_key: dict[bool, list[Route]] = {True: [], False: []}
-    for bucket in buckets:
-        where = f"{path} entries.{timing}.{spec_key}.{bucket} ({match})"
-        for has_key, routes in per_key.items():
-            route = resolve_entry(
-                spec,
-                bucket,
-                entries[str(bucket)],
-                has_key=has_key,
-                unavailable=unavailable,
-                where=where,
-            )
-            if route is None:
-                route = fallback_route(
-                    spec,
-                    device,
-                    bucket,
-                    has_key,
-                    f"{where}: no recorded provider can serve this call here; fallback",
-                )
-            routes.append(route)
-    selector = RopeSelector(
-        spec,
-        device,
-        timing,
-        buckets,
-        tuple(per_key[True]),
-        tuple(per_key[False]),
-        path,
-        spec_key,
-        debug=debug,
-    )
+        selector = RopeSelector(
+            spec, device, timing, buckets, routes, keyless, None, None, debug=debug
+        )
     logger.debug("select_rope %s on %s: %s", spec.key, device, selector)
     return selector
+
+
+def _find_entries(
+    tables: list[tuple[Path, dict]], spec: RopeSpec, timing: str, *, nearest: bool
+) -> tuple[Path, dict, str, str] | None:
+    """(file, table, spec key, timing mode used): the spec in ``timing``'s entries; for eager
+    timing without eager entries, the graph entries (the table holds graph entries first);
+    with ``nearest``, the nearest spec after that."""
+    modes = (timing, "graph") if timing == "eager" else (timing,)
+    for allow_nearest in (False, True) if nearest else (False,):
+        for mode in modes:
+            found = find_entries(tables, spec, mode, nearest=allow_nearest)
+            if found is not None:
+                return (*found, mode)
+    return None
+
+
+def _table_routes(
+    spec: RopeSpec,
+    device: torch.device,
+    table: Mapping[str, Any],
+    spec_key: str,
+    timing: str,
+    path: Path,
+    model: PerfModel | None,
+) -> tuple[dict[int, Route], dict[int, Route]]:
+    """Routes per bucket (with a key, without one) from a table's entries for ``spec_key``; with
+    ``model``, also for the power-of-two token counts between the tuned buckets."""
+    entries = table["entries"][timing][spec_key]
+    tuned = sorted(int(b) for b in entries)
+    match = "exact spec" if spec_key == spec.key else f"nearest spec to {spec.key}"
+    unavailable = Availability(device)
+    routes: dict[int, Route] = {}
+    keyless: dict[int, Route] = {}
+    for bucket in tuned:
+        where = f"{path} entries.{timing}.{spec_key}.{bucket} ({match})"
+        for has_key, out in ((True, routes), (False, keyless)):
+            route = resolve_entry(
+                spec, bucket, entries[str(bucket)], has_key=has_key, unavailable=unavailable,
+                where=where,
+            ) or fallback_route(
+                spec, device, bucket, has_key,
+                f"{where}: no recorded provider can serve this call here; fallback",
+            )  # fmt: skip
+            out[bucket] = route
+    if model is None:
+        return routes, keyless
+    for lower, upper in itertools.pairwise(tuned):
+        neighbours = {lower: entries[str(lower)], upper: entries[str(upper)]}
+        for bucket in (b for b in FALLBACK_BUCKETS if lower < b < upper):
+            for has_key, out in ((True, routes), (False, keyless)):
+                route = between_route(model, spec, bucket, neighbours, has_key, unavailable)
+                if route is not None:
+                    out[bucket] = route
+                else:  # the tuned bucket nearest in log scale
+                    out[bucket] = out[lower if bucket * bucket <= lower * upper else upper]
+    return routes, keyless

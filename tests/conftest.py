@@ -16,9 +16,11 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import kernels.table as table_mod  # noqa: E402
 from kernels import RopeSpec  # noqa: E402  (after TRITON_INTERPRET is set)
+from kernels import _lookup as lookup_mod  # noqa: E402
 from kernels.providers import register_provider, unregister_provider  # noqa: E402
-from kernels.table import device_table_name  # noqa: E402
+from kernels.table import device_metadata, device_table_name, write_table  # noqa: E402
 
 # The repository root (scripts in benchmarks/, subprocesses that import the tree).
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +50,50 @@ def registered():
     yield register
     for name in names:
         unregister_provider(name)
+
+
+# -- tables for select_rope ----------------------------------------------------------------------
+
+# This CPU's table file name (the one select_rope looks for on the CPU).
+FILE = CPU_TABLE
+
+
+@pytest.fixture
+def dirs(tmp_path, monkeypatch):
+    """Three table sources in tmp_path: env, user, shipped. The real user dir is never read."""
+    paths = {name: tmp_path / name for name in ("env", "user", "shipped")}
+    for path in paths.values():
+        path.mkdir()
+    monkeypatch.setenv(table_mod.CONFIG_DIR_ENV, str(paths["env"]))
+    monkeypatch.setattr(table_mod, "user_config_dir", lambda: paths["user"])
+    monkeypatch.setattr(table_mod, "shipped_config_dir", lambda: paths["shipped"])
+    monkeypatch.setattr(lookup_mod, "_warned", set())  # each test sees its own first warnings
+    return paths
+
+
+def entry(provider: str, config: dict | None = None, median: float = 10.0, **others: float):
+    """A table entry won by ``provider``; ``others`` are the other providers' recorded times."""
+    return {
+        "provider": provider,
+        "config": config or {},
+        "median_us": median,
+        "providers_us": {provider: median, **others},
+    }
+
+
+def make_table(graph: dict | None = None, eager: dict | None = None, versions=None) -> dict:
+    metadata = device_metadata("cpu")
+    if versions is not None:
+        metadata["versions"] = {**metadata["versions"], **versions}
+    return {
+        "schema_version": table_mod.SCHEMA_VERSION,
+        "metadata": metadata,
+        "entries": {"graph": graph or {}, "eager": eager or {}},
+    }
+
+
+def put(directory, table: dict) -> object:
+    return write_table(directory / FILE, table)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,6 +11,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from conftest import FILE, entry, make_table, put
 from torch.nn.functional import scaled_dot_product_attention
 
 import kernels.table as table_mod
@@ -22,58 +23,16 @@ from kernels import (
     select_rope,
     unregister_provider,
 )
-from kernels import _lookup as lookup_mod
 from kernels._cast_once import CastOnce
 from kernels._spec import RopeSpec
 from kernels.providers._torch import TorchProvider
-from kernels.table import device_metadata, device_table_name, write_table
+from kernels.table import write_table
 from kernels.testing import TOLERANCES, assert_rope_close
 
 SPEC = RopeSpec(
     head_size=64, rotary_dim=32, num_heads=4, num_kv_heads=2, is_neox=True, dtype=torch.float32
 )
-FILE = device_table_name(device_metadata("cpu")["device_name"])
-
-
-# -- fixtures and helpers ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def dirs(tmp_path, monkeypatch):
-    """Three table sources in tmp_path: env, user, shipped. The real user dir is never read."""
-    paths = {name: tmp_path / name for name in ("env", "user", "shipped")}
-    for path in paths.values():
-        path.mkdir()
-    monkeypatch.setenv(table_mod.CONFIG_DIR_ENV, str(paths["env"]))
-    monkeypatch.setattr(table_mod, "user_config_dir", lambda: paths["user"])
-    monkeypatch.setattr(table_mod, "shipped_config_dir", lambda: paths["shipped"])
-    monkeypatch.setattr(lookup_mod, "_warned", set())  # each test sees its own first warnings
-    return paths
-
-
-def entry(provider: str, config: dict | None = None, median: float = 10.0, **others: float):
-    """A table entry won by ``provider``; ``others`` are the other providers' recorded times."""
-    return {
-        "provider": provider,
-        "config": config or {},
-        "median_us": median,
-        "providers_us": {provider: median, **others},
-    }
-
-
-def make_table(graph: dict | None = None, eager: dict | None = None, versions=None) -> dict:
-    metadata = device_metadata("cpu")
-    if versions is not None:
-        metadata["versions"] = {**metadata["versions"], **versions}
-    return {
-        "schema_version": table_mod.SCHEMA_VERSION,
-        "metadata": metadata,
-        "entries": {"graph": graph or {}, "eager": eager or {}},
-    }
-
-
-def put(directory, table: dict) -> object:
-    return write_table(directory / FILE, table)
+# -- helpers ---------------------------------------------------------------------------------------
 
 
 def select(spec: RopeSpec = SPEC, **kwargs):
