@@ -206,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--trials",
         type=_positive_int,
-        help="counted trials per spec and bucket, e.g. --trials 64 (default: "
-        "48 on CUDA, 16 on the CPU)",
+        help="counted trials per spec and bucket, e.g. --trials 64 (default: 16, or 48 on CUDA "
+        "without a performance model for the device)",
     )
     parser.add_argument(
         "--repeats",

@@ -13,6 +13,7 @@ from typing import Any
 import optuna
 import torch
 
+from kernels._predicted import find_model
 from kernels.table import device_metadata
 
 from ._device import resolve_device
@@ -22,6 +23,7 @@ from .progress import Progress
 from .runner import StudyRunner
 from .storage import open_storage
 from .studies import StudyKey
+from .warm_start import model_candidates
 
 __all__ = ["WorkerJob", "check_devices", "run_processes"]
 
@@ -63,6 +65,7 @@ class WorkerJob:
     time_kwargs: Mapping[str, Any] = field(default_factory=dict)
     grace_s: float = 120.0
     log_level: int = logging.WARNING
+    warm_start: bool = True
 
     def __call__(self) -> None:
         logging.basicConfig(
@@ -71,12 +74,14 @@ class WorkerJob:
         debug = self.log_level <= logging.DEBUG
         optuna.logging.set_verbosity(logging.INFO if debug else logging.ERROR)
         device = resolve_device(self.device)
+        model = find_model(None, device) if self.warm_start else None
         runner = StudyRunner(
             open_storage(self.storage_url),
             Objective(device, self.seed, self.time_kwargs),
             device_metadata(device),
             self.trials,
             self.seed,
+            first_candidates=None if model is None else model_candidates(model),
         )
         try:
             run_worker(

@@ -14,6 +14,7 @@ import torch
 from optuna.trial import FrozenTrial
 
 from kernels import RopeSpec, provider_names
+from kernels._predicted import find_model
 from kernels.table import TIMING_MODES, check_table_target, device_metadata, empty_table
 
 from ._device import resolve_device
@@ -29,14 +30,20 @@ from .runner import StudyRunner
 from .stop import StopAfterTrial
 from .storage import default_storage_path, open_storage
 from .studies import StudyKey, device_tag
+from .warm_start import model_candidates
 
-__all__ = ["CPU_DEFAULT_TRIALS", "DEFAULT_TRIALS", "tune"]
+__all__ = ["CPU_DEFAULT_TRIALS", "DEFAULT_TRIALS", "WARM_DEFAULT_TRIALS", "tune"]
 
 logger = logging.getLogger(__name__)
 
 # Trials per (spec, bucket, timing) study. Large enough to beat the default config across
 # ~1000 valid Triton configs (benchmarks/search_vs_exhaustive.py measures how close it gets).
 DEFAULT_TRIALS = 48
+# Trials per study when the device has a performance model: each study first measures the
+# model's best predicted Triton configs (after every provider's default, see
+# autotune.warm_start), which reach within 2% of a 48-trial search in most buckets
+# (benchmarks/NOTES.md).
+WARM_DEFAULT_TRIALS = 16
 # On the CPU only the untunable providers run (Triton needs the interpreter there): the study
 # is exhausted in a handful of trials anyway.
 CPU_DEFAULT_TRIALS = 16
@@ -59,6 +66,7 @@ def tune(
     time_kwargs: Mapping[str, Any] | None = None,
     devices: Sequence[torch.device | str] | None = None,
     claim_grace_s: float = DEFAULT_GRACE_S,
+    warm_start: bool = True,
 ) -> dict[str, Any]:
     """Tune RoPE for ``specs`` at every token count in ``tokens`` on one device.
 
@@ -78,7 +86,8 @@ def tune(
         device: ``"cuda:0"``, ``"cpu"``...; None for the first CUDA device, else the CPU.
         providers: Provider names to search; None for every registered one. Those unavailable
             on ``device`` or not supporting a spec are left out for it.
-        trials: Counted trials per study; None for :data:`DEFAULT_TRIALS` on CUDA and
+        trials: Counted trials per study; None for :data:`WARM_DEFAULT_TRIALS` when the device
+            has a performance model and ``warm_start``, else :data:`DEFAULT_TRIALS` on CUDA and
             :data:`CPU_DEFAULT_TRIALS` on the CPU.
         timing: ``"graph"`` (CUDA graph replay), ``"eager"`` (host wall time per call), or
             both.
@@ -96,6 +105,8 @@ def tune(
             ``device``, ``callbacks`` or a storage object (workers open ``storage`` themselves).
         claim_grace_s: Seconds without a heartbeat after which another worker takes over a
             study (at once when the owner was on this host and its process is gone).
+        warm_start: Start each new study with the Triton configs the device's performance
+            model (``<device>.model.json`` where ``select_rope`` finds tables) predicts fastest.
 
     Returns:
         The table of this run's finished studies (schema of :mod:`kernels.table`): its
@@ -132,8 +143,12 @@ def tune(
         worker_devices = check_devices(devices)
         device = worker_devices[0]
     device = resolve_device(device)
+    model = find_model(None, device) if warm_start else None
     if trials is None:
-        trials = DEFAULT_TRIALS if device.type == "cuda" else CPU_DEFAULT_TRIALS
+        if device.type != "cuda":
+            trials = CPU_DEFAULT_TRIALS
+        else:
+            trials = DEFAULT_TRIALS if model is None else WARM_DEFAULT_TRIALS
     if not _is_int(trials) or trials <= 0:
         raise ValueError(f"trials: expected a positive int, got {trials!r}")
     storage_url = storage
@@ -161,6 +176,7 @@ def tune(
         trials,
         seed,
         callbacks=[progress_bar.on_trial, stop.after_trial, *callbacks],
+        first_candidates=None if model is None else model_candidates(model),
     )
     keys = _study_keys(runner, specs, buckets, timings, providers)
     progress_bar.start(sum(runner.remaining(k) for k in keys))
@@ -183,6 +199,7 @@ def tune(
                         time_kwargs,
                         claim_grace_s,
                         level,
+                        warm_start,
                     )
                     for index, d in enumerate(worker_devices)
                 ]

@@ -9,6 +9,7 @@ import os
 import platform
 from pathlib import Path
 
+import orjson
 import pytest
 import torch
 
@@ -19,6 +20,8 @@ if not HAS_CUDA:
 import kernels.table as table_mod  # noqa: E402
 from kernels import RopeSpec  # noqa: E402  (after TRITON_INTERPRET is set)
 from kernels import _lookup as lookup_mod  # noqa: E402
+from kernels.perf_features import FEATURES_VERSION, TRITON, feature_names  # noqa: E402
+from kernels.perf_model import SCHEMA_VERSION, model_file_name  # noqa: E402
 from kernels.providers import register_provider, unregister_provider  # noqa: E402
 from kernels.table import device_metadata, device_table_name, write_table  # noqa: E402
 
@@ -94,6 +97,34 @@ def make_table(graph: dict | None = None, eager: dict | None = None, versions=No
 
 def put(directory, table: dict) -> object:
     return write_table(directory / FILE, table)
+
+
+def _constant(value: float) -> dict:
+    """One leaf: the provider's predicted log time is ``value`` for every call."""
+    return {"feature": [-1], "threshold": [0.0], "left": [-1], "right": [-1], "value": [value]}
+
+
+def perf_model_data(torch_log_us: float, triton_log_us: float) -> dict:
+    """A valid performance model for this CPU predicting constant times (log us) for the
+    ``torch`` and ``triton`` providers; Triton configs tie, so they rank in parameter order."""
+
+    def part(name, log_us):
+        names = feature_names(name)
+        return {"features": list(names), "base": log_us, "learning_rate": 1.0,
+                "trees": [_constant(0.0)]}  # fmt: skip
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "features_version": FEATURES_VERSION,
+        "metadata": device_metadata("cpu"),
+        "providers": {"torch": part("torch", torch_log_us), TRITON: part(TRITON, triton_log_us)},
+    }
+
+
+def put_model(directory, data) -> None:
+    """Write a model file (its content, or bytes) as this CPU's model in ``directory``."""
+    name = model_file_name(device_metadata("cpu")["device_name"])
+    (directory / name).write_bytes(data if isinstance(data, bytes) else orjson.dumps(data))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,13 +5,17 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from conftest import CPU_TABLE, QUICK, TINY
+from conftest import CPU_TABLE, QUICK, TINY, perf_model_data, put_model
 
 from autotune import measure, open_storage, tune
 from autotune.studies import COUNTED_OUTCOMES
+from autotune.warm_start import WARM_START_CONFIGS
 from kernels import get_provider
+from kernels.perf_model import PerfModel, model_file_name
 from kernels.providers import Provider
-from kernels.table import read_table
+from kernels.table import device_metadata, read_table
+
+MODEL_FILE = model_file_name(device_metadata("cpu")["device_name"])
 
 
 def test_a_stop_right_after_a_studys_last_trial_keeps_its_bucket(tmp_path):
@@ -105,3 +109,36 @@ def test_timed_rounds_hold_no_compile_whatever_ran_before(monkeypatch):
         measure.time_rope(fn, TINY, tokens, "cpu", seed=0, **QUICK)
     assert compiles_while_timed == [0, 0, 0, 0]
     assert counters["stats"]["unique_graphs"] >= 2  # the recompile happened, in the warm-up
+
+
+def test_a_new_study_first_measures_the_models_predicted_configs(tmp_path, dirs):
+    """With a performance model for the device, each new study measures every provider's
+    default, then the model's best predicted Triton configs, before the sampler proposes."""
+    put_model(dirs["env"], perf_model_data(torch_log_us=3.0, triton_log_us=1.0))
+    storage = open_storage(tmp_path / "s.journal")
+    kwargs = dict(
+        device="cpu", providers=["torch", "triton"], storage=storage, seed=0, progress=False,
+        time_kwargs=QUICK,
+    )  # fmt: skip
+    tune([TINY], [4], trials=12, **kwargs)
+    (study,) = [s for s in storage.get_all_studies() if "#claim" not in s.study_name]
+    trials = storage.get_all_trials(study._study_id)
+    defaults = [(p, get_provider(p).default_config(TINY, 4)) for p in ("torch", "triton")]
+    predicted = [("triton", c) for c in PerfModel.load(dirs["env"] / MODEL_FILE)
+                 .rank_triton_configs(TINY, 4, WARM_START_CONFIGS)]  # fmt: skip
+    first = [c for c in dict.fromkeys(map(_key, defaults + predicted))]
+    measured = [_key((t.user_attrs["provider"], t.user_attrs["config"])) for t in trials]
+    assert measured[: len(first)] == first
+    assert all(t.user_attrs.get("enqueued") for t in trials[: len(first)])
+
+    # Without the warm start the same budget samples after the defaults.
+    other = open_storage(tmp_path / "t.journal")
+    tune([TINY], [4], trials=12, warm_start=False, **{**kwargs, "storage": other})
+    (study,) = [s for s in other.get_all_studies() if "#claim" not in s.study_name]
+    enqueued = [t for t in other.get_all_trials(study._study_id) if t.user_attrs.get("enqueued")]
+    assert len(enqueued) == len(defaults)
+
+
+def _key(candidate):
+    provider, config = candidate
+    return provider, tuple(sorted(config.items()))

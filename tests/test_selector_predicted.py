@@ -2,43 +2,18 @@
 table lacks, exact entries first, token counts between tuned buckets, eager timing on graph
 entries, and a bad model file that warns and is not used."""
 
-import orjson
 import pytest
 import torch
-from conftest import FILE, entry, make_table, put
+from conftest import FILE, entry, make_table, perf_model_data, put, put_model
 
 from kernels import RopeTableWarning, cos_sin_cache, get_provider, select_rope
-from kernels.perf_features import FEATURES_VERSION, TRITON, feature_names
-from kernels.perf_model import SCHEMA_VERSION, model_file_name
+from kernels.perf_model import model_file_name
 from kernels.table import device_metadata
 from kernels.testing import assert_rope_close, rope_reference
 
 SPEC = dict(head_size=64, rotary_dim=32, num_heads=4, num_kv_heads=2, is_neox=True)
 DTYPE = torch.float32
 MODEL_FILE = model_file_name(device_metadata("cpu")["device_name"])
-
-
-def _constant(value: float) -> dict:
-    """One leaf: the provider's predicted log time is ``value`` for every call."""
-    return {"feature": [-1], "threshold": [0.0], "left": [-1], "right": [-1], "value": [value]}
-
-
-def _model(torch_log_us: float, triton_log_us: float) -> dict:
-    def part(name, log_us):
-        names = feature_names(name)
-        return {"features": list(names), "base": log_us, "learning_rate": 1.0,
-                "trees": [_constant(0.0)]}  # fmt: skip
-
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "features_version": FEATURES_VERSION,
-        "metadata": device_metadata("cpu"),
-        "providers": {"torch": part("torch", torch_log_us), TRITON: part(TRITON, triton_log_us)},
-    }
-
-
-def _put_model(directory, data) -> None:
-    (directory / MODEL_FILE).write_bytes(data if isinstance(data, bytes) else orjson.dumps(data))
 
 
 def _select(**kwargs):
@@ -52,7 +27,7 @@ def _key() -> str:
 
 
 def test_a_spec_the_table_lacks_runs_the_predicted_fastest(dirs):
-    _put_model(dirs["shipped"], _model(torch_log_us=5.0, triton_log_us=1.0))
+    put_model(dirs["shipped"], perf_model_data(torch_log_us=5.0, triton_log_us=1.0))
     rope = _select()
     assert rope.source == dirs["shipped"] / MODEL_FILE
     for tokens in (1, 37, 4096):
@@ -61,12 +36,12 @@ def test_a_spec_the_table_lacks_runs_the_predicted_fastest(dirs):
         assert f"{torch.tensor(1.0).exp().item():.3g} us" in explained.why
         assert not get_provider("triton").config_fault(explained.config)
     # The model's other verdict: torch predicted faster.
-    _put_model(dirs["env"], _model(torch_log_us=0.5, triton_log_us=3.0))
+    put_model(dirs["env"], perf_model_data(torch_log_us=0.5, triton_log_us=3.0))
     assert _select().explain(37).provider == "torch"
 
 
 def test_the_predicted_route_computes_rope(dirs):
-    _put_model(dirs["shipped"], _model(torch_log_us=5.0, triton_log_us=1.0))
+    put_model(dirs["shipped"], perf_model_data(torch_log_us=5.0, triton_log_us=1.0))
     rope = _select()
     gen = torch.Generator().manual_seed(0)
     tokens = 7
@@ -83,14 +58,14 @@ def test_the_predicted_route_computes_rope(dirs):
 def test_an_exact_entry_wins_and_the_model_decides_between_buckets(dirs):
     # The table: torch at 1 and 4096 tokens. The model predicts triton 20x faster.
     put(dirs["env"], make_table({_key(): {"1": entry("torch"), "4096": entry("torch")}}))
-    _put_model(dirs["env"], _model(torch_log_us=4.0, triton_log_us=1.0))
+    put_model(dirs["env"], perf_model_data(torch_log_us=4.0, triton_log_us=1.0))
     rope = _select()
     assert rope.source == dirs["env"] / FILE
     assert rope.explain(1).provider == rope.explain(4096).provider == "torch"
     between = rope.explain(64)
     assert between.provider == "triton" and "between tuned buckets 1 and 4096" in between.why
     # A model that sees no margin keeps the neighbours' measured winner.
-    _put_model(dirs["env"], _model(torch_log_us=1.0, triton_log_us=0.95))
+    put_model(dirs["env"], perf_model_data(torch_log_us=1.0, triton_log_us=0.95))
     assert _select().explain(64).provider == "torch"
 
 
@@ -102,7 +77,7 @@ def test_eager_timing_follows_the_graph_entries_when_the_table_has_no_eager_ones
 
 @pytest.mark.parametrize("content", [b"{", b'{"schema_version": 99}'], ids=["json", "schema"])
 def test_a_bad_model_warns_and_the_table_rules_apply(dirs, content):
-    _put_model(dirs["env"], content)
+    put_model(dirs["env"], content)
     with pytest.warns(RopeTableWarning):
         rope = _select()
     assert rope.explain(8).provider == "torch" and rope.explain(8).why.startswith("fallback")
