@@ -5,6 +5,8 @@
 #
 #   bash benchmarks/device/device_run.sh tests         # GPU tests, eager launch and selector overhead
 #   bash benchmarks/device/device_run.sh integrations  # vLLM's layers and a transformers model, with and without us
+#   bash benchmarks/device/device_run.sh untuned       # cold tuning time, unseen shapes (carry .tune_loso)
+#   bash benchmarks/device/device_run.sh verify        # the shipped table re-timed; eager small tokens
 #   bash benchmarks/device/device_run.sh small-tokens  # Triton sweep vs FlashInfer/vLLM, 16-1024 tokens
 #   bash benchmarks/device/device_run.sh losing        # sweep where FlashInfer won a bucket (revision 2)
 #   bash benchmarks/device/device_run.sh defaults      # the untuned Triton default vs FlashInfer/vLLM
@@ -24,6 +26,26 @@ case "$1" in
     timeout 300 python3 benchmarks/vllm_layer.py --device cuda:0 --out "$OUT/vllm_layer" 2>&1 \
       | tail -60
     timeout 200 python3 benchmarks/transformers_model.py --device cuda:0 2>&1 | tail -25 ;;
+  untuned)
+    # The compiled vLLM override's arguments (a fault is named by the call that made it), the
+    # tuning time of one spec from a cold start against the shipped table (the model in
+    # .tune_loso was fit without that spec), and unseen model shapes against FlashInfer/vLLM.
+    CUDA_LAUNCH_BLOCKING=1 timeout 150 python3 benchmarks/experiments/compiled_layer_args.py \
+      2>&1 | grep -v "INFO\|WARNING" | tee "$OUT/compiled_layer_args.txt" | tail -30
+    timeout 300 python3 benchmarks/tune_time.py --device cuda:0 --model-dir .tune_loso \
+      --spec q28_kv4_d128_r128_neox_bfloat16 2>&1 | tail -25
+    timeout 200 python3 benchmarks/unseen_shapes.py --device cuda:0 2>&1 | tail -50 ;;
+  verify)
+    # The shipped table re-timed and gated on this machine; eager winners at small token counts
+    # against the graph ones; the selector's per-call cost.
+    timeout -s INT 330 python3 -m autotune verify --device cuda:0 --table configs/NVIDIA_H200.json \
+      --save-path "$OUT" > "$OUT/verify_h200.txt" 2>&1; echo "exit status $?" >> "$OUT/verify_h200.txt"
+    tail -30 "$OUT/verify_h200.txt"
+    timeout 150 python3 benchmarks/tune_time.py --device cuda:0 --model-dir configs --timing eager \
+      --reference-timing graph --tokens 1,4,16,64,256 --spec q32_kv8_d128_r128_neox_bfloat16 \
+      2>&1 | tail -12
+    python3 benchmarks/selector_overhead.py --device cuda:0 --max-overhead-us 1.0 2>&1 \
+      | tee "$OUT/selector_overhead.log" | tail -8 ;;
   small-tokens)
     timeout -s INT "${SWEEP_SECONDS:-420}" python3 benchmarks/roofline.py --device cuda:0 \
       --specs llama-3-8b,qwen2.5-7b,gemma-2-9b,llama-3-70b:tp8 --tokens 16,256,1024 --sweep \
@@ -49,6 +71,6 @@ case "$1" in
   tune)
     bash benchmarks/device/tune_h200.sh "${TUNE_SECONDS:-300}" ;;
   *)
-    echo "usage: device_run.sh tests|integrations|small-tokens|losing|defaults|search|tune" >&2
+    echo "usage: device_run.sh tests|integrations|untuned|verify|small-tokens|losing|defaults|search|tune" >&2
     exit 2 ;;
 esac
