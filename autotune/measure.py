@@ -142,22 +142,29 @@ def _int_type(dtype: torch.dtype) -> torch.dtype:
 
 
 def _input_sets(
-    spec: RopeSpec, num_tokens: int, device: torch.device, rotate: bool, seed: int | None
+    spec: RopeSpec,
+    num_tokens: int,
+    device: torch.device,
+    rotate: bool,
+    seed: int | None,
+    with_key: bool,
 ) -> list[RopeInputs]:
     gen = torch.Generator(device=device)
     gen.manual_seed(0 if seed is None else seed)
-    first = make_inputs(spec, num_tokens, device, generator=gen)
+    first = make_inputs(spec, num_tokens, device, with_key=with_key, generator=gen)
     count = 1
     if rotate and device.type == "cuda":
         l2 = torch.cuda.get_device_properties(device).L2_cache_size
-        touched = spec.bytes_moved(num_tokens)
+        touched = spec.bytes_moved(num_tokens, with_key=with_key)
         footprint = first.qkv.nbytes + first.positions.nbytes
         count = min(
             _MAX_SETS, math.ceil(_L2_COVER * l2 / touched), max(1, _MAX_ROTATION_BYTES // footprint)
         )
     # One cache for all sets: serving stacks share one too.
     return [first] + [
-        make_inputs(spec, num_tokens, device, generator=gen, cache=first.cos_sin_cache)
+        make_inputs(
+            spec, num_tokens, device, with_key=with_key, generator=gen, cache=first.cos_sin_cache
+        )
         for _ in range(count - 1)
     ]
 
@@ -176,6 +183,7 @@ def time_rope(
     device: torch.device | str,
     *,
     mode: str = "graph",
+    with_key: bool = True,
     rotate: bool = True,
     seed: int | None = None,
     repeats: int = 50,
@@ -190,6 +198,7 @@ def time_rope(
             timed by CUDA events over replays (what a serving stack running CUDA graphs pays).
             ``"eager"``: back-to-back calls without synchronization, host wall time per call, so
             launch cost counts when it exceeds the GPU time. On the CPU both are wall time.
+        with_key: Time calls with a key tensor (else key-less calls).
         rotate: Rotate input sets covering 3x the L2 so that data comes from memory.
         repeats: Timed rounds; the result is the median and p20/p80 over rounds.
         min_round_s: Each round runs enough calls to last at least this long.
@@ -208,7 +217,7 @@ def time_rope(
         if phases is not None:
             phases[name] = clock[-1] - clock[-2]
 
-    sets = _input_sets(spec, num_tokens, device, rotate, seed)
+    sets = _input_sets(spec, num_tokens, device, rotate, seed, with_key)
     args = [s.args for s in sets]
     lap("inputs")
     _warm_up(fn, args, device)

@@ -120,7 +120,7 @@ def measure(listing: str, device: str, out: str, repeats: int, index: int, count
         tokens, name = int(item["tokens"]), item["provider"]
         config = json.loads(item["config"]) if item["config"] else None
         try:
-            fn = get_provider(name).bound(spec, config)
+            fn = get_provider(name).callable_for(spec, config)
             check_correct(fn, spec, tokens, device, seed=i)
             timing = time_rope(fn, spec, tokens, device, repeats=repeats)
         except Exception as exc:  # a wrong or failing config is reported, never scored

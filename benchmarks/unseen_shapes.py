@@ -94,7 +94,7 @@ def _available(name: str, device: str, spec: RopeSpec, with_key: bool) -> bool:
 
 
 def _measure(fn, case: Case, device: str, timing: dict) -> float | None:
-    check_correct(fn, case.spec, case.tokens, device, with_key=case.with_key, seed=1)
+    check_correct(fn, case.spec, case.tokens, device, keyless=not case.with_key, seed=1)
     return time_rope(fn, case.spec, case.tokens, device, with_key=case.with_key, **timing).median_us
 
 
@@ -136,12 +136,13 @@ def main() -> int:
             names = [n for n in model.providers if _available(n, device, s, case.with_key)]
             pick = model.best(s, case.tokens, names)
             if pick is not None:
-                fn = get_provider(pick.provider).bound(s, pick.config)
+                fn = get_provider(pick.provider).callable_for(s, pick.config)
                 picked = _measure(fn, case, device, timing)
         vendor = {}
         for name in ("flashinfer", "vllm"):
             if _available(name, device, s, case.with_key):
-                vendor[name] = _measure(get_provider(name).bound(s, None), case, device, timing)
+                fn = get_provider(name).callable_for(s, None)
+                vendor[name] = _measure(fn, case, device, timing)
         faster = min(vendor.values(), default=None)
         rows.append(
             {
