@@ -20,7 +20,7 @@ import vllm_layer as vl
 from autotune.measure import time_rope, make_inputs
 from kernels import RopeSpec
 from kernels.providers import _triton_launch
-mode, fast, tokens_list, compiled = {mode!r}, {fast!r}, {tokens!r}, {compiled!r}
+mode, fast, tokens_list, compiled, fused = {mode!r}, {fast!r}, {tokens!r}, {compiled!r}, {fused!r}
 if not fast:
     _triton_launch.fast_launch_supported = lambda version: False
 device = torch.device("cuda:0")
@@ -29,6 +29,11 @@ spec = RopeSpec(ours.head_size, ours.rotary_dim, 32, 8, ours.is_neox_style, torc
 def run_ours(p, q, k, c, layer=ours):
     layer.forward_cuda(p, q, k)
 fn = torch.compile(run_ours, fullgraph=True) if compiled else run_ours
+if fused:  # compiled over the fused qkv tensor, split inside the graph (as vLLM's models do)
+    inner = torch.compile(
+        lambda p, qkv: ours.forward_cuda(p, qkv[:, :4096], qkv[:, 4096:5120]), fullgraph=True
+    )
+    fn = lambda p, q, k, c: inner(p, q._base)
 for tokens in tokens_list:
     if mode == "call":
         x = make_inputs(spec, tokens, device)
@@ -42,17 +47,16 @@ for tokens in tokens_list:
 
 
 def main() -> int:
-    variants = [
-        ("compiled, graph timing, fast launch", "graph", True, (1, 16, 256, 4096), True),
-        ("compiled, graph timing, 4096 first", "graph", True, (4096,), True),
-        ("compiled, graph timing, public launch", "graph", False, (1, 16, 256, 4096), True),
-        ("compiled, plain calls, fast launch", "call", True, (1, 16, 256, 4096), True),
-        ("compiled, eager timing, fast launch", "eager", True, (1, 16, 256, 4096), True),
-        ("eager layer, graph timing, fast launch", "graph", True, (1, 16, 256, 4096), False),
+    variants = [  # name, timing, fast launch, token counts, compiled, over the fused qkv
+        ("compiled, q and k as inputs, graph timing", "graph", True, (1, 16, 256, 4096), True, 0),
+        ("compiled, q and k as inputs, plain calls", "call", True, (1, 16, 256, 4096), True, 0),
+        ("compiled over fused qkv, plain calls", "call", True, (1, 16, 256, 4096, 16384), 1, 1),
+        ("compiled over fused qkv, graph timing", "graph", True, (1, 16, 256, 4096, 16384), 1, 1),
+        ("eager layer, graph timing", "graph", True, (1, 16, 256, 4096), False, 0),
     ]
-    for name, mode, fast, tokens, compiled in variants:
+    for name, mode, fast, tokens, compiled, fused in variants:
         code = VARIANT.format(
-            root=str(ROOT), mode=mode, fast=fast, tokens=tokens, compiled=compiled
+            root=str(ROOT), mode=mode, fast=fast, tokens=tokens, compiled=compiled, fused=fused
         )
         proc = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=240
