@@ -22,7 +22,7 @@ from kernels.table import device_table_name, empty_table, merge_into_table
 
 from .studies import StudyKey, is_complete
 
-__all__ = ["best_entry", "build_tables", "export_tables", "write_device_table"]
+__all__ = ["best_entry", "build_tables", "export_model", "export_tables", "write_device_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +134,10 @@ def export_tables(
     *,
     study_names: Iterable[str] | None = None,
     include_partial: bool = False,
+    models: bool = True,
 ) -> dict[str, Path]:
-    """Build the tables of ``storage``'s studies and merge each into its device's file.
+    """Build the tables of ``storage``'s studies and merge each into its device's file; with
+    ``models``, also fit each device's performance model on the storage and write it beside.
 
     Returns:
         ``{device_name: path written}``.
@@ -146,4 +148,23 @@ def export_tables(
     ).items():
         written[device_name] = write_device_table(output, table)
         logger.info("wrote %s", written[device_name])
+        if models:
+            try:
+                logger.info("wrote %s", export_model(storage, output, table["metadata"]))
+            except ValueError as exc:  # too few measurements to fit: the table stands alone
+                logger.warning("%s: performance model not written: %s", device_name, exc)
     return written
+
+
+def export_model(
+    storage: optuna.storages.BaseStorage, output: str | os.PathLike, metadata: Mapping[str, Any]
+) -> Path:
+    """Fit the device's performance model (:mod:`kernels.perf_model`) on every current graph
+    measurement in ``storage`` and write it beside the table (``<device>.model.json``)."""
+    from kernels.perf_model import model_file_name
+
+    from .perf_model_fit import fit_model, measurements_from_storage, write_model
+
+    device_name = metadata["device_name"]
+    rows, _ = measurements_from_storage(storage, device_name=device_name)
+    return write_model(Path(output) / model_file_name(device_name), fit_model(rows, metadata))

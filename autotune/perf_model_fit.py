@@ -127,7 +127,9 @@ def measurements_from_storage(
             study._study_id, deepcopy=False, states=(TrialState.COMPLETE,)
         ):
             user = trial.user_attrs
-            if user.get("outcome") != "measured":
+            if user.get("outcome") != "measured" or (
+                user.get("provider") == TRITON and not user.get("config")
+            ):
                 continue
             median = user.get("median_us", trial.value)
             if median is None or not math.isfinite(median) or median <= 0:
