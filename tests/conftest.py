@@ -5,6 +5,7 @@ before any kernel is defined, so it is set here, at collection start. Test modul
 shared constants below with ``from conftest import ...``.
 """
 
+import importlib.util
 import os
 import platform
 from pathlib import Path
@@ -125,6 +126,14 @@ def put_model(directory, data) -> None:
     """Write a model file (its content, or bytes) as this CPU's model in ``directory``."""
     name = model_file_name(device_metadata("cpu")["device_name"])
     (directory / name).write_bytes(data if isinstance(data, bytes) else orjson.dumps(data))
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` (a script, not a package module) for its functions."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,10 +1,10 @@
 """``benchmarks/roofline.py``: its specs come from the tuner's model presets or spec keys."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 from autotune.models import MODEL_PRESETS
 from kernels import RopeSpec
@@ -14,10 +14,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "roofline.py"
 
 @pytest.fixture(scope="module")
 def roofline():
-    spec = importlib.util.spec_from_file_location("roofline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("roofline")
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_PRESETS))

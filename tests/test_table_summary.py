@@ -1,19 +1,16 @@
 """benchmarks/table_summary.py: counts of Triton's wins and losses and the choice's speedups."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "table_summary.py"
 
 
 @pytest.fixture(scope="module")
 def module():
-    spec = importlib.util.spec_from_file_location("table_summary", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("table_summary")
 
 
 @pytest.fixture(scope="module")
