@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                 def split(p, qkv):
                     return forward(p, qkv[:, :q_width], qkv[:, q_width : q_width + k_width])
 
+                # One code object serves every model here: start each from Dynamo's clean slate
+                # so that recompiles of earlier models do not count against this one.
+                torch._dynamo.reset()
                 inner = torch.compile(split, fullgraph=True, **options)
                 return lambda p, q, k, c: inner(p, q._base)
 
