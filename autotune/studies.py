@@ -185,4 +185,5 @@ def is_complete(
         return False
     if int(attrs.get("complete") or 0) >= target:
         return True
-    return len(counted_trials(trials)) >= target and not waiting_trials(trials)
+    live = live_trials(attrs, trials)  # a retry's earlier failures do not fill its budget
+    return len(counted_trials(live)) >= target and not waiting_trials(live)

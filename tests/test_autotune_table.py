@@ -16,7 +16,7 @@ from optuna.trial import TrialState, create_trial
 from autotune.cli import main
 from autotune.export import best_entry, build_tables, export_tables, write_device_table
 from autotune.storage import open_storage
-from autotune.studies import StudyKey
+from autotune.studies import StudyKey, is_complete
 from kernels import RopeSpec, get_provider
 from kernels.table import (
     RopeTableWarning,
@@ -136,6 +136,15 @@ def test_a_study_whose_trials_all_ran_counts_as_complete_without_its_flag():
         storage, "a", SPEC, 16, [_trial("torch", 9.0), _trial("triton", 7.0)], complete=False
     )
     assert build_tables(storage)["Test GPU"]["entries"]["graph"][SPEC.key]["16"]["median_us"] == 7.0
+
+
+def test_a_retried_study_is_complete_only_when_its_retry_fills_the_budget():
+    # Two failures, then a retry from scratch that has measured one of its two trials so far.
+    failed = [_trial("vllm", None, "error", state=TrialState.FAIL) for _ in range(2)]
+    trials = [*failed, _trial("torch", 9.0)]
+    assert not is_complete({"target": 2, "retry_from": 2}, trials)
+    assert is_complete({"target": 2, "retry_from": 2}, [*trials, _trial("triton", 7.0)])
+    assert is_complete({"target": 2}, trials)  # without a retry every counted trial counts
 
 
 def test_build_tables_dates_the_table_by_its_newest_measurement():
