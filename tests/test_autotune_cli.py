@@ -108,8 +108,6 @@ def test_export_flags():
         ["--tokens", f"1,{MAX_TOKENS + 1}"],
         ["--dtype", ""],
         ["--dtype", ","],
-        ["--compile-workers", "4"],  # removed
-        ["--compile-overlap"],  # removed
     ],
 )
 def test_bad_flags_exit_2(argv, capsys):
@@ -318,7 +316,6 @@ def test_good_run_passes_the_opened_storage(tmp_path, no_tuning, capsys):
     (kwargs,) = no_tuning
     assert isinstance(kwargs["storage"], optuna.storages.JournalStorage) and journal.exists()
     assert kwargs["seed"] == 7 and kwargs["output"] == str(tmp_path / "new" / "out")
-    assert "compile_workers" not in kwargs and "compile_overlap" not in kwargs
     assert "summary" in capsys.readouterr().out
 
 
