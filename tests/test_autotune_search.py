@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import optuna
 import pytest
 import torch
-from conftest import CPU_TABLE, QUICK, ROOT, TINY, TINY_GPTJ
+from conftest import CPU_TABLE, QUICK, ROOT, TINY, TINY_GPTJ, tuned_studies
 from optuna.trial import TrialState
 
 from autotune import open_storage, tune
@@ -31,8 +31,7 @@ def all_trials(storage):
     """Trials per study, claim markers left out (see autotune.distributed)."""
     return {
         s.study_name: storage.get_all_trials(s._study_id, deepcopy=False)
-        for s in storage.get_all_studies()
-        if "#claim" not in s.study_name
+        for s in tuned_studies(storage)
     }
 
 

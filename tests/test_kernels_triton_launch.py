@@ -9,8 +9,8 @@ import pytest
 import torch
 import triton
 from _reference64 import Case, build_inputs, check_outputs, with_
+from conftest import case_spec
 
-from kernels import RopeSpec
 from kernels.providers import _triton_launch
 from kernels.providers._triton import default_triton_config
 from kernels.providers._triton_kernel import rope_kernel
@@ -53,11 +53,6 @@ class RecordingKernel:
         return launch
 
 
-def _spec(case: Case) -> RopeSpec:
-    return RopeSpec(case.head_size, case.rotary_dim, case.num_heads,
-                    case.num_kv_heads or case.num_heads, case.is_neox, case.dtype)  # fmt: skip
-
-
 CASES = [
     Case(head_size=64, rotary_dim=32, num_heads=4, num_kv_heads=2, layout="qkv", num_tokens=7),
     Case(head_size=96, rotary_dim=24, num_heads=6, num_kv_heads=None, is_neox=False,
@@ -70,7 +65,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_fast_path_passes_the_kernels_arguments_in_order(case, monkeypatch):
     monkeypatch.setattr(_triton_launch, "_current_stream", lambda index: 0)
-    spec = _spec(case)
+    spec = case_spec(case)
     kernel = RecordingKernel()
     launcher = TritonLauncher(spec, default_triton_config(spec, 4), kernel=kernel, fast=True)
     for seed in range(3):  # the first call compiles (public launch), the others take run()
@@ -91,7 +86,7 @@ def test_other_releases_take_the_public_launch(version, monkeypatch):
     monkeypatch.setattr(triton, "__version__", version)
     monkeypatch.setattr(_triton_launch, "_interpreting", lambda: False)
     case = CASES[0]
-    spec = _spec(case)
+    spec = case_spec(case)
     kernel = RecordingKernel()
     launcher = TritonLauncher(spec, default_triton_config(spec, 4), kernel=kernel)
     assert launcher.fast is False
@@ -104,7 +99,7 @@ def test_other_releases_take_the_public_launch(version, monkeypatch):
 
 @pytest.mark.skipif(not _triton_launch._interpreting(), reason="runs under TRITON_INTERPRET=1")
 def test_interpreter_takes_the_public_launch():
-    spec = _spec(CASES[0])
+    spec = case_spec(CASES[0])
     assert TritonLauncher(spec, default_triton_config(spec, 4)).fast is False
 
 
@@ -115,7 +110,7 @@ def test_fast_path_is_taken_on_the_gpu():
         "and add it, or expect the public launch's host cost"
     )
     case = with_(CASES[0], num_tokens=64)
-    spec = _spec(case)
+    spec = case_spec(case)
     launcher = TritonLauncher(spec, default_triton_config(spec, 64))
     assert launcher.fast
     for seed in range(3):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _reference64 import Case, build_inputs, check_outputs, covering_matrix, seed_of, with_
+from conftest import case_spec
 
 from kernels import (
     RopeSpec,
@@ -32,17 +33,6 @@ COMPILE_CASES = [MATRIX[i] for i in (3, 10, 13, 35)]
 # multiplies and subtracts in scalar_t): extra error allowed, in epsilons of the terms' size.
 ARITH_ULPS = {"vllm": 2.0}
 NAMES = ("torch", "torch_compile", "triton", "flashinfer", "vllm")
-
-
-def _spec(case: Case) -> RopeSpec:
-    return RopeSpec(
-        head_size=case.head_size,
-        rotary_dim=case.rotary_dim,
-        num_heads=case.num_heads,
-        num_kv_heads=case.num_kv_heads or case.num_heads,
-        is_neox=case.is_neox,
-        dtype=case.dtype,
-    )
 
 
 def _run(name: str, case: Case, seed: int, device: str = "cpu", config=None):
@@ -178,7 +168,7 @@ def _config_id(config: dict) -> str:
 @pytest.mark.parametrize("case", TRITON_MASK_CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("config", TRITON_CONFIGS, ids=_config_id)
 def test_triton_configs_mask_tokens_and_heads(config, case, request):
-    spec = _spec(case)
+    spec = case_spec(case)
     assert config_problems(spec, config) == []
     _check_exact(_run("triton", case, seed_of(request.node.nodeid), config=config))
 
@@ -186,7 +176,7 @@ def test_triton_configs_mask_tokens_and_heads(config, case, request):
 @pytest.mark.parametrize("num_tokens", [None, 1, 7, 63, 300, 1023, 1024, 4095, 4096, 100_000])
 @pytest.mark.parametrize("case", MATRIX[::3], ids=lambda c: c.id)
 def test_triton_default_config_is_valid(case, num_tokens):
-    spec = _spec(case)
+    spec = case_spec(case)
     config = default_triton_config(spec, num_tokens)
     assert set(config) == set(PARAM_SPACE)
     assert all(config[name] in PARAM_SPACE[name] for name in config), config
@@ -251,20 +241,20 @@ def test_param_spaces():
     for name in ("torch", "torch_compile", "flashinfer", "vllm"):
         provider = get_provider(name)
         assert dict(provider.param_space) == {}
-        assert provider.default_config(_spec(MATRIX[0])) == {}
+        assert provider.default_config(case_spec(MATRIX[0])) == {}
 
 
 def test_flashinfer_declares_its_limits():
     flashinfer = get_provider("flashinfer")
-    spec = _spec(Case(dtype=torch.bfloat16))
+    spec = case_spec(Case(dtype=torch.bfloat16))
     assert flashinfer.unsupported_reason(spec) is None
-    assert flashinfer.unsupported_reason(_spec(Case(dtype=torch.float16))) is None
-    assert "float32" in flashinfer.unsupported_reason(_spec(Case(dtype=torch.float32)))
+    assert flashinfer.unsupported_reason(case_spec(Case(dtype=torch.float16))) is None
+    assert "float32" in flashinfer.unsupported_reason(case_spec(Case(dtype=torch.float32)))
     assert "key" in flashinfer.unsupported_reason(spec, has_key=False)
     for name in ("torch", "torch_compile", "triton"):
         provider = get_provider(name)
         for case in MATRIX:
-            assert provider.unsupported_reason(_spec(case), has_key=False) is None
+            assert provider.unsupported_reason(case_spec(case), has_key=False) is None
 
 
 def test_cast_once_converts_a_cache_once_and_again_after_an_update():
@@ -296,7 +286,7 @@ def _skip_unless_runs(name: str, case: Case) -> None:
     provider = get_provider(name)
     reason = provider.unavailable_reason("cuda")
     if reason is None:
-        reason = provider.unsupported_reason(_spec(case), has_key=case.num_kv_heads is not None)
+        reason = provider.unsupported_reason(case_spec(case), has_key=case.num_kv_heads is not None)
     if reason is not None:
         pytest.skip(f"{name}: {reason}")
 
