@@ -1,5 +1,5 @@
 """``select_rope`` on real model shapes that no table or test of ours names, at token counts off
-the bucket grid, against FlashInfer and vLLM, side by side in one run (issue 18).
+the bucket grid, against FlashInfer and vLLM, side by side in one run.
 
 Every call is checked against the float64 reference first, then timed by CUDA-graph replay over
 rotating inputs larger than the L2 (``autotune.measure.time_rope``); q and k are column views of

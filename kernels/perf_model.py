@@ -370,7 +370,7 @@ def choose_between_buckets(
     *,
     margin: float = 1.1,
 ) -> Prediction | None:
-    """The choice for a token count between a tuned spec's buckets (item 4 of issue 18).
+    """The choice for a token count between two of a tuned spec's buckets.
 
     Candidates: the measured winners ``(provider, config)`` of the neighbouring tuned buckets,
     and the model's own best pick; each is predicted at ``tokens`` and the fastest wins. The
