@@ -158,30 +158,6 @@ class TritonLauncher:
         if fast and compiled is not None:
             self.compiled[specialization] = compiled, grid[1]
 
-    def compile(self, positions, query, key, cos_sin_cache) -> None:
-        """Compile the kernel these arguments would launch into Triton's cache, without
-        launching it (ahead-of-time compile workers: they need no GPU work, and a later
-        launch with arguments of the same specialization loads the kernel from the cache).
-
-        The arguments may live on the CPU: what Triton specializes on (dtypes, 16-byte
-        alignment, integer values) is the same there. Under the interpreter, nothing happens.
-        """
-        num_tokens = positions.numel()
-        if num_tokens == 0:
-            return
-        head_size = self.spec.head_size
-        _, _, q_stride_t, q_stride_h = qk_layout("query", query, head_size, num_tokens)
-        if key is None:  # as __call__ does: no key heads, the query stands in for the pointer
-            key, k_heads, k_stride_t, k_stride_h = query, 0, 0, 0
-        else:
-            _, k_heads, k_stride_t, k_stride_h = qk_layout("key", key, head_size, num_tokens)
-        self.kernel.warmup(
-            positions, query, key, cos_sin_cache, num_tokens,
-            q_stride_t, q_stride_h, k_stride_t, k_stride_h, cos_sin_cache.stride(0),
-            grid=self.grid(num_tokens, k_heads), NUM_K_HEADS=k_heads, **self.constexprs,
-            **self.options,
-        )  # fmt: skip
-
 
 def launch_rope(
     positions: torch.Tensor,
