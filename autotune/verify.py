@@ -15,6 +15,7 @@ every one got a new entry, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import fnmatch
 import sys
@@ -34,6 +35,7 @@ from kernels.table import device_metadata, device_table_name, read_table, table_
 
 from ._device import DeviceError, resolve_device
 from ._preflight import OneLineParser, check_output_dir
+from .compile_ahead import compile_ahead
 from .measure import Timing, check_correct, time_rope
 from .objective import GATE_TOKENS
 from .space import config_key
@@ -179,6 +181,24 @@ class Verifier:
     )
     phases: dict[str, float] = field(default_factory=dict)
     _gate: dict[tuple, str | None] = field(default_factory=dict, init=False, repr=False)
+
+    def compile_ahead(self, checks: Sequence[Check]) -> None:
+        """Compile the Triton kernels that ``checks`` will gate and time, on a pool of threads
+        (:func:`autotune.compile_ahead.compile_ahead`): on a cold cache compiling is most of
+        a run, and one at a time it leaves the host's other cores idle."""
+        jobs: dict[tuple, tuple[RopeFn, RopeSpec, bool]] = {}
+        for check in checks:
+            for role, who in ("winner", check.winner), ("runner-up", check.runner_up):
+                if who is None or role in check.unavailable or "winner" in check.unavailable:
+                    continue
+                provider, key = get_provider(who.provider), (check.spec, who.provider)
+                with contextlib.suppress(ValueError):  # a rejected config fails in run()
+                    fn = provider.callable_for(check.spec, who.config)
+                    keyless = provider.supports(check.spec, has_key=False)
+                    jobs.setdefault((*key, config_key(who.config)), (fn, check.spec, keyless))
+        start = time.perf_counter()
+        compile_ahead(jobs.values(), self.device, GATE_TOKENS)
+        self.phases["compile ahead"] = time.perf_counter() - start
 
     def run(self, check: Check) -> Check:
         """Fill in ``check``'s times and failures (of those that run here)."""
@@ -424,6 +444,7 @@ def _run(
 
     verifier = Verifier(device, {"repeats": args.repeats, "min_round_s": VERIFY_ROUND_S})
     start = time.perf_counter()
+    verifier.compile_ahead(checks)
     for check in tqdm(checks, unit="entry", disable=None, dynamic_ncols=True):
         verifier.run(check)
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(verifier.phases.items()))

@@ -111,10 +111,8 @@ class TritonLauncher:
             self.head_split, self.q_blocks + k_blocks
         )
 
-    def __call__(self, positions, query, key, cos_sin_cache) -> None:
-        num_tokens = positions.numel()
-        if num_tokens == 0:
-            return
+    def _arguments(self, positions, query, key, num_tokens):
+        """The kernel's key tensor, its integer arguments after the token count, and Hk."""
         head_size = self.spec.head_size
         if query.dim() == 2:  # [T, H*D], the common case: skip the general layout parse
             q_stride_t, q_stride_h = query.stride(0), head_size
@@ -128,8 +126,14 @@ class TritonLauncher:
         else:
             k = key
             _, k_heads, k_stride_t, k_stride_h = qk_layout("key", key, head_size, num_tokens)
-        cache_stride = cos_sin_cache.stride(0)
-        ints = (q_stride_t, q_stride_h, k_stride_t, k_stride_h, cache_stride)
+        return k, (q_stride_t, q_stride_h, k_stride_t, k_stride_h), k_heads
+
+    def __call__(self, positions, query, key, cos_sin_cache) -> None:
+        num_tokens = positions.numel()
+        if num_tokens == 0:
+            return
+        k, strides, k_heads = self._arguments(positions, query, key, num_tokens)
+        ints = (*strides, cos_sin_cache.stride(0))
         # Launch hooks (profilers such as Proton) need Triton's own path and its metadata.
         fast = self.fast and not _launch_hooks_active()
         if fast:
@@ -157,6 +161,20 @@ class TritonLauncher:
         )  # fmt: skip
         if fast and compiled is not None:
             self.compiled[specialization] = compiled, grid[1]
+
+    def compile_for(self, positions, query, key, cos_sin_cache) -> None:
+        """Compile the kernel a call on these tensors runs, without running it (Triton's
+        ``warmup``). Inside ``triton.AsyncCompileMode`` the compile goes to that mode's
+        executor, and the first call on tensors like these finds it done. Nothing to do under
+        the interpreter."""
+        if _interpreting():
+            return
+        num_tokens = max(positions.numel(), 1)
+        k, strides, k_heads = self._arguments(positions, query, key, num_tokens)
+        self.kernel.warmup(
+            positions, query, k, cos_sin_cache, num_tokens, *strides, cos_sin_cache.stride(0),
+            NUM_K_HEADS=k_heads, **self.constexprs, **self.options, grid=(1,),
+        )  # fmt: skip
 
 
 def launch_rope(

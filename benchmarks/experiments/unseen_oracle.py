@@ -1,0 +1,111 @@
+"""How far the unseen shapes' picks are from the best config that could have been picked.
+
+For each case of ``benchmarks/unseen_shapes.py``: ``select_rope``'s choice with the shipped table
+and model, the model's ``--top`` Triton configs at the case's exact token count, and both
+vendors, each gated against the float64 reference and timed by CUDA-graph replay. The best of
+them all (the "oracle") bounds what a better model could reach with today's kernel.
+
+    python benchmarks/experiments/unseen_oracle.py --device cuda:0 --top 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import statistics
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from autotune.compile_ahead import compile_ahead
+from autotune.measure import check_correct, time_rope
+from kernels import get_provider, select_rope
+from kernels.perf_model import PerfModel, model_file_name
+from kernels.table import shipped_config_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from unseen_shapes import _available, cases
+
+
+def _geomean(values):
+    return math.exp(statistics.fmean(math.log(v) for v in values))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    device, table_dir = args.device, shipped_config_dir()
+    model = PerfModel.load(Path(table_dir) / model_file_name("NVIDIA H200"))
+    triton = get_provider("triton")
+    plan = []
+    for case in cases():
+        s = case.spec
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rope = select_rope(
+                s.head_size, s.rotary_dim, s.num_heads, s.num_kv_heads, s.is_neox, s.dtype,
+                device, table_dir=table_dir,
+            )  # fmt: skip
+        ranked = model.rank_triton_configs(s, case.tokens, args.top)
+        fns = [("select_rope", None, rope)]
+        fns += [(f"triton#{i}", c, triton.callable_for(s, c)) for i, c in enumerate(ranked)]
+        for name in ("flashinfer", "vllm"):
+            if _available(name, device, s, case.with_key):
+                fns.append((name, None, get_provider(name).callable_for(s, None)))
+        plan.append((case, rope, fns))
+    jobs = [(fn, case.spec, False) for case, _, fns in plan for _, _, fn in fns[1:]]
+    print(f"compiles started ahead: {compile_ahead(jobs, device, 101)}", flush=True)
+
+    rows = []
+    for case, rope, fns in plan:
+        times = {}
+        for name, _, fn in fns:
+            check_correct(fn, case.spec, case.tokens, device, keyless=not case.with_key, seed=1)
+            times[name] = time_rope(
+                fn, case.spec, case.tokens, device, with_key=case.with_key, repeats=args.repeats
+            ).median_us
+        tritons = {n: t for n, t in times.items() if n.startswith("triton#")}
+        vendor = min((times[n] for n in ("flashinfer", "vllm") if n in times), default=None)
+        best_triton = min(tritons, key=tritons.get)
+        choice = rope.explain(case.tokens, has_key=case.with_key)
+        rows.append({
+            "model": case.model, "spec": case.spec.key, "key": case.with_key,
+            "tokens": case.tokens, "choice": f"{choice.provider} {dict(choice.config)}",
+            "select_rope_us": times["select_rope"], "model_top1_us": times["triton#0"],
+            "best_triton": best_triton, "best_triton_us": tritons[best_triton],
+            "best_triton_config": fns[1 + int(best_triton[7:])][1],
+            "flashinfer_us": times.get("flashinfer"), "vllm_us": times.get("vllm"),
+            "oracle_us": min(times.values()),
+            "select_rope_x": vendor / times["select_rope"] if vendor else None,
+            "oracle_x": vendor / min(times.values()) if vendor else None,
+        })  # fmt: skip
+        r = rows[-1]
+        print(
+            f"{r['model'][:28]:28} {r['tokens']:>6} sel {r['select_rope_us']:8.2f} "
+            f"top1 {r['model_top1_us']:8.2f} best {r['best_triton']:>9} {r['best_triton_us']:8.2f} "
+            f"fi {r['flashinfer_us'] or 0:8.2f} vllm {r['vllm_us'] or 0:8.2f} "
+            f"sel_x {r['select_rope_x'] or 0:.3f} oracle_x {r['oracle_x'] or 0:.3f}",
+            flush=True,
+        )
+    for col in ("select_rope_x", "oracle_x"):
+        xs = [r[col] for r in rows if r[col]]
+        print(f"{col}: geomean {_geomean(xs):.3f}, worst {min(xs):.3f}, below 0.97: "
+              f"{sum(x < 0.97 for x in xs)} of {len(xs)}")  # fmt: skip
+    out = os.environ.get("OUT")
+    if out:
+        with open(Path(out, "unseen_oracle_h200.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
