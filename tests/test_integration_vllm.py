@@ -304,6 +304,27 @@ def test_one_selector_per_spec_shared_by_layers():
     assert selector.explain(3).provider == "torch"
 
 
+@pytest.mark.parametrize("layout", ["packed", "heads"])
+def test_a_layer_called_with_two_specs_runs_each_ones_selector(layout):
+    """vLLM shares one layer between attention layers with the same rotary parameters; calls
+    with other heads, a dtype or no key must not run the last call's selector."""
+    rope = make_rope(COVERED["RotaryEmbedding"], dtype=torch.float32)
+    calls = [(4, 2, torch.float32, True), (8, 1, torch.float32, True), (4, 2, torch.bfloat16, True),
+             (4, 2, torch.float32, False), (4, 2, torch.float32, True)]  # fmt: skip
+    for num_heads, num_kv_heads, dtype, with_key in calls:
+        positions, query, key = make_inputs(5, num_heads, num_kv_heads, 64, dtype, "cpu", layout)
+        check_against_native(rope, positions, query, key if with_key else None)
+    assert rope._specs_vary and rope._selector is None
+
+
+def test_a_layer_with_one_spec_keeps_its_selector():
+    rope = make_rope(COVERED["RotaryEmbedding"], dtype=torch.float32)
+    for seed in range(3):
+        positions, query, key = make_inputs(7, 4, 2, 64, torch.float32, "cpu", "fused", seed=seed)
+        check_against_native(rope, positions, query, key)
+    assert rope._selector is plugin.selector_for(rope, 4, 2) and not rope._specs_vary
+
+
 def test_compiled_layer_keeps_one_graph_with_our_op():
     """Under torch.compile (fullgraph, as vLLM compiles) the override is one opaque op: no graph
     break, and the compiled outputs equal the eager ones."""

@@ -126,7 +126,8 @@ def _rotary_embedding(
     head_size: int,
     cos_sin_cache: torch.Tensor,
     is_neox: bool,
-) -> None:
+) -> RopeCall:
+    """Rotate in place with the rope callable for the call's signature; returns that callable."""
     token_dims = positions.dim()
     num_heads = _num_heads(query, token_dims, head_size)
     num_kv_heads = num_heads if key is None else _num_heads(key, token_dims, head_size)
@@ -143,6 +144,7 @@ def _rotary_embedding(
     if fn is None:
         fn = _build(sig)
     fn(positions, query, key, cos_sin_cache)
+    return fn
 
 
 @torch.library.custom_op("rope_autotune::vllm_rotary_embedding", mutates_args=("query", "key"))
@@ -156,6 +158,7 @@ def _rotary_embedding_op(
 ) -> None:
     """In-place RoPE with vLLM's rotary op's signature, through the selector for the call."""
     _rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
+    return None
 
 
 @_rotary_embedding_op.register_fake
@@ -173,7 +176,17 @@ FUSION_PASSES: tuple[str, ...] = (
 
 
 class _SelectedRope:
-    """Mixed in front of a covered vLLM class: its CUDA path goes through ``select_rope``."""
+    """Mixed in front of a covered vLLM class: its CUDA path goes through ``select_rope``.
+
+    While a layer's eager calls all have one spec, it calls that spec's selector directly: the
+    selector checks every call against its spec (heads, dtype, device, rotary dim) and raises
+    before writing anything when the call does not fit. From the first call that does not (vLLM
+    shares a layer between attention layers with the same rotary parameters, whatever their
+    heads), each call's spec is looked up.
+    """
+
+    _selector: RopeSelector | None = None
+    _specs_vary = False
 
     def dispatch_forward(self, *args, **kwargs):
         forward = super().dispatch_forward(*args, **kwargs)
@@ -204,10 +217,19 @@ class _SelectedRope:
             torch.ops.rope_autotune.vllm_rotary_embedding(
                 positions, query, key, self.head_size, cos_sin_cache, self.is_neox_style
             )
-        else:
-            _rotary_embedding(
-                positions, query, key, self.head_size, cos_sin_cache, self.is_neox_style
-            )
+            return query, key
+        selector = self._selector
+        if selector is not None:
+            try:
+                selector(positions, query, key, cos_sin_cache)
+                return query, key
+            except (TypeError, ValueError):  # another spec (a bad call raises again below)
+                self._selector, self._specs_vary = None, True
+        fn = _rotary_embedding(
+            positions, query, key, self.head_size, cos_sin_cache, self.is_neox_style
+        )
+        if not self._specs_vary and isinstance(fn, RopeSelector):
+            self._selector = fn
         return query, key
 
 
