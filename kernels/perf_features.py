@@ -1,6 +1,6 @@
 """The performance model's features (:mod:`kernels.perf_model`): what carries across shapes.
 
-Every provider's features describe the call (bytes moved, tokens, heads, rotated bytes per row,
+Every provider's features describe the call (memory traffic, tokens, heads, rotated bytes per row,
 style, dtype); Triton's add what its config does with them on the device (programs, waves over
 the SMs' resident slots, serial head-block steps, bytes per step, elements per thread, lane use,
 cos/sin reuse, warps, stages). A changed definition bumps :data:`FEATURES_VERSION`, so that a
@@ -28,7 +28,7 @@ __all__ = [
     "triton_space",
 ]
 
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2
 TRITON = "triton"
 
 # -- imports from modules that may move (the Triton provider's parameter space and checks) ----
@@ -45,9 +45,13 @@ def triton_space() -> tuple[Mapping[str, Sequence[Any]], Any, Any]:
 
 _MAX_WARPS_PER_SM = 64
 _MAX_PROGRAMS_PER_SM = 32
+# HBM serves a head row's rotated slice in whole 64-byte accesses: on the H200 a 32-byte slice
+# (rotary 16 in fp16) takes as long per row as a 64-byte one (benchmarks/NOTES.md, unseen
+# shapes), so traffic, not the bytes a call needs, is what carries to small rotary dims.
+_DRAM_ACCESS_BYTES = 64
 
 _SPEC_FEATURES = (
-    "log_bytes",
+    "log_traffic",  # bytes HBM moves: rotated slices in whole accesses, cos/sin, positions
     "log_tokens",
     "log_heads",
     "log_q_per_kv",
@@ -67,13 +71,13 @@ _TRITON_FEATURES = (
     "log_cos_sin_reuse",  # heads rotated per cos/sin row loaded
     "log_block_t",
     "step_latency",  # serial head-block steps per wave: round trips that do not overlap
-    "bytes_x_steps",
+    "traffic_x_steps",
     "warps_1",
     "warps_2",
     "warps_8",
     "stages_2",
     "stages_3",
-    "waves_x_bytes",
+    "waves_x_traffic",
 )
 
 
@@ -90,11 +94,17 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _traffic(spec: RopeSpec, tokens: int) -> int:
+    """Bytes HBM moves for a call: each rotated slice read and written in whole accesses, one
+    float32 cos/sin row and one int64 position per token."""
+    row = _cdiv(spec.rotary_dim * spec.dtype.itemsize, _DRAM_ACCESS_BYTES) * _DRAM_ACCESS_BYTES
+    return tokens * (2 * (spec.num_heads + spec.num_kv_heads) * row + 4 * spec.rotary_dim + 8)
+
+
 def _spec_features(spec: RopeSpec, tokens: int) -> list[float]:
     elem = spec.dtype.itemsize
-    log_bytes = math.log(spec.bytes_moved(tokens))
     return [
-        log_bytes,
+        math.log(_traffic(spec, tokens)),
         math.log(tokens),
         math.log(spec.num_heads + spec.num_kv_heads),
         math.log(spec.num_heads / spec.num_kv_heads),
@@ -136,7 +146,7 @@ def features(
     steps = _cdiv(blocks, split)
     tile = bt * bh * row
     lane_use = (spec.num_heads + spec.num_kv_heads) * spec.rotary_dim / (blocks * bh * row)
-    log_bytes = base[0]
+    log_traffic = base[0]
     log_step_bytes = math.log(2 * tile * spec.dtype.itemsize)
     return [
         *base,
@@ -149,13 +159,13 @@ def features(
         math.log(blocks * bh / grid_h),
         math.log(bt),
         steps / waves,
-        log_bytes * math.log(steps),
+        log_traffic * math.log(steps),
         float(warps == 1),
         float(warps == 2),
         float(warps == 8),
         float(stages == 2),
         float(stages == 3),
-        math.log(waves) * log_bytes,
+        math.log(waves) * log_traffic,
     ]
 
 

@@ -12,11 +12,11 @@ File (``NVIDIA H200`` -> ``NVIDIA_H200.model.json``, beside the table)::
 
     {
       "schema_version": 1,
-      "features_version": 1,
+      "features_version": 2,
       "metadata": {"device_name": "NVIDIA H200", "sm_count": 132, ...},   # as in tables
       "providers": {
         "triton": {
-          "features": ["log_bytes", "log_tokens", ...],   # feature_names("triton"), in order
+          "features": ["log_traffic", "log_tokens", ...],   # feature_names("triton"), in order
           "base": 1.9, "learning_rate": 0.1,
           "trees": [{"feature": [3, -1, ...], "threshold": [...], "left": [1, -1, ...],
                      "right": [2, -1, ...], "value": [...]}, ...]
