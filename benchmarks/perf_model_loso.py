@@ -63,7 +63,6 @@ TOP_K_DTYPE = "bfloat16"  # the GPU list of unmeasured top-k configs: one dtype 
 def _today_helpers():
     """The selector's nearest-spec rule and Triton's default (private modules: may move)."""
     from kernels._lookup import nearest_spec_key
-
     from kernels.providers import default_triton_config
     from kernels.providers._triton import config_problems
 
