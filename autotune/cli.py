@@ -32,7 +32,7 @@ from .objective import SEARCH_REPEATS
 from .report import format_summary
 from .storage import default_storage_path, open_storage
 from .tuning import tune
-from .verify import main as verify
+from .verify_cli import main as verify
 
 __all__ = ["build_export_parser", "build_parser", "main", "specs_from_args"]
 
