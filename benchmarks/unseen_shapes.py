@@ -85,6 +85,18 @@ def smoke_cases() -> list[Case]:
     return [Case("tiny GPT-J partial", tiny, 5), Case("tiny, no key", tiny, 3, with_key=False)]
 
 
+def geomean(values) -> float:
+    return math.exp(statistics.fmean(math.log(v) for v in values))
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """``rows`` (dicts with the same keys) as a CSV with a header."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def _available(name: str, device: str, spec: RopeSpec, with_key: bool) -> bool:
     provider = get_provider(name)
     return (
@@ -180,7 +192,7 @@ def main() -> int:
         )
     speedups = [r["speedup"] for r in rows if isinstance(r["speedup"], float)]
     if speedups:
-        geo = math.exp(statistics.fmean(math.log(v) for v in speedups))
+        geo = geomean(speedups)
         lines.append(
             f"\nselect_rope over the faster of FlashInfer and vLLM: geomean {geo:.3f}x, worst "
             f"{min(speedups):.3f}x, {sum(v < 0.97 for v in speedups)} of {len(speedups)} below "
@@ -197,7 +209,7 @@ def main() -> int:
         if isinstance(f, float) or isinstance(vl, float)
     ]
     if model_speedups:
-        geo = math.exp(statistics.fmean(math.log(v) for v in model_speedups))
+        geo = geomean(model_speedups)
         lines.append(
             f"the model's pick over the faster of the two: geomean {geo:.3f}x, worst "
             f"{min(model_speedups):.3f}x"
@@ -208,10 +220,7 @@ def main() -> int:
     if out:
         tag = "cpu_smoke" if args.cpu_smoke else "h200"
         Path(out, f"unseen_shapes_{tag}.txt").write_text(text + "\n")
-        with open(Path(out, f"unseen_shapes_{tag}.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(Path(out, f"unseen_shapes_{tag}.csv"), rows)
     return 0
 
 

@@ -11,10 +11,7 @@ them all (the "oracle") bounds what a better model could reach with today's kern
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 import os
-import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -28,11 +25,7 @@ from kernels.perf_model import PerfModel, model_file_name
 from kernels.table import shipped_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from unseen_shapes import _available, cases
-
-
-def _geomean(values):
-    return math.exp(statistics.fmean(math.log(v) for v in values))
+from unseen_shapes import _available, cases, geomean, write_csv
 
 
 def main() -> int:
@@ -96,14 +89,11 @@ def main() -> int:
         )
     for col in ("select_rope_x", "oracle_x"):
         xs = [r[col] for r in rows if r[col]]
-        print(f"{col}: geomean {_geomean(xs):.3f}, worst {min(xs):.3f}, below 0.97: "
+        print(f"{col}: geomean {geomean(xs):.3f}, worst {min(xs):.3f}, below 0.97: "
               f"{sum(x < 0.97 for x in xs)} of {len(xs)}")  # fmt: skip
     out = os.environ.get("OUT")
     if out:
-        with open(Path(out, "unseen_oracle_h200.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(Path(out, "unseen_oracle_h200.csv"), rows)
     return 0
 
 
