@@ -10,7 +10,7 @@ positions two items ahead and the cos/sin rows one item ahead in registers, and,
 ``PREFETCH_X``, the next item's q or k rows too, so that each program has loads in flight
 while it computes and stores.
 
-NeoX style only (34 of the 38 unseen cases). Every config is checked against the float64
+NeoX style only (35 of the 38 unseen cases). Every config is checked against the float64
 reference before it is timed; each case prints today's selection, the best streaming config,
 and the faster of FlashInfer and vLLM.
 
