@@ -108,34 +108,22 @@ def summary(name: str, ratios: list[float]) -> str:
 def measure(listing: str, device: str, out: str, repeats: int, index: int, count: int) -> int:
     """Time each (spec, tokens, provider, config) of ``listing`` on ``device``; ``out`` is
     rewritten after each one, so a run stopped by a time limit keeps what it measured."""
-    from autotune.compile_ahead import compile_ahead
     from autotune.measure import check_correct, time_rope
     from kernels import get_provider
 
     rows = []
     with open(listing, newline="") as f:
         todo = list(csv.DictReader(f))[index::count]
-    built = []  # (spec, tokens, provider, config, callable or the error building it)
-    for item in todo:
+    for i, item in enumerate(todo, 1):
         spec = RopeSpec.from_key(item["spec"])
+        tokens, name = int(item["tokens"]), item["provider"]
         config = json.loads(item["config"]) if item["config"] else None
         try:
-            fn = get_provider(item["provider"]).callable_for(spec, config)
-        except Exception as exc:  # reported with its row below
-            fn = exc
-        built.append((spec, int(item["tokens"]), item["provider"], config, fn))
-    # One compile at a time would dominate: compile every kernel on threads first.
-    compile_ahead(
-        [(fn, spec, False) for spec, *_, fn in built if not isinstance(fn, Exception)], device, 16
-    )
-    for i, (spec, tokens, name, config, fn) in enumerate(built, 1):
-        try:
-            if isinstance(fn, Exception):
-                raise fn
+            fn = get_provider(name).callable_for(spec, config)
             check_correct(fn, spec, tokens, device, seed=i)
             timing = time_rope(fn, spec, tokens, device, repeats=repeats)
         except Exception as exc:  # a wrong or failing config is reported, never scored
-            print(f"{spec.key} {tokens} {name} {config}: {type(exc).__name__}: {exc}")
+            print(f"{item['spec']} {tokens} {name} {config}: {type(exc).__name__}: {exc}")
             continue
         rows.append(Measurement(spec.key, tokens, name, config, timing.median_us))
         write_rows(out, rows)
