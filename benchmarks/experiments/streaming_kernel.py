@@ -55,13 +55,13 @@ def _cos_sin(cache_ptr, pos, t_mask, cache_stride, ROT_HALF: tl.constexpr, HALF_
 
 
 @triton.jit
-def _rows(
+def _load_rows(
     item, num_tokens, q_ptr, k_ptr, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, Q_BLOCKS: tl.constexpr,
     HEAD_BLOCKS: tl.constexpr, ROT_HALF: tl.constexpr, HALF_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    """Pointers to the first halves of ``item``'s rows, and their mask."""
+    """Pointers to the first halves of ``item``'s rows, their mask, and both halves loaded."""
     t, t_mask = _tokens(item, num_tokens, HEAD_BLOCKS, BLOCK_T)
     hb = item % HEAD_BLOCKS
     is_q = hb < Q_BLOCKS
@@ -73,7 +73,7 @@ def _rows(
     d = tl.arange(0, HALF_PAD)
     p = base + t[:, None, None] * stride_t + h[None, :, None] * stride_h + d[None, None, :]
     mask = t_mask[:, None, None] & (h < heads)[None, :, None] & (d < ROT_HALF)[None, None, :]
-    return p, mask
+    return p, mask, tl.load(p, mask=mask), tl.load(p + ROT_HALF, mask=mask)
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -100,12 +100,10 @@ def streaming_rope_kernel(
     cos, sin = _cos_sin(cache_ptr, pos, t_mask, cache_stride, ROT_HALF, HALF_PAD)
     t, t_mask = _tokens(first + step, num_tokens, HEAD_BLOCKS, BLOCK_T)
     pos_next = tl.load(pos_ptr + t, mask=t_mask, other=0).to(tl.int64)
-    p, mask = _rows(
+    p, mask, x1, x2 = _load_rows(
         first, num_tokens, q_ptr, k_ptr, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
         NUM_Q_HEADS, NUM_K_HEADS, Q_BLOCKS, HEAD_BLOCKS, ROT_HALF, HALF_PAD, BLOCK_T, BLOCK_H,
     )  # fmt: skip
-    x1 = tl.load(p, mask=mask)
-    x2 = tl.load(p + ROT_HALF, mask=mask)
     for item in range(first, items, step):
         nxt = item + step
         t, t_mask = _tokens(nxt, num_tokens, HEAD_BLOCKS, BLOCK_T)
@@ -113,15 +111,11 @@ def streaming_rope_kernel(
         t2, t2_mask = _tokens(nxt + step, num_tokens, HEAD_BLOCKS, BLOCK_T)
         pos_after = tl.load(pos_ptr + t2, mask=t2_mask, other=0)
         if PREFETCH_X:
-            p_next, mask_next = _rows(
+            p_next, mask_next, x1_next, x2_next = _load_rows(
                 nxt, num_tokens, q_ptr, k_ptr, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
                 NUM_Q_HEADS, NUM_K_HEADS, Q_BLOCKS, HEAD_BLOCKS, ROT_HALF, HALF_PAD, BLOCK_T,
                 BLOCK_H,
             )  # fmt: skip
-            x1_next = tl.load(p_next, mask=mask_next)
-            x2_next = tl.load(p_next + ROT_HALF, mask=mask_next)
-        else:
-            p_next, mask_next, x1_next, x2_next = p, mask, x1, x2
         c = cos.to(tl.float32)[:, None, :]
         s = sin.to(tl.float32)[:, None, :]
         a = x1.to(tl.float32)
@@ -129,13 +123,11 @@ def streaming_rope_kernel(
         tl.store(p, (a * c - b * s).to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(p + ROT_HALF, (b * c + a * s).to(q_ptr.dtype.element_ty), mask=mask)
         if not PREFETCH_X:
-            p_next, mask_next = _rows(
+            p_next, mask_next, x1_next, x2_next = _load_rows(
                 nxt, num_tokens, q_ptr, k_ptr, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
                 NUM_Q_HEADS, NUM_K_HEADS, Q_BLOCKS, HEAD_BLOCKS, ROT_HALF, HALF_PAD, BLOCK_T,
                 BLOCK_H,
             )  # fmt: skip
-            x1_next = tl.load(p_next, mask=mask_next)
-            x2_next = tl.load(p_next + ROT_HALF, mask=mask_next)
         p, mask, x1, x2 = p_next, mask_next, x1_next, x2_next
         cos, sin, pos_next = cos_next, sin_next, pos_after.to(tl.int64)
 
