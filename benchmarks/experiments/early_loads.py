@@ -5,10 +5,11 @@ Today's kernel (``kernels/providers/_triton_kernel.py``) loads a token block's p
 for them, loads the cos/sin rows they index, and only then issues its q/k row loads: the rows'
 memory round trip starts after the positions' round trip. ``early_rope_kernel`` issues the rows
 of each program's first head block before the positions, so the two round trips overlap; it is
-otherwise the same kernel (same configs, same arithmetic). Two floors with the same grid and
-tiling, not RoPE (never checked, only timed): ``rows_copy_kernel`` loads and stores the same rows
-with no positions and no cos/sin (the memory pattern alone), ``empty_kernel`` does nothing (the
-launch alone).
+otherwise the same kernel (same configs, same arithmetic). Three floors with the same grid and
+tiling, not RoPE (never checked, only timed): ``unchained_kernel`` indexes the cos/sin rows by
+token instead of by position (the loads and arithmetic without the dependent round trip),
+``rows_copy_kernel`` loads and stores the same rows with no positions and no cos/sin (the memory
+pattern alone), ``empty_kernel`` does nothing (the launch alone).
 
 For each unseen case (``unseen_shapes.py``) where the selector runs Triton, its config is timed
 in all four kernels, side by side in one run, after the float64 gate for the two RoPE kernels.
@@ -178,6 +179,42 @@ def rows_copy_kernel(
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
+def unchained_kernel(
+    pos_ptr, q_ptr, k_ptr, cache_ptr, num_tokens,
+    q_stride_t, q_stride_h, k_stride_t, k_stride_h, cache_stride,
+    NUM_Q_HEADS: tl.constexpr, ROT_HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+    IS_NEOX: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    HEAD_SPLIT: tl.constexpr, NUM_K_HEADS: tl.constexpr,
+):  # fmt: skip
+    """Today's kernel with the cos/sin rows indexed by the token, not by its position: the same
+    loads and arithmetic without the dependent round trip (a floor, not RoPE)."""
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    t32 = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = t32 < num_tokens
+    t = t32.to(tl.int64)
+    d = tl.arange(0, HALF_PAD)
+    cs_mask = t_mask[:, None]
+    if HALF_PAD != ROT_HALF:
+        cs_mask = cs_mask & (d < ROT_HALF)[None, :]
+    cs_row = cache_ptr + (t & 4095)[:, None] * cache_stride + d[None, :]  # the cache has 8192
+    cos = tl.load(cs_row, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+    sin = tl.load(cs_row + ROT_HALF, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+    q_blocks = tl.cdiv(NUM_Q_HEADS, BLOCK_H)
+    for hb in range(pid_h, q_blocks, HEAD_SPLIT):
+        _rotate(
+            q_ptr, t, t_mask, hb * BLOCK_H, q_stride_t, q_stride_h, cos, sin, NUM_Q_HEADS,
+            ROT_HALF, HALF_PAD, IS_NEOX, BLOCK_H,
+        )  # fmt: skip
+    k_first = (pid_h + HEAD_SPLIT - q_blocks % HEAD_SPLIT) % HEAD_SPLIT
+    for hb in range(k_first, tl.cdiv(NUM_K_HEADS, BLOCK_H), HEAD_SPLIT):
+        _rotate(
+            k_ptr, t, t_mask, hb * BLOCK_H, k_stride_t, k_stride_h, cos, sin, NUM_K_HEADS,
+            ROT_HALF, HALF_PAD, IS_NEOX, BLOCK_H,
+        )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
 def empty_kernel(
     pos_ptr, q_ptr, k_ptr, cache_ptr, num_tokens,
     q_stride_t, q_stride_h, k_stride_t, k_stride_h, cache_stride,
@@ -189,7 +226,12 @@ def empty_kernel(
     pass
 
 
-KERNELS = {"early": early_rope_kernel, "rows_copy": rows_copy_kernel, "empty": empty_kernel}
+KERNELS = {
+    "early": early_rope_kernel,
+    "unchained": unchained_kernel,
+    "rows_copy": rows_copy_kernel,
+    "empty": empty_kernel,
+}
 GATED = ("early",)
 
 
@@ -241,7 +283,8 @@ def main() -> int:
         ratios.append(row["today_us"] / row["early_us"])
         print(
             f"{case.model[:24]:24} {case.tokens:6d} today {row['today_us']:7.2f} early "
-            f"{row['early_us']:7.2f} ({ratios[-1]:.3f}x) rows copy {row['rows_copy_us']:7.2f} "
+            f"{row['early_us']:7.2f} ({ratios[-1]:.3f}x) unchained {row['unchained_us']:7.2f} "
+            f"rows copy {row['rows_copy_us']:7.2f} "
             f"empty {row['empty_us']:6.2f}  {row['config']}",
             flush=True,
         )
