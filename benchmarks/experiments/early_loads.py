@@ -21,7 +21,6 @@ in all four kernels, side by side in one run, after the float64 gate for the two
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import warnings
 from pathlib import Path
@@ -33,7 +32,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from unseen_shapes import Case, cases, geomean, smoke_cases
+from unseen_shapes import Case, cases, geomean, smoke_cases, write_csv
 
 from autotune.measure import check_correct, time_rope
 from kernels import select_rope
@@ -95,6 +94,34 @@ def _rotate(
     _store(p, mask, x1 * cos - x2 * sin, x2 * cos + x1 * sin, ROT_HALF, IS_NEOX)
 
 
+@triton.jit
+def _rotate_blocks(
+    q_ptr, k_ptr, t, t_mask, pid_h, q_stride_t, q_stride_h, k_stride_t, k_stride_h, cos, sin,
+    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, ROT_HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_H: tl.constexpr,
+    HEAD_SPLIT: tl.constexpr, SKIP_FIRST: tl.constexpr,
+):  # fmt: skip
+    """Program ``pid_h``'s head blocks as today's kernel walks them: every ``HEAD_SPLIT``-th of
+    q's blocks then k's, from ``pid_h``; without its first block when ``SKIP_FIRST``."""
+    q_blocks = tl.cdiv(NUM_Q_HEADS, BLOCK_H)
+    q_first = pid_h
+    if SKIP_FIRST:
+        q_first += HEAD_SPLIT
+    for hb in range(q_first, q_blocks, HEAD_SPLIT):
+        _rotate(
+            q_ptr, t, t_mask, hb * BLOCK_H, q_stride_t, q_stride_h, cos, sin, NUM_Q_HEADS,
+            ROT_HALF, HALF_PAD, IS_NEOX, BLOCK_H,
+        )  # fmt: skip
+    k_first = (pid_h + HEAD_SPLIT - q_blocks % HEAD_SPLIT) % HEAD_SPLIT
+    if SKIP_FIRST:
+        k_first += tl.where(pid_h < q_blocks, 0, HEAD_SPLIT)
+    for hb in range(k_first, tl.cdiv(NUM_K_HEADS, BLOCK_H), HEAD_SPLIT):
+        _rotate(
+            k_ptr, t, t_mask, hb * BLOCK_H, k_stride_t, k_stride_h, cos, sin, NUM_K_HEADS,
+            ROT_HALF, HALF_PAD, IS_NEOX, BLOCK_H,
+        )  # fmt: skip
+
+
 @triton.jit(do_not_specialize=["num_tokens"])
 def early_rope_kernel(
     pos_ptr, q_ptr, k_ptr, cache_ptr, num_tokens,
@@ -134,19 +161,10 @@ def early_rope_kernel(
     sin = tl.load(cs_row + ROT_HALF, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
     _store(p, mask, x1 * cos - x2 * sin, x2 * cos + x1 * sin, ROT_HALF, IS_NEOX)
 
-    # The program's other blocks, as today's kernel walks them.
-    for hb in range(pid_h + HEAD_SPLIT, q_blocks, HEAD_SPLIT):
-        _rotate(
-            q_ptr, t, t_mask, hb * BLOCK_H, q_stride_t, q_stride_h, cos, sin, NUM_Q_HEADS,
-            ROT_HALF, HALF_PAD, IS_NEOX, BLOCK_H,
-        )  # fmt: skip
-    k_first = (pid_h + HEAD_SPLIT - q_blocks % HEAD_SPLIT) % HEAD_SPLIT
-    k_first += tl.where(first_is_q, 0, HEAD_SPLIT)
-    for hb in range(k_first, tl.cdiv(NUM_K_HEADS, BLOCK_H), HEAD_SPLIT):
-        _rotate(
-            k_ptr, t, t_mask, hb * BLOCK_H, k_stride_t, k_stride_h, cos, sin, NUM_K_HEADS,
-            ROT_HALF, HALF_PAD, IS_NEOX, BLOCK_H,
-        )  # fmt: skip
+    _rotate_blocks(
+        q_ptr, k_ptr, t, t_mask, pid_h, q_stride_t, q_stride_h, k_stride_t, k_stride_h, cos, sin,
+        NUM_Q_HEADS, NUM_K_HEADS, ROT_HALF, HALF_PAD, IS_NEOX, BLOCK_H, HEAD_SPLIT, True,
+    )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -164,18 +182,10 @@ def rows_copy_kernel(
     t32 = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = t32 < num_tokens
     t = t32.to(tl.int64)
-    q_blocks = tl.cdiv(NUM_Q_HEADS, BLOCK_H)
-    for hb in range(pid_h, q_blocks, HEAD_SPLIT):
-        _rotate(
-            q_ptr, t, t_mask, hb * BLOCK_H, q_stride_t, q_stride_h, 1.0, 0.0, NUM_Q_HEADS,
-            ROT_HALF, HALF_PAD, IS_NEOX, BLOCK_H,
-        )  # fmt: skip
-    k_first = (pid_h + HEAD_SPLIT - q_blocks % HEAD_SPLIT) % HEAD_SPLIT
-    for hb in range(k_first, tl.cdiv(NUM_K_HEADS, BLOCK_H), HEAD_SPLIT):
-        _rotate(
-            k_ptr, t, t_mask, hb * BLOCK_H, k_stride_t, k_stride_h, 1.0, 0.0, NUM_K_HEADS,
-            ROT_HALF, HALF_PAD, IS_NEOX, BLOCK_H,
-        )  # fmt: skip
+    _rotate_blocks(
+        q_ptr, k_ptr, t, t_mask, pid_h, q_stride_t, q_stride_h, k_stride_t, k_stride_h, 1.0, 0.0,
+        NUM_Q_HEADS, NUM_K_HEADS, ROT_HALF, HALF_PAD, IS_NEOX, BLOCK_H, HEAD_SPLIT, False,
+    )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -200,18 +210,10 @@ def unchained_kernel(
     cs_row = cache_ptr + (t & 4095)[:, None] * cache_stride + d[None, :]  # the cache has 8192
     cos = tl.load(cs_row, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
     sin = tl.load(cs_row + ROT_HALF, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
-    q_blocks = tl.cdiv(NUM_Q_HEADS, BLOCK_H)
-    for hb in range(pid_h, q_blocks, HEAD_SPLIT):
-        _rotate(
-            q_ptr, t, t_mask, hb * BLOCK_H, q_stride_t, q_stride_h, cos, sin, NUM_Q_HEADS,
-            ROT_HALF, HALF_PAD, IS_NEOX, BLOCK_H,
-        )  # fmt: skip
-    k_first = (pid_h + HEAD_SPLIT - q_blocks % HEAD_SPLIT) % HEAD_SPLIT
-    for hb in range(k_first, tl.cdiv(NUM_K_HEADS, BLOCK_H), HEAD_SPLIT):
-        _rotate(
-            k_ptr, t, t_mask, hb * BLOCK_H, k_stride_t, k_stride_h, cos, sin, NUM_K_HEADS,
-            ROT_HALF, HALF_PAD, IS_NEOX, BLOCK_H,
-        )  # fmt: skip
+    _rotate_blocks(
+        q_ptr, k_ptr, t, t_mask, pid_h, q_stride_t, q_stride_h, k_stride_t, k_stride_h, cos, sin,
+        NUM_Q_HEADS, NUM_K_HEADS, ROT_HALF, HALF_PAD, IS_NEOX, BLOCK_H, HEAD_SPLIT, False,
+    )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -289,10 +291,7 @@ def main() -> int:
             flush=True,
         )
         if args.out:
-            with open(args.out, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
+            write_csv(args.out, rows)
     print(
         f"early over today's kernel, same configs: geomean {geomean(ratios):.3f}x "
         f"over {len(ratios)}"
