@@ -97,6 +97,17 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def selector_for(spec: RopeSpec, device: str, table_dir: str | None = None):
+    """``select_rope`` for ``spec`` as a user gets it, without the fallback warning these
+    unseen shapes expect."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return select_rope(
+            spec.head_size, spec.rotary_dim, spec.num_heads, spec.num_kv_heads, spec.is_neox,
+            spec.dtype, device, table_dir=table_dir,
+        )  # fmt: skip
+
+
 def _available(name: str, device: str, spec: RopeSpec, with_key: bool) -> bool:
     provider = get_provider(name)
     return (
@@ -135,12 +146,7 @@ def main() -> int:
     rows = []
     for case in todo:
         s = case.spec
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the fallback warning, expected for these shapes
-            rope = select_rope(
-                s.head_size, s.rotary_dim, s.num_heads, s.num_kv_heads, s.is_neox, s.dtype,
-                device, table_dir=args.table_dir,
-            )  # fmt: skip
+        rope = selector_for(s, device, args.table_dir)
         ours = _measure(rope, case, device, timing)
         choice = rope.explain(case.tokens, has_key=case.with_key)
         picked = "-"

@@ -12,7 +12,8 @@ token instead of by position (the loads and arithmetic without the dependent rou
 pattern alone), ``empty_kernel`` does nothing (the launch alone).
 
 For each unseen case (``unseen_shapes.py``) where the selector runs Triton, its config is timed
-in all four kernels, side by side in one run, after the float64 gate for the two RoPE kernels.
+in today's kernel and these four, side by side in one run, after the float64 gate for the two
+RoPE kernels.
 
     python benchmarks/experiments/early_loads.py --device cuda:0 --out $OUT/early_loads.csv
     TRITON_INTERPRET=1 python benchmarks/experiments/early_loads.py --cpu-smoke
@@ -21,8 +22,8 @@ in all four kernels, side by side in one run, after the float64 gate for the two
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -32,11 +33,32 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from unseen_shapes import Case, cases, geomean, smoke_cases, write_csv
+from unseen_shapes import Case, cases, geomean, selector_for, smoke_cases, write_csv
 
 from autotune.measure import check_correct, time_rope
-from kernels import select_rope
 from kernels.providers._triton_launch import TritonLauncher
+
+
+@triton.jit
+def _tokens(num_tokens, BLOCK_T: tl.constexpr):
+    """This program's tokens: int32 indices, their mask, int64 indices."""
+    t32 = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    return t32, t32 < num_tokens, t32.to(tl.int64)
+
+
+@triton.jit
+def _cos_sin(
+    cache_ptr, rows, t_mask, cache_stride, ROT_HALF: tl.constexpr, HALF_PAD: tl.constexpr
+):  # fmt: skip
+    """The cos and sin halves of cache ``rows``, ``[BLOCK_T, 1, HALF_PAD]`` float32."""
+    d = tl.arange(0, HALF_PAD)
+    mask = t_mask[:, None]
+    if HALF_PAD != ROT_HALF:
+        mask = mask & (d < ROT_HALF)[None, :]
+    row = cache_ptr + rows[:, None] * cache_stride + d[None, :]
+    cos = tl.load(row, mask=mask, other=0.0).to(tl.float32)[:, None, :]
+    sin = tl.load(row + ROT_HALF, mask=mask, other=0.0).to(tl.float32)[:, None, :]
+    return cos, sin
 
 
 @triton.jit
@@ -130,11 +152,8 @@ def early_rope_kernel(
     IS_NEOX: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     HEAD_SPLIT: tl.constexpr, NUM_K_HEADS: tl.constexpr,
 ):  # fmt: skip
-    pid_t = tl.program_id(0)
+    t32, t_mask, t = _tokens(num_tokens, BLOCK_T)
     pid_h = tl.program_id(1)
-    t32 = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = t32 < num_tokens
-    t = t32.to(tl.int64)
     q_blocks = tl.cdiv(NUM_Q_HEADS, BLOCK_H)
 
     # The program's first head block (q's blocks first, then k's): its rows are requested
@@ -152,13 +171,7 @@ def early_rope_kernel(
     x1, x2 = _load(p, mask, ROT_HALF, HALF_PAD, IS_NEOX)
 
     pos = tl.load(pos_ptr + t32, mask=t_mask, other=0).to(tl.int64)
-    d = tl.arange(0, HALF_PAD)
-    cs_mask = t_mask[:, None]
-    if HALF_PAD != ROT_HALF:
-        cs_mask = cs_mask & (d < ROT_HALF)[None, :]
-    cs_row = cache_ptr + pos[:, None] * cache_stride + d[None, :]
-    cos = tl.load(cs_row, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
-    sin = tl.load(cs_row + ROT_HALF, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+    cos, sin = _cos_sin(cache_ptr, pos, t_mask, cache_stride, ROT_HALF, HALF_PAD)
     _store(p, mask, x1 * cos - x2 * sin, x2 * cos + x1 * sin, ROT_HALF, IS_NEOX)
 
     _rotate_blocks(
@@ -177,11 +190,8 @@ def rows_copy_kernel(
 ):  # fmt: skip
     """The same rows read and written back, head blocks walked as today: no positions, no
     cos/sin (a floor, not RoPE)."""
-    pid_t = tl.program_id(0)
+    _, t_mask, t = _tokens(num_tokens, BLOCK_T)
     pid_h = tl.program_id(1)
-    t32 = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = t32 < num_tokens
-    t = t32.to(tl.int64)
     _rotate_blocks(
         q_ptr, k_ptr, t, t_mask, pid_h, q_stride_t, q_stride_h, k_stride_t, k_stride_h, 1.0, 0.0,
         NUM_Q_HEADS, NUM_K_HEADS, ROT_HALF, HALF_PAD, IS_NEOX, BLOCK_H, HEAD_SPLIT, False,
@@ -198,18 +208,10 @@ def unchained_kernel(
 ):  # fmt: skip
     """Today's kernel with the cos/sin rows indexed by the token, not by its position: the same
     loads and arithmetic without the dependent round trip (a floor, not RoPE)."""
-    pid_t = tl.program_id(0)
+    _, t_mask, t = _tokens(num_tokens, BLOCK_T)
     pid_h = tl.program_id(1)
-    t32 = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = t32 < num_tokens
-    t = t32.to(tl.int64)
-    d = tl.arange(0, HALF_PAD)
-    cs_mask = t_mask[:, None]
-    if HALF_PAD != ROT_HALF:
-        cs_mask = cs_mask & (d < ROT_HALF)[None, :]
-    cs_row = cache_ptr + (t & 4095)[:, None] * cache_stride + d[None, :]  # the cache has 8192
-    cos = tl.load(cs_row, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
-    sin = tl.load(cs_row + ROT_HALF, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+    # The cache has 8192 rows.
+    cos, sin = _cos_sin(cache_ptr, t & 4095, t_mask, cache_stride, ROT_HALF, HALF_PAD)
     _rotate_blocks(
         q_ptr, k_ptr, t, t_mask, pid_h, q_stride_t, q_stride_h, k_stride_t, k_stride_h, cos, sin,
         NUM_Q_HEADS, NUM_K_HEADS, ROT_HALF, HALF_PAD, IS_NEOX, BLOCK_H, HEAD_SPLIT, False,
@@ -252,12 +254,7 @@ def main() -> int:
     rows, ratios = [], []
     for case in todo:
         spec = case.spec
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ours = select_rope(
-                spec.head_size, spec.rotary_dim, spec.num_heads, spec.num_kv_heads,
-                spec.is_neox, spec.dtype, device,
-            )  # fmt: skip
+        ours = selector_for(spec, device)
         choice = ours.explain(case.tokens, has_key=case.with_key)
         if args.cpu_smoke:  # the CPU selector runs torch: walk configs with 1-4 blocks each
             configs = [
@@ -268,7 +265,7 @@ def main() -> int:
                 fn = TritonLauncher(spec, config, kernel=early_rope_kernel)
                 check_correct(fn, spec, case.tokens, device, keyless=not case.with_key, seed=1)
             ours = TritonLauncher(spec, configs[0])
-            choice = type(choice)(**{**vars(choice), "provider": "triton", "config": configs[0]})
+            choice = dataclasses.replace(choice, provider="triton", config=configs[0])
         if choice.provider != "triton":
             print(f"{case.model[:24]:24} {case.tokens:6d} runs {choice.provider}: skipped")
             continue

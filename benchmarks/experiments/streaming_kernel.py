@@ -24,7 +24,6 @@ import argparse
 import csv
 import itertools
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -34,10 +33,10 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from unseen_shapes import cases, geomean
+from unseen_shapes import cases, geomean, selector_for
 
 from autotune.measure import check_correct, time_rope
-from kernels import RopeSpec, get_provider, select_rope
+from kernels import RopeSpec, get_provider
 
 
 @triton.jit
@@ -204,12 +203,7 @@ def main() -> int:
     rows, ratios = [], []
     for case in todo:
         spec = case.spec
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ours = select_rope(
-                spec.head_size, spec.rotary_dim, spec.num_heads, spec.num_kv_heads, True,
-                spec.dtype, device,
-            )  # fmt: skip
+        ours = selector_for(spec, device)
         kw = dict(with_key=case.with_key, **timing)
         today = time_rope(ours, spec, case.tokens, device, **kw).median_us
         vendors = {}

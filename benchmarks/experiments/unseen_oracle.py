@@ -19,19 +19,18 @@ import argparse
 import os
 import statistics
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from autotune.compile_ahead import compile_ahead
 from autotune.measure import check_correct, time_rope
-from kernels import get_provider, select_rope
+from kernels import get_provider
 from kernels.perf_model import PerfModel, model_file_name
 from kernels.table import shipped_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from unseen_shapes import _available, cases, geomean, write_csv
+from unseen_shapes import _available, cases, geomean, selector_for, write_csv
 
 
 def recheck(fns: dict, winner: str, case, device: str, args) -> dict:
@@ -65,12 +64,7 @@ def main() -> int:
     plan = []
     for case in cases():
         s = case.spec
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            rope = select_rope(
-                s.head_size, s.rotary_dim, s.num_heads, s.num_kv_heads, s.is_neox, s.dtype,
-                device, table_dir=table_dir,
-            )  # fmt: skip
+        rope = selector_for(s, device, table_dir)
         ranked = model.rank_triton_configs(s, case.tokens, args.top)
         fns = [("select_rope", None, rope)]
         fns += [(f"triton#{i}", c, triton.callable_for(s, c)) for i, c in enumerate(ranked)]
@@ -108,7 +102,7 @@ def main() -> int:
             "first_pass_gain": times["select_rope"] / times[winner],
         })  # fmt: skip
         if args.recheck:
-            rows[-1].update(recheck(dict((n, f) for n, _, f in fns), winner, case, device, args))
+            rows[-1].update(recheck({n: f for n, _, f in fns}, winner, case, device, args))
         r = rows[-1]
         print(
             f"{r['model'][:28]:28} {r['tokens']:>6} sel {r['select_rope_us']:8.2f} "
