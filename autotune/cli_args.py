@@ -39,6 +39,7 @@ __all__ = [
     "FlatList",
     "OneLineParser",
     "SpecGrid",
+    "add_int_list",
     "add_logging_flags",
     "add_switch",
     "comma_list",
@@ -85,16 +86,12 @@ def even_int(text: str) -> int:
 
 def positive_int_list(text: str) -> list[int]:
     """``"1,4"`` or ``"16"`` -> positive integers, in the order given."""
-    values = []
-    for item in text.split(","):
-        try:
-            value = int(item)
-        except ValueError:
-            value = 0
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected positive integers like 1,4, got {text!r}")
-        values.append(value)
-    return values
+    try:
+        return [positive_int(item) for item in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers like 1,4, got {text!r}"
+        ) from None
 
 
 def token_list(text: str) -> list[int]:
@@ -165,6 +162,21 @@ class FlatList(argparse.Action):
 def add_switch(parser: Any, flag: str, *, default: bool | None, help: str) -> None:
     """Add ``--flag`` and ``--no-flag`` to ``parser`` (or an argument group)."""
     parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
+
+
+def add_int_list(
+    parser: Any, flag: str, *, default: Sequence[int] | None = None, help: str
+) -> None:
+    """Add ``flag`` taking positive integers as values, comma lists or both
+    (``--seq-len 64 128,512``): one flat list without repeats (:class:`FlatList`)."""
+    parser.add_argument(
+        flag,
+        type=positive_int_list,
+        nargs="+",
+        action=FlatList,
+        default=None if default is None else list(default),
+        help=help,
+    )
 
 
 def add_logging_flags(parser: argparse.ArgumentParser, *, quiet: str) -> None:

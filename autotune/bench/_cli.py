@@ -11,15 +11,14 @@ from kernels.table import TIMING_MODES
 
 from .._preflight import check_output_dir
 from ..cli_args import (
-    FlatList,
     OneLineParser,
     SpecGrid,
+    add_int_list,
     add_switch,
     device_from_arg,
     dtype_list,
     even_int,
     positive_int,
-    positive_int_list,
     provider_list,
     seed,
     setup_logging,
@@ -67,19 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="rotated elements per head, any even value up to the head size, e.g. "
         f"--rotary-dim 32 (default {DEFAULT_GRID.rotary_dim}, or the head size when smaller)",
     )
-    spec.add_argument(
+    add_int_list(
+        spec,
         "--num-heads",
-        type=positive_int_list,
-        nargs="+",
-        action=FlatList,
         help="query head counts, e.g. --num-heads 32 48 or --num-heads 32,48 "
         f"(default {' '.join(map(str, DEFAULT_GRID.num_heads))})",
     )
-    spec.add_argument(
+    add_int_list(
+        spec,
         "--num-kv-heads",
-        type=positive_int_list,
-        nargs="+",
-        action=FlatList,
         help="key head counts: one for every --num-heads value or one per value, e.g. "
         "--num-kv-heads 8 (default: equal to --num-heads)",
     )
@@ -114,25 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument(
         "--dtype",
         type=dtype_list,
+        metavar="DTYPES",
         help="q/k element types, comma list, e.g. --dtype bf16,fp16 (bfloat16, float16, float32 "
         "and their aliases bf16, fp16, half, fp32, float; default bfloat16, or the model "
         "config's own)",
     )
-    grid.add_argument(
+    add_int_list(
+        grid,
         "--batch-size",
-        type=positive_int_list,
-        nargs="+",
-        action=FlatList,
-        default=list(DEFAULT_BATCH_SIZES),
+        default=DEFAULT_BATCH_SIZES,
         help="batch sizes, e.g. --batch-size 1 4 16 64 "
         f"(default {' '.join(map(str, DEFAULT_BATCH_SIZES))})",
     )
-    grid.add_argument(
+    add_int_list(
+        grid,
         "--seq-len",
-        type=positive_int_list,
-        nargs="+",
-        action=FlatList,
-        default=list(DEFAULT_SEQ_LENS),
+        default=DEFAULT_SEQ_LENS,
         help="sequence lengths, e.g. --seq-len 64,512 "
         f"(default {' '.join(map(str, DEFAULT_SEQ_LENS))})",
     )
