@@ -197,8 +197,8 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     # Optuna's per-trial INFO lines would drown the progress bar; our own log says what matters.
     optuna.logging.set_verbosity(logging.INFO if verbose else logging.ERROR)
-    # Matplotlib's font cache notices say nothing about the run.
-    logging.getLogger("matplotlib").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # Matplotlib's font cache notices and debug lines say nothing about the run.
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
 def logging_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
