@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+from kernels.devices import DeviceUnavailableError, normalize_device
+
 __all__ = ["DeviceError", "resolve_device"]
 
 logger = logging.getLogger("autotune")
@@ -16,7 +18,8 @@ class DeviceError(RuntimeError):
 
 
 def resolve_device(device: torch.device | str | None, *, purpose: str = "tuning") -> torch.device:
-    """``device`` checked, or the first CUDA device, else the CPU (with a notice).
+    """``device`` checked and normalized (:func:`kernels.devices.normalize_device`), or the first
+    CUDA device, else the CPU (with a notice).
 
     Args:
         device: ``"cuda:0"``, ``"cpu"``, a torch.device, or None to pick.
@@ -28,23 +31,13 @@ def resolve_device(device: torch.device | str | None, *, purpose: str = "tuning"
     """
     if device is None:
         if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
+            return normalize_device("cuda")
         logger.warning("no CUDA device found: %s on the CPU (pass --device to choose)", purpose)
         return torch.device("cpu")
     try:
-        device = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device: expected e.g. cuda:0 or cpu, got {device!r} ({exc})") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device: {device} was asked for, but CUDA is not available here")
-        index = torch.cuda.current_device() if device.index is None else device.index
-        if index >= torch.cuda.device_count():
-            raise DeviceError(
-                f"device: {device} was asked for, but there are only "
-                f"{torch.cuda.device_count()} CUDA devices"
-            )
-        return torch.device("cuda", index)
-    if device.type != "cpu":
+        device = normalize_device(device)
+    except DeviceUnavailableError as exc:
+        raise DeviceError(str(exc)) from None
+    if device.type not in ("cuda", "cpu"):
         raise ValueError(f"device: expected a cuda or cpu device, got {device}")
     return device

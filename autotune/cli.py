@@ -7,27 +7,29 @@ import logging
 import sys
 from collections.abc import Sequence
 
-import optuna
-import torch
+from kernels import provider_names
+from kernels.table import user_config_dir
 
-from kernels import RopeSpec, parse_dtype, provider_names
-from kernels.table import TIMING_MODES, user_config_dir
-
-from ._device import DeviceError, resolve_device
-from ._preflight import OneLineParser, check_output_dir, seed
-from .export import export_tables
-from .models import (
-    CPU_DEFAULT_MODELS,
-    CPU_DEFAULT_TOKENS,
-    DEFAULT_TOKENS,
-    MAX_TOKENS,
-    MODEL_PRESETS,
-    default_specs,
-    model_specs,
-    parse_tokens,
-    shard_heads,
-    unique_specs,
+from ._device import DeviceError
+from ._preflight import check_output_dir
+from .cli_args import (
+    OneLineParser,
+    add_logging_flags,
+    add_switch,
+    comma_list,
+    device_from_arg,
+    dtype_list,
+    even_int,
+    logging_from_args,
+    positive_int,
+    provider_list,
+    seed,
+    specs_from_args,
+    timing_list,
+    token_list,
 )
+from .export import export_tables
+from .models import CPU_DEFAULT_TOKENS, DEFAULT_TOKENS, MAX_TOKENS, MODEL_PRESETS
 from .objective import SEARCH_REPEATS
 from .report import format_summary
 from .storage import default_storage_path, open_storage
@@ -37,69 +39,6 @@ from .verify_cli import main as verify
 __all__ = ["build_export_parser", "build_parser", "main", "specs_from_args"]
 
 logger = logging.getLogger("autotune")
-
-
-def _comma_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _tokens(text: str) -> list[int]:
-    try:
-        return parse_tokens(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _dtypes(text: str) -> list[torch.dtype]:
-    items = _comma_list(text)
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected a comma list like bf16,fp16, got {text!r}")
-    try:
-        return list(dict.fromkeys(parse_dtype(item) for item in items))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _providers(text: str) -> list[str]:
-    names = _comma_list(text)
-    unknown = [n for n in names if n not in provider_names()]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"expected a comma list of {provider_names()}, got {text!r}"
-        )
-    return names
-
-
-def _timing(text: str) -> list[str]:
-    modes = list(dict.fromkeys(_comma_list(text)))
-    if not modes or any(m not in TIMING_MODES for m in modes):
-        raise argparse.ArgumentTypeError(f"expected graph, eager or graph,eager, got {text!r}")
-    return modes
-
-
-def _add_logging_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--verbose",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="debug messages and Optuna's per-trial log (e.g. --verbose)",
-    )
-    parser.add_argument(
-        "--quiet",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="warnings only, no progress bar or summary (e.g. --quiet)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--devices",
-        type=_comma_list,
+        type=comma_list,
         default=None,
         help="one worker process per device on one shared study storage, e.g. --devices "
         "cuda:0,cuda:1 (or cpu,cpu); not with --device",
@@ -150,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shapes.add_argument(
         "--tensor-parallel-size",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="GPUs the heads are split over (vLLM's split), applied to every "
         "shape source, e.g. --tensor-parallel-size 4 (default: 1, or a "
@@ -158,26 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shapes.add_argument(
         "--head-size",
-        type=_positive_int,
+        type=positive_int,
         help="explicit spec: elements per head, e.g. --head-size 128",
     )
     shapes.add_argument(
         "--rotary-dim",
-        type=_positive_int,
+        type=even_int,
         help="explicit spec: rotated elements per head, e.g. --rotary-dim 64 "
         "(default: the head size)",
     )
     shapes.add_argument(
-        "--num-heads", type=_positive_int, help="explicit spec: query heads, e.g. --num-heads 32"
+        "--num-heads", type=positive_int, help="explicit spec: query heads, e.g. --num-heads 32"
     )
     shapes.add_argument(
         "--num-kv-heads",
-        type=_positive_int,
+        type=positive_int,
         help="explicit spec: key heads, e.g. --num-kv-heads 8 (default: --num-heads)",
     )
-    shapes.add_argument(
+    add_switch(
+        shapes,
         "--is-neox-style",
-        action=argparse.BooleanOptionalAction,
         default=None,
         help="rope style of the explicit spec or --model-config, e.g. "
         "--no-is-neox-style for GPT-J style (default: NeoX, or the "
@@ -185,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shapes.add_argument(
         "--dtype",
-        type=_dtypes,
+        type=dtype_list,
         metavar="DTYPES",
         help="element types, comma list of bfloat16/float16/float32 "
         "(bf16/fp16/fp32), e.g. --dtype bf16,fp16 (default: bf16,fp16; "
@@ -193,25 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tokens",
-        type=_tokens,
+        type=token_list,
         help=f"token buckets, 1 to {MAX_TOKENS} each, e.g. --tokens 1,16,256 (default: "
         f"1,2,4,...,65536; {','.join(map(str, CPU_DEFAULT_TOKENS))} on the CPU)",
     )
     parser.add_argument(
         "--providers",
-        type=_providers,
+        type=provider_list(),
         help=f"providers to search, e.g. --providers triton,vllm (default: "
         f"all of {','.join(provider_names())} that run here)",
     )
     parser.add_argument(
         "--trials",
-        type=_positive_int,
+        type=positive_int,
         help="counted trials per spec and bucket, e.g. --trials 64 (default: 16, or 48 on CUDA "
         "without a performance model for the device)",
     )
     parser.add_argument(
         "--repeats",
-        type=_positive_int,
+        type=positive_int,
         default=SEARCH_REPEATS,
         metavar="N",
         help="timed rounds per measurement (the median over rounds is the trial's value), "
@@ -219,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timing",
-        type=_timing,
+        type=timing_list,
         default=["graph"],
         help="timing mode(s): graph (CUDA graph replay), eager (host wall time "
         "per call), or both, e.g. --timing graph,eager",
@@ -252,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed for the samplers and the random inputs, 0 to 2**32-1, e.g. --seed 0 "
         "(default: fresh randomness)",
     )
-    _add_logging_flags(parser)
+    add_logging_flags(parser, quiet="no progress bar or summary")
     return parser
 
 
@@ -276,73 +215,14 @@ def build_export_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help=f"directory for the tables, e.g. --output configs (default: {user_config_dir()})",
     )
-    parser.add_argument(
+    add_switch(
+        parser,
         "--include-partial",
-        action=argparse.BooleanOptionalAction,
         default=False,
         help="also use studies still short of their trial budget, e.g. --include-partial",
     )
-    _add_logging_flags(parser)
+    add_logging_flags(parser, quiet="no list of the written tables")
     return parser
-
-
-def specs_from_args(args: argparse.Namespace, device: torch.device) -> list[RopeSpec]:
-    """The specs the flags ask for, or the default space for ``device`` when none does.
-
-    Raises:
-        ValueError: flags that do not fit together; the message names them.
-    """
-    tp = args.tensor_parallel_size
-    explicit = args.head_size is not None or args.num_heads is not None
-    if not explicit and (args.rotary_dim is not None or args.num_kv_heads is not None):
-        raise ValueError(
-            "--rotary-dim and --num-kv-heads describe an explicit spec: "
-            "add --head-size and --num-heads"
-        )
-    if args.is_neox_style is not None and not (explicit or args.model_config):
-        raise ValueError("--is-neox-style applies to an explicit spec or --model-config")
-    specs = model_specs(
-        args.model or (),
-        args.model_config or (),
-        tensor_parallel_size=tp,
-        dtypes=args.dtype,
-        is_neox=args.is_neox_style,
-    )
-    if explicit:
-        if args.head_size is None or args.num_heads is None:
-            raise ValueError("an explicit spec needs both --head-size and --num-heads")
-        heads, kv_heads = shard_heads(args.num_heads, args.num_kv_heads or args.num_heads, tp or 1)
-        for dtype in args.dtype or [torch.bfloat16]:
-            specs.append(
-                RopeSpec(
-                    args.head_size,
-                    args.head_size if args.rotary_dim is None else args.rotary_dim,
-                    heads,
-                    kv_heads,
-                    True if args.is_neox_style is None else args.is_neox_style,
-                    dtype,
-                )
-            )
-    if not specs:
-        specs = default_specs(device)
-        if args.dtype is not None or tp is not None:
-            wanted = set(args.dtype or {s.dtype for s in specs})
-            presets = MODEL_PRESETS.values()
-            if device.type == "cpu":
-                presets = [MODEL_PRESETS[n] for n in CPU_DEFAULT_MODELS]
-            specs = [
-                s
-                for p in presets
-                for s in p.specs(sorted(wanted, key=str), None if tp is None else [tp])
-            ]
-    return unique_specs(specs)
-
-
-def _setup_logging(verbose: bool, quiet: bool) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
-    # Optuna's per-trial INFO lines would drown the progress bar; our own log says what matters.
-    optuna.logging.set_verbosity(logging.INFO if verbose else logging.ERROR)
 
 
 def _list_models() -> str:
@@ -369,22 +249,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list_models:
         print(_list_models())
         return 0
-    if args.verbose and args.quiet:
-        parser.error("--verbose and --quiet exclude each other")
-    _setup_logging(args.verbose, args.quiet)
+    logging_from_args(parser, args)
     if args.device is not None and args.devices is not None:
         parser.error("--device and --devices exclude each other")
     if args.devices is not None and not args.devices:
         parser.error("--devices: expected a comma list like cuda:0,cuda:1")
     output = user_config_dir() if args.output is None else args.output
     try:
-        device = resolve_device(args.device if args.devices is None else args.devices[0])
+        if args.devices is None:
+            device = device_from_arg(args.device)
+        else:
+            device = device_from_arg(args.devices[0], flag="--devices")
         specs = specs_from_args(args, device)
         check_output_dir(output, "--output")
         if args.save_path is not None:
             check_output_dir(args.save_path, "--save-path")
         storage = open_storage(args.storage)  # a bad one fails here, before any tuning
-    except (DeviceError, ValueError) as exc:
+    except ValueError as exc:
         parser.error(str(exc))
     tokens = args.tokens or (CPU_DEFAULT_TOKENS if device.type == "cpu" else DEFAULT_TOKENS)
     logger.info(
@@ -430,9 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _export(argv: Sequence[str]) -> int:
     parser = build_export_parser()
     args = parser.parse_args(argv)
-    if args.verbose and args.quiet:
-        parser.error("--verbose and --quiet exclude each other")
-    _setup_logging(args.verbose, args.quiet)
+    logging_from_args(parser, args)
     output = user_config_dir() if args.output is None else args.output
     try:
         check_output_dir(output, "--output")

@@ -45,7 +45,10 @@ from kernels.perf_model import (
     model_file_name,
     validate_model,
 )
+from kernels.table import TIMING_MODES
 
+from ._preflight import check_output_dir
+from .cli_args import OneLineParser, add_logging_flags, logging_from_args
 from .storage import open_storage
 from .studies import StudyKey
 
@@ -304,39 +307,78 @@ def write_model(path: str | os.PathLike, model: Mapping[str, Any]) -> Path:
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m autotune.perf_model_fit`` parser."""
+    parser = OneLineParser(
         prog="python -m autotune.perf_model_fit",
-        description="Fit the performance model on the tuner's measurements and write "
-        "<device>.model.json (e.g. --storage studies.journal --output configs).",
+        description="Fit the performance model on the tuner's measurements into --output.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--storage", help="Optuna journal file or database URL")
-    source.add_argument("--rows", help="a rows CSV written by --save-rows")
-    parser.add_argument("--output", required=True, help="directory for <device>.model.json")
-    parser.add_argument("--timing", default="graph", choices=("graph", "eager"))
-    parser.add_argument("--save-rows", help="also write the extracted rows to this CSV")
-    parser.add_argument("--metadata-from", help="table JSON whose metadata header to use")
+    source.add_argument(
+        "--storage",
+        metavar="URL",
+        help="the tuner's Optuna storage, e.g. --storage studies.journal",
+    )
+    source.add_argument(
+        "--rows", metavar="FILE", help="a rows CSV written by --save-rows, e.g. --rows rows.csv"
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="directory for <device>.model.json, e.g. --output configs",
+    )
+    parser.add_argument(
+        "--timing",
+        default="graph",
+        choices=TIMING_MODES,
+        help="the timing mode whose measurements are fitted, e.g. --timing eager (default: graph)",
+    )
+    parser.add_argument(
+        "--save-rows",
+        metavar="FILE",
+        help="also write the extracted rows to this CSV, e.g. --save-rows rows.csv",
+    )
+    parser.add_argument(
+        "--metadata-from",
+        metavar="TABLE",
+        help="the table whose metadata header (device, SM count) the model gets, e.g. "
+        "--metadata-from configs/NVIDIA_H200.json (default: the storage's)",
+    )
+    add_logging_flags(parser, quiet="no fit summary")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status: 0 written, 2 bad arguments, an unreadable
+    source, or nothing to fit (one line)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
+    logging_from_args(parser, args)
     metadata: dict[str, Any] = {}
-    if args.storage:
-        rows, metadata = measurements_from_storage(
-            open_storage(args.storage, create=False), timing=args.timing
-        )
-    else:
-        rows = read_rows(args.rows)
-    if args.metadata_from:
-        metadata = orjson.loads(Path(args.metadata_from).read_bytes())["metadata"]
+    try:
+        output = check_output_dir(args.output, "--output")
+        if args.storage:
+            rows, metadata = measurements_from_storage(
+                open_storage(args.storage, create=False), timing=args.timing
+            )
+        else:
+            rows = read_rows(args.rows)
+        if args.metadata_from:
+            metadata = orjson.loads(Path(args.metadata_from).read_bytes()).get("metadata") or {}
+    except (OSError, ValueError) as exc:  # orjson's JSONDecodeError is a ValueError
+        parser.error(str(exc))
     if args.save_rows:
         write_rows(args.save_rows, rows)
     if not rows or "device_name" not in metadata:
         parser.error("no measurements, or no device metadata (pass --metadata-from TABLE)")
     model = fit_model(rows, metadata)
-    path = write_model(Path(args.output) / model_file_name(metadata["device_name"]), model)
+    path = write_model(output / model_file_name(metadata["device_name"]), model)
     assert PerfModel(model) is not None
-    for name, info in model["fit"]["providers"].items():
-        print(f"{name}: {info['rows']} rows, rms log error {info['rms_log_error']:.3f}")
-    print(f"wrote {path}")
+    if not args.quiet:
+        for name, info in model["fit"]["providers"].items():
+            print(f"{name}: {info['rows']} rows, rms log error {info['rms_log_error']:.3f}")
+        print(f"wrote {path}")
     return 0
 
 

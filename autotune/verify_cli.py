@@ -22,8 +22,17 @@ from optuna.storages import InMemoryStorage
 from kernels import provider_names
 from kernels.table import device_metadata, device_table_name, read_table
 
-from ._device import DeviceError, resolve_device
-from ._preflight import OneLineParser, check_output_dir
+from ._preflight import check_output_dir
+from .cli_args import (
+    OneLineParser,
+    add_logging_flags,
+    comma_list,
+    device_from_arg,
+    logging_from_args,
+    positive_int,
+    provider_list,
+    timing_list,
+)
 from .storage import open_storage
 from .verify import (
     BEATEN_MARGIN,
@@ -44,8 +53,6 @@ __all__ = ["build_verify_parser", "main"]
 
 def build_verify_parser() -> argparse.ArgumentParser:
     """The ``verify`` command's parser."""
-    from .cli import _comma_list, _positive_int, _providers, _timing  # cli dispatches to here
-
     parser = OneLineParser(
         prog="python -m autotune verify",
         description="Re-time each table entry's winner and runner-up on this device, each through "
@@ -59,20 +66,20 @@ def build_verify_parser() -> argparse.ArgumentParser:
                       "device, else the CPU)"}),
         ("--table", {"metavar": "FILE", "help": "the table, e.g. --table configs/NVIDIA_H200.json "
                      "(default: the first one select_rope looks at for the device)"}),
-        ("--timing", {"type": _timing, "help": "only these timing modes, e.g. --timing graph "
+        ("--timing", {"type": timing_list, "help": "only these timing modes, e.g. --timing graph "
                       "(default: every mode in the table)"}),
-        ("--specs", {"type": _comma_list, "metavar": "PATTERNS", "help": "only spec keys matching "
+        ("--specs", {"type": comma_list, "metavar": "PATTERNS", "help": "only spec keys matching "
                      "these shell patterns, e.g. --specs 'q32_kv8_*,*_gptj_*' (default: all)"}),
-        ("--repeats", {"type": _positive_int, "default": VERIFY_REPEATS, "metavar": "N",
+        ("--repeats", {"type": positive_int, "default": VERIFY_REPEATS, "metavar": "N",
                        "help": "timed rounds per measurement, e.g. --repeats 20 (default: "
                        f"{VERIFY_REPEATS})"}),
         ("--save-path", {"metavar": "DIR", "help": "also write every re-timed contender as "
                          "<table name>_verify.csv here, e.g. --save-path results/"}),
         ("--fix", {"action": "store_true", "help": "re-tune the failing, slower and beaten buckets "
                    "and merge them into the table, e.g. --fix"}),
-        ("--trials", {"type": _positive_int, "help": "with --fix: counted trials per bucket, e.g. "
+        ("--trials", {"type": positive_int, "help": "with --fix: counted trials per bucket, e.g. "
                       "--trials 32 (default: the tuner's)"}),
-        ("--providers", {"type": _providers, "help": "with --fix: providers to search, e.g. "
+        ("--providers", {"type": provider_list(), "help": "with --fix: providers to search, e.g. "
                          "--providers triton,vllm (default: all that run here)"}),
         ("--storage", {"metavar": "URL", "help": "with --fix: Optuna storage for the re-tuning "
                        "studies, so that an interrupted fix resumes, e.g. --storage "
@@ -81,6 +88,7 @@ def build_verify_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     for flag, kwargs in flags:
         parser.add_argument(flag, **kwargs)
+    add_logging_flags(parser, quiet="no progress bar")
     return parser
 
 
@@ -90,12 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if not args.fix and (args.trials or args.providers or args.storage):
         parser.error("--trials, --providers and --storage apply to --fix")
-    from .cli import _setup_logging
-
-    _setup_logging(verbose=False, quiet=False)
+    logging_from_args(parser, args)
     path, storage = args.table, None
     try:  # everything that can be wrong with the arguments, before anything is timed
-        device = resolve_device(args.device, purpose="verifying")
+        device = device_from_arg(args.device, purpose="verifying")
         path = default_table_path(device) if path is None else Path(path)
         table = read_table(path, provider_names())
         here, tuned_on = device_metadata(device)["device_name"], table["metadata"]["device_name"]
@@ -115,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"no table: {exc}")
     except OSError as exc:  # a table that cannot be read
         parser.error(f"{path}: {exc.strerror or exc}")
-    except (DeviceError, ValueError) as exc:  # TableError is a ValueError
+    except ValueError as exc:  # TableError is a ValueError
         parser.error(str(exc))
     try:
         return _run(args, device, path, checks, storage)
@@ -133,7 +139,8 @@ def _run(
     verifier = Verifier(device, {"repeats": args.repeats, "min_round_s": VERIFY_ROUND_S})
     start = time.perf_counter()
     verifier.compile_ahead(checks)
-    for check in tqdm(checks, unit="entry", disable=None, dynamic_ncols=True):
+    bar = tqdm(checks, unit="entry", disable=True if args.quiet else None, dynamic_ncols=True)
+    for check in bar:
         verifier.run(check)
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(verifier.phases.items()))
     print(f"verified {path} on {device} in {time.perf_counter() - start:.1f} s "
@@ -144,7 +151,8 @@ def _run(
         print(f"measurements: {write_checks_csv(checks, csv_path)}")
     if not args.fix or not any(c.problems for c in checks):
         return 1 if any(c.problems for c in checks) else 0
-    tune_kwargs = {"storage": storage, "trials": args.trials, "providers": args.providers}
+    tune_kwargs = {"storage": storage, "trials": args.trials, "providers": args.providers,
+                   "progress": not args.quiet}  # fmt: skip
     changed, missing = fix_table(checks, path, device, **tune_kwargs)
     print(f"re-tuned into {path}:")
     print("\n".join([f"  {line}" for line in changed] + [f"  not re-tuned: {m}" for m in missing]))

@@ -55,6 +55,7 @@ from ._routes import (
     resolve_entry,
 )
 from ._spec import RopeSpec
+from .devices import normalize_device
 from .perf_model import PerfModel
 from .table import TIMING_MODES, RopeTableWarning, device_table_name
 
@@ -280,12 +281,7 @@ def select_rope(
     spec = RopeSpec(head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype)
     if timing not in TIMING_MODES:
         raise ValueError(f"timing: expected one of {TIMING_MODES}, got {timing!r}")
-    device = torch.device(device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: expected an available device, got {device} (no CUDA)")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+    device = normalize_device(device)
     if config is not None and provider is None:
         raise ValueError("config: a forced config needs provider= too")
 

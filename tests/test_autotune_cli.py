@@ -108,6 +108,7 @@ def test_export_flags():
         ["--tokens", f"1,{MAX_TOKENS + 1}"],
         ["--dtype", ""],
         ["--dtype", ","],
+        ["--rotary-dim", "33"],
     ],
 )
 def test_bad_flags_exit_2(argv, capsys):
@@ -190,6 +191,22 @@ def test_main_reports_flag_conflicts(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--device", "cpu", "--head-size", "64"])
     assert exc.value.code == 2 and "--num-heads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--device", "tpu"], "--device: expected e.g. cuda:0 or cpu, got 'tpu'"),
+        (["--devices", "meta,cpu"], "--devices: expected a cuda or cpu device, got meta"),
+        (["--device", "cpu", "--verbose", "--quiet"], "--verbose and --quiet exclude each other"),
+    ],
+)
+def test_device_and_logging_errors_name_the_flag(flags, message, no_tuning, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*flags, "--tokens", "1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert no_tuning == []
 
 
 def test_list_models(capsys):

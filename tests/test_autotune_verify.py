@@ -7,6 +7,7 @@ records a time no re-timing reaches (1 s), a stale one a time none beats (1 us),
 provider sleeps 5 ms per call, far above the torch provider's time on the tiny spec."""
 
 import csv
+import logging
 import time
 from dataclasses import dataclass
 
@@ -365,6 +366,34 @@ def test_fix_options_need_fix(tmp_path, flag, capsys):
         main(["verify", "--table", str(tmp_path / CPU_TABLE), *flag])
     assert exit_.value.code == 2
     assert "apply to --fix" in capsys.readouterr().err
+
+
+@pytest.fixture
+def root_logging():
+    """The root logger's level and handlers, restored after the test."""
+    root = logging.getLogger()
+    level, handlers = root.level, root.handlers[:]
+    yield root
+    root.setLevel(level)
+    root.handlers[:] = handlers
+
+
+@pytest.mark.parametrize(
+    ("flags", "level"),
+    [([], logging.INFO), (["--verbose"], logging.DEBUG), (["--quiet"], logging.WARNING)],
+)
+def test_verbose_and_quiet_set_the_log_level(tmp_path, sleepy, capsys, root_logging, flags, level):
+    path = write_cpu_table(tmp_path, {"graph": {TINY: {1: right(sleepy)}}})
+    assert run_verify(path, *flags) == 0
+    assert root_logging.level == level
+    assert "1 of 1 verified entries still right" in capsys.readouterr().out  # the report stays
+
+
+def test_verbose_and_quiet_exclude_each_other(tmp_path, capsys, root_logging):
+    with pytest.raises(SystemExit) as exit_:
+        run_verify(tmp_path / CPU_TABLE, "--verbose", "--quiet")
+    assert exit_.value.code == 2
+    assert "--verbose and --quiet exclude each other" in capsys.readouterr().err
 
 
 # -- on the GPU ----------------------------------------------------------------------------------

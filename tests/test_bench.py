@@ -215,8 +215,7 @@ def test_default_grid_is_vllms_benchmark_grid():
     assert {(s.head_size, s.rotary_dim, s.is_neox, s.dtype) for s in specs} == {
         (128, 32, True, torch.bfloat16)
     }
-    assert _cli._flat(args.batch_size, _cli.DEFAULT_BATCH_SIZES) == [1, 4, 16, 64]
-    assert _cli._flat(args.seq_len, _cli.DEFAULT_SEQ_LENS) == [64, 128, 256, 512]
+    assert args.batch_size == [1, 4, 16, 64] and args.seq_len == [64, 128, 256, 512]
 
 
 @pytest.mark.parametrize(
@@ -255,6 +254,27 @@ def test_dtype_aliases(alias, dtype):
     assert {s.dtype for s in parse_specs("--dtype", alias)} == {dtype}
 
 
+def test_dtype_is_a_comma_list_as_in_the_tuner():
+    specs = parse_specs("--num-heads", "8", "--dtype", "fp16,bf16,half")
+    assert [s.dtype for s in specs] == [torch.float16, torch.bfloat16]
+
+
+def test_head_and_batch_lists_are_flat_and_a_repeated_flag_replaces():
+    args = _cli.build_parser().parse_args(["--num-heads", "8", "16,8", "--seq-len", "7", "3,7"])
+    assert args.num_heads == [8, 16] and args.seq_len == [7, 3]
+    args = _cli.build_parser().parse_args(["--batch-size", "2", "--batch-size", "5,6"])
+    assert args.batch_size == [5, 6]
+
+
+def test_a_model_config_takes_the_style_flag_but_a_preset_does_not(tmp_path):
+    config = {"model_type": "llama", "num_attention_heads": 8, "hidden_size": 512}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (spec,) = parse_specs("--model-config", str(tmp_path), "--no-is-neox-style")
+    assert not spec.is_neox
+    with pytest.raises(ValueError, match="--is-neox-style: applies to an explicit spec"):
+        parse_specs("--model", "llama-3-8b", "--no-is-neox-style")
+
+
 @pytest.mark.parametrize("rotary_dim", [2, 24, 62, 64])
 def test_rotary_dim_any_even_value_up_to_head_size(rotary_dim):
     specs = parse_specs("--head-size", "64", "--rotary-dim", str(rotary_dim))
@@ -272,7 +292,9 @@ def test_rotary_dim_any_even_value_up_to_head_size(rotary_dim):
         ),
         (("--dtype", "fp8"), "--dtype: dtype: expected one of"),
         (("--batch-size", "1,x"), "--batch-size: expected positive integers"),
-        (("--providers", "torch,nope"), "--providers: expected names among"),
+        (("--providers", "torch,nope"), "--providers: expected a comma list of names among"),
+        (("--dtype", "bf16", "fp16"), "unrecognized arguments: fp16"),
+        (("--dtype", ","), "--dtype: expected a comma list like bf16,fp16"),
         (("--num-heads", "32", "--num-kv-heads", "5"), "--num-kv-heads: expected a divisor"),
         (("--num-heads", "8", "16", "--num-kv-heads", "1", "2", "4"), "one per --num-heads"),
         (("--tensor-parallel-size", "2"), "--tensor-parallel-size: applies to --model"),

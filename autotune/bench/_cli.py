@@ -3,78 +3,37 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+from kernels import RopeSpec
+from kernels.table import TIMING_MODES
 
-from kernels import RopeSpec, parse_dtype
-
-from .._device import DeviceError, resolve_device
-from .._preflight import OneLineParser, check_output_dir, seed
-from ._models import model_specs
+from .._preflight import check_output_dir
+from ..cli_args import (
+    OneLineParser,
+    SpecGrid,
+    add_int_list,
+    add_switch,
+    device_from_arg,
+    dtype_list,
+    even_int,
+    positive_int,
+    provider_list,
+    seed,
+    setup_logging,
+)
+from ..cli_args import specs_from_args as _specs_from_args
 from ._plots import plot_results
 from ._report import CSV_NAME, format_skipped, format_table, write_csv
 from ._run import all_provider_names, run_bench
 
-__all__ = ["build_parser", "main", "specs_from_args"]
-
-logger = logging.getLogger("autotune.bench")
+__all__ = ["DEFAULT_GRID", "build_parser", "main", "specs_from_args"]
 
 # The default grid: that of vLLM's benchmarks/kernels/benchmark_rope.py.
 DEFAULT_BATCH_SIZES = (1, 4, 16, 64)
 DEFAULT_SEQ_LENS = (64, 128, 256, 512)
-DEFAULT_NUM_HEADS = (32, 48)
-DEFAULT_HEAD_SIZE = 128
-DEFAULT_ROTARY_DIM = 32
-
-
-def _positive_ints(text: str) -> list[int]:
-    """``"1,4"`` or ``"16"`` -> ints; argparse shows the message on a bad value."""
-    values = []
-    for item in text.split(","):
-        try:
-            value = int(item)
-        except ValueError:
-            value = 0
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected positive integers like 1,4, got {text!r}")
-        values.append(value)
-    return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _even_int(text: str) -> int:
-    value = _positive_int(text)
-    if value % 2:
-        raise argparse.ArgumentTypeError(f"expected an even number, got {value}")
-    return value
-
-
-def _dtype(text: str) -> torch.dtype:
-    try:
-        return parse_dtype(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _providers(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    known = all_provider_names()
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"expected names among {','.join(known)}, got {text!r}")
-    return names
+DEFAULT_GRID = SpecGrid(head_size=128, rotary_dim=32, num_heads=(32, 48))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,32 +57,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     spec.add_argument(
         "--head-size",
-        type=_positive_int,
-        help=f"elements per head, e.g. --head-size 128 (default {DEFAULT_HEAD_SIZE})",
+        type=positive_int,
+        help=f"elements per head, e.g. --head-size 128 (default {DEFAULT_GRID.head_size})",
     )
     spec.add_argument(
         "--rotary-dim",
-        type=_even_int,
+        type=even_int,
         help="rotated elements per head, any even value up to the head size, e.g. "
-        f"--rotary-dim 32 (default {DEFAULT_ROTARY_DIM}, or the head size when smaller)",
+        f"--rotary-dim 32 (default {DEFAULT_GRID.rotary_dim}, or the head size when smaller)",
     )
-    spec.add_argument(
+    add_int_list(
+        spec,
         "--num-heads",
-        type=_positive_ints,
-        nargs="+",
         help="query head counts, e.g. --num-heads 32 48 or --num-heads 32,48 "
-        f"(default {' '.join(map(str, DEFAULT_NUM_HEADS))})",
+        f"(default {' '.join(map(str, DEFAULT_GRID.num_heads))})",
     )
-    spec.add_argument(
+    add_int_list(
+        spec,
         "--num-kv-heads",
-        type=_positive_ints,
-        nargs="+",
         help="key head counts: one for every --num-heads value or one per value, e.g. "
         "--num-kv-heads 8 (default: equal to --num-heads)",
     )
-    spec.add_argument(
+    add_switch(
+        spec,
         "--is-neox-style",
-        action=argparse.BooleanOptionalAction,
         default=None,
         help="NeoX style (rotate halves) or GPT-J style with --no-is-neox-style "
         "(default NeoX; with --model-config, the model's own)",
@@ -145,34 +102,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.add_argument(
         "--tensor-parallel-size",
-        type=_positive_int,
+        type=positive_int,
         help="GPUs the model's heads are split over, e.g. --tensor-parallel-size 8 (default 1)",
     )
     grid = parser.add_argument_group("grid and measurement")
     grid.add_argument(
         "--dtype",
-        type=_dtype,
-        nargs="+",
-        help="q/k element types, e.g. --dtype bf16 fp16 (bfloat16, float16, float32 and their "
-        "aliases bf16, fp16, half, fp32, float; default bfloat16, or the model config's own)",
+        type=dtype_list,
+        metavar="DTYPES",
+        help="q/k element types, comma list, e.g. --dtype bf16,fp16 (bfloat16, float16, float32 "
+        "and their aliases bf16, fp16, half, fp32, float; default bfloat16, or the model "
+        "config's own)",
     )
-    grid.add_argument(
+    add_int_list(
+        grid,
         "--batch-size",
-        type=_positive_ints,
-        nargs="+",
+        default=DEFAULT_BATCH_SIZES,
         help="batch sizes, e.g. --batch-size 1 4 16 64 "
         f"(default {' '.join(map(str, DEFAULT_BATCH_SIZES))})",
     )
-    grid.add_argument(
+    add_int_list(
+        grid,
         "--seq-len",
-        type=_positive_ints,
-        nargs="+",
+        default=DEFAULT_SEQ_LENS,
         help="sequence lengths, e.g. --seq-len 64,512 "
         f"(default {' '.join(map(str, DEFAULT_SEQ_LENS))})",
     )
     grid.add_argument(
         "--providers",
-        type=_providers,
+        type=provider_list(all_provider_names),
         help=f"comma-separated, e.g. --providers triton,vllm (default all: "
         f"{','.join(all_provider_names())})",
     )
@@ -183,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     grid.add_argument(
         "--timing",
-        choices=("graph", "eager"),
+        choices=TIMING_MODES,
         default="graph",
         help="graph: CUDA graph replay (what serving stacks run); eager: back-to-back calls, "
         "launch cost included; also the table entries select_rope follows, e.g. --timing eager "
@@ -191,13 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     grid.add_argument(
         "--repeats",
-        type=_positive_int,
+        type=positive_int,
         default=50,
         help="timed rounds per measurement, e.g. --repeats 20 (default 50)",
     )
-    grid.add_argument(
+    add_switch(
+        grid,
         "--rotate-buffers",
-        action=argparse.BooleanOptionalAction,
         default=True,
         help="rotate input sets covering 3x the L2 so data comes from HBM (default on); "
         "--no-rotate-buffers measures L2-resident inputs",
@@ -218,110 +176,46 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"directory for {CSV_NAME} and the PNG plots, e.g. --save-path ./rope_results/ "
         "(default ./rope_results/)",
     )
-    out.add_argument(
+    add_switch(
+        out,
         "--plots",
-        action=argparse.BooleanOptionalAction,
         default=True,
         help="write PNG plots (default on), e.g. --no-plots",
     )
-    out.add_argument(
+    add_switch(
+        out,
         "--progress",
-        action=argparse.BooleanOptionalAction,
         default=True,
         help="progress bar on stderr (default on), e.g. --no-progress",
     )
     return parser
 
 
-def _flat(chunks: Sequence[Sequence[int]] | None, default: Sequence[int]) -> list[int]:
-    return list(dict.fromkeys(v for chunk in chunks for v in chunk)) if chunks else list(default)
-
-
 def specs_from_args(args: argparse.Namespace) -> list[RopeSpec]:
-    """The specs the flags ask for: from ``--model``/``--model-config``, or explicit.
+    """The specs the flags ask for: from ``--model``/``--model-config``, or explicit, the flags
+    not given from :data:`DEFAULT_GRID` (:func:`autotune.cli_args.specs_from_args`).
 
     Raises:
         ValueError: flags that do not fit together; the message names them.
     """
-    dtypes = list(dict.fromkeys(args.dtype)) if args.dtype else None
-    if args.model or args.model_config:
-        explicit = [
-            flag
-            for flag, value in (
-                ("--head-size", args.head_size),
-                ("--rotary-dim", args.rotary_dim),
-                ("--num-heads", args.num_heads),
-                ("--num-kv-heads", args.num_kv_heads),
-            )
-            if value is not None
-        ]
-        if explicit:
-            raise ValueError(f"{', '.join(explicit)}: not with --model/--model-config")
-        if args.model and args.is_neox_style is not None:
-            raise ValueError("--is-neox-style: a --model preset has its own style")
-        return model_specs(
-            args.model,
-            args.model_config,
-            tensor_parallel_size=args.tensor_parallel_size or 1,
-            dtypes=dtypes,
-            is_neox=args.is_neox_style,
-        )
-    if args.tensor_parallel_size is not None:
-        raise ValueError("--tensor-parallel-size: applies to --model/--model-config only")
-    head_size = args.head_size or DEFAULT_HEAD_SIZE
-    rotary_dim = args.rotary_dim or min(DEFAULT_ROTARY_DIM, head_size)
-    if rotary_dim > head_size:
-        raise ValueError(
-            f"--rotary-dim: expected an even number at most --head-size={head_size}, "
-            f"got {rotary_dim}"
-        )
-    heads = _flat(args.num_heads, DEFAULT_NUM_HEADS)
-    kv = _flat(args.num_kv_heads, ()) or heads
-    if len(kv) == 1:
-        kv = kv * len(heads)
-    if len(kv) != len(heads):
-        raise ValueError(
-            f"--num-kv-heads: expected one value or one per --num-heads value ({len(heads)}), "
-            f"got {len(kv)}"
-        )
-    for h, k in zip(heads, kv, strict=True):
-        if h % k:
-            raise ValueError(f"--num-kv-heads: expected a divisor of --num-heads {h}, got {k}")
-    is_neox = True if args.is_neox_style is None else args.is_neox_style
-    return [
-        RopeSpec(head_size, rotary_dim, h, k, is_neox, dtype)
-        for dtype in dtypes or [torch.bfloat16]
-        for h, k in zip(heads, kv, strict=True)
-    ]
-
-
-def _device(requested: str | None) -> torch.device:
-    try:
-        return resolve_device(requested, purpose="benchmarking")
-    except DeviceError as exc:  # main() turns ValueError into one line and exit status 2
-        raise ValueError(f"--{exc}") from None
-    except ValueError as exc:
-        raise ValueError(f"--{exc}") from None
+    return _specs_from_args(args, grid=DEFAULT_GRID)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2: bad flags or no such device)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
-    )
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # font cache notices
+    setup_logging()
     try:
         specs = specs_from_args(args)
         save_path = check_output_dir(args.save_path, "--save-path")
-        device = _device(args.device)
+        device = device_from_arg(args.device, purpose="benchmarking")
     except ValueError as exc:
         parser.error(str(exc))  # one line and exit status 2
     result = run_bench(
         specs,
-        _flat(args.batch_size, DEFAULT_BATCH_SIZES),
-        _flat(args.seq_len, DEFAULT_SEQ_LENS),
+        args.batch_size,
+        args.seq_len,
         device,
         providers=args.providers,
         timing=args.timing,

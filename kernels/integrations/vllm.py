@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 
 from kernels import RopeSelector, select_rope
+from kernels.devices import normalize_device
 
 __all__ = [
     "COVERED_CLASSES",
@@ -313,9 +314,7 @@ def selector_for(
     ``dtype`` and ``device`` default to the layer's cache's; ``num_kv_heads`` to ``num_heads``.
     """
     cache = layer.cos_sin_cache
-    device = torch.device(device) if device is not None else cache.device
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = normalize_device(device if device is not None else cache.device)
     sig = (
         layer.head_size,
         cache.shape[-1],
