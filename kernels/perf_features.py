@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ._spec import RopeSpec
+from .providers._triton_geometry import TritonGeometry
 
 __all__ = [
     "FEATURES_VERSION",
@@ -86,10 +87,6 @@ def feature_names(provider: str) -> tuple[str, ...]:
     return _TRITON_FEATURES if provider == TRITON else _SPEC_FEATURES
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -135,29 +132,24 @@ def features(
     base = _spec_features(spec, tokens)
     if provider != TRITON:
         return base
-    bt, bh, split = config["block_t"], config["block_h"], config["head_split"]
+    geometry = TritonGeometry.of(spec, config)
     warps, stages = config["num_warps"], config["num_stages"]
-    row = 2 * _next_pow2(spec.rotary_dim // 2)  # padded rotated elements per head row
-    blocks = _cdiv(spec.num_heads, bh) + _cdiv(spec.num_kv_heads, bh)
-    grid_h = min(split, blocks)
-    programs = _cdiv(tokens, bt) * grid_h
+    programs = geometry.programs(tokens)
     slots = sm_count * min(_MAX_PROGRAMS_PER_SM, _MAX_WARPS_PER_SM // warps)
     waves = max(1.0, programs / slots)
-    steps = _cdiv(blocks, split)
-    tile = bt * bh * row
-    lane_use = (spec.num_heads + spec.num_kv_heads) * spec.rotary_dim / (blocks * bh * row)
+    steps = geometry.steps
     log_traffic = base[0]
-    log_step_bytes = math.log(2 * tile * spec.dtype.itemsize)
+    log_step_bytes = math.log(2 * geometry.tile * spec.dtype.itemsize)
     return [
         *base,
         math.log(programs),
         math.log(waves),
         math.log(steps),
         log_step_bytes,
-        math.log(tile / (32 * warps)),
-        math.log(lane_use),
-        math.log(blocks * bh / grid_h),
-        math.log(bt),
+        math.log(geometry.elems_per_thread(warps)),
+        math.log(geometry.lane_use),
+        math.log(geometry.heads_per_program),
+        math.log(geometry.block_t),
         steps / waves,
         log_traffic * math.log(steps),
         float(warps == 1),

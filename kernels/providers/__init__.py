@@ -24,13 +24,18 @@ from ._base import (
     unregister_provider,
 )
 from ._triton import default_triton_config
+from ._triton_geometry import TritonGeometry
+from ._triton_launch import TritonLauncher, launch_rope
 
 __all__ = [
     "Provider",
     "ProviderStatus",
     "RopeFn",
+    "TritonGeometry",
+    "TritonLauncher",
     "default_triton_config",
     "get_provider",
+    "launch_rope",
     "list_providers",
     "provider_names",
     "register_provider",

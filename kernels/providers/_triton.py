@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import triton
 
 from .._spec import RopeSpec
 from ._base import Config, Provider, RopeFn, register_provider
+from ._triton_geometry import TritonGeometry, next_pow2, padded_row
 from ._triton_launch import TritonLauncher, _interpreting, launch_rope
 
 __all__ = [
@@ -44,16 +44,6 @@ PARAM_SPACE: dict[str, tuple[int, ...]] = {
 MAX_ELEMS_PER_THREAD = 128
 
 
-def _tile_elems(spec: RopeSpec, config: Config) -> int:
-    return config["block_t"] * config["block_h"] * 2 * triton.next_power_of_2(spec.rotary_dim // 2)
-
-
-def _head_blocks(spec: RopeSpec, config: Config) -> int:
-    return triton.cdiv(spec.num_heads, config["block_h"]) + triton.cdiv(
-        spec.num_kv_heads, config["block_h"]
-    )
-
-
 @dataclass(frozen=True)
 class Restriction:
     """A rule a config must meet for a spec.
@@ -73,7 +63,9 @@ class Restriction:
 RESTRICTIONS: tuple[Restriction, ...] = (
     Restriction(
         "registers",
-        lambda s, c: _tile_elems(s, c) / (32 * c["num_warps"]) <= MAX_ELEMS_PER_THREAD,
+        lambda s, c: (
+            TritonGeometry.of(s, c).elems_per_thread(c["num_warps"]) <= MAX_ELEMS_PER_THREAD
+        ),
         "a tile of block_t*block_h*rotary_dim = {tile} elements is over "
         "{max_elems} per thread with num_warps={config[num_warps]}",
     ),
@@ -81,25 +73,25 @@ RESTRICTIONS: tuple[Restriction, ...] = (
     # larger launches the same grid (the launcher clamps it) and would be a duplicate.
     Restriction(
         "head_split",
-        lambda s, c: c["head_split"] <= triton.next_power_of_2(_head_blocks(s, c)),
+        lambda s, c: c["head_split"] <= TritonGeometry.of(s, c).full_split,
         "head_split={config[head_split]} is over {split_cap}, the power of two that already "
         "gives each of the {blocks} query and key head blocks its own program",
     ),
     Restriction(
         "block_h",
-        lambda s, c: c["block_h"] <= triton.next_power_of_2(s.num_heads),
+        lambda s, c: c["block_h"] <= next_pow2(s.num_heads),
         "block_h={config[block_h]} is over the {spec.num_heads} query heads",
     ),
 )
 
 
 def _facts(spec: RopeSpec, config: Config) -> dict[str, Any]:
-    blocks = _head_blocks(spec, config)
+    geometry = TritonGeometry.of(spec, config)
     return {
-        "tile": _tile_elems(spec, config),
+        "tile": geometry.tile,
         "max_elems": MAX_ELEMS_PER_THREAD,
-        "blocks": blocks,
-        "split_cap": triton.next_power_of_2(blocks),
+        "blocks": geometry.head_blocks,
+        "split_cap": geometry.full_split,
     }
 
 
@@ -146,23 +138,22 @@ def default_triton_config(spec: RopeSpec, num_tokens: int | None = None) -> Conf
             block_t, block_h = (2 if num_tokens < 64 else 4), 1
         else:
             block_t, block_h = 1, min(8, _floor_pow2(spec.num_heads))
-        blocks = triton.cdiv(spec.num_heads, block_h) + triton.cdiv(spec.num_kv_heads, block_h)
+        geometry = TritonGeometry(spec, block_t, block_h, head_split=1)
         return {
             "block_t": block_t,
             "block_h": block_h,
-            "head_split": min(max_split, triton.next_power_of_2(blocks)),
+            "head_split": min(max_split, geometry.full_split),
             "num_warps": 4,
             "num_stages": 1,
         }
-    row = 2 * triton.next_power_of_2(spec.rotary_dim // 2)
-    block_h = min(
-        triton.next_power_of_2(spec.num_heads), max(1, 4096 // row), max(PARAM_SPACE["block_h"])
-    )
+    row = padded_row(spec)
+    block_h = min(next_pow2(spec.num_heads), max(1, 4096 // row), max(PARAM_SPACE["block_h"]))
+    geometry = TritonGeometry(spec, 1, block_h, head_split=1)
     return {
         "block_t": 1,
         "block_h": block_h,
         "head_split": 1,
-        "num_warps": 8 if block_h * row >= 2048 else 4,
+        "num_warps": 8 if geometry.tile >= 2048 else 4,
         "num_stages": 1,
     }
 
