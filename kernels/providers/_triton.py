@@ -1,33 +1,37 @@
 """``triton``: our RoPE kernel as a provider: its tuning space, its restrictions, its default
-configs, and its registration.
+configs, its model features, and its registration.
 
-The kernel is :mod:`._triton_kernel`, its launcher :mod:`._triton_launch`. The space and the
-restrictions are plain data the tuner reads: :data:`PARAM_SPACE` (each parameter's values) and
+The kernel is :mod:`._triton_kernel`, its launcher :mod:`._triton_launch`, its layout of a call
+:mod:`._triton_geometry`, its features :mod:`._triton_features`. The space and the restrictions
+are plain data the tuner reads: :data:`PARAM_SPACE` (each parameter's values) and
 :data:`RESTRICTIONS` (rules a config must meet for a spec, each with its reason).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .._spec import RopeSpec
-from ._base import Config, Provider, RopeFn, register_provider
+from ._base import Config, Provider, Restriction, RopeFn, register_provider
+from ._triton_features import TRITON_FEATURES, triton_features
 from ._triton_geometry import TritonGeometry, next_pow2, padded_row
-from ._triton_launch import TritonLauncher, _interpreting, launch_rope
+from ._triton_launch import TritonLauncher, _interpreting
 
 __all__ = [
     "PARAM_SPACE",
     "RESTRICTIONS",
-    "Restriction",
+    "TRITON",
     "TritonProvider",
     "config_problems",
     "default_triton_config",
-    "launch_rope",
 ]
+
+# The provider's registry name.
+TRITON = "triton"
 
 # -- tuning space --------------------------------------------------------------------------------
 
@@ -42,22 +46,6 @@ PARAM_SPACE: dict[str, tuple[int, ...]] = {
 # Live float32 values per thread above which a tile spills registers: the kernel holds x1, x2
 # (or x) and cos, sin for BLOCK_T x BLOCK_H x rotary_dim elements.
 MAX_ELEMS_PER_THREAD = 128
-
-
-@dataclass(frozen=True)
-class Restriction:
-    """A rule a config must meet for a spec.
-
-    Attributes:
-        name: Short name.
-        holds: ``holds(spec, config)``: whether the config meets the rule.
-        reason: Why a config breaking it is out, formatted with ``spec``, ``config`` and the
-            values of :func:`_facts`.
-    """
-
-    name: str
-    holds: Callable[[RopeSpec, Config], bool]
-    reason: str
 
 
 RESTRICTIONS: tuple[Restriction, ...] = (
@@ -93,15 +81,6 @@ def _facts(spec: RopeSpec, config: Config) -> dict[str, Any]:
         "blocks": geometry.head_blocks,
         "split_cap": geometry.full_split,
     }
-
-
-def config_problems(spec: RopeSpec, config: Config) -> list[str]:
-    """The reasons of every restriction ``config`` breaks for ``spec``; empty when none."""
-    broken = [r for r in RESTRICTIONS if not r.holds(spec, config)]
-    if not broken:
-        return []
-    facts = _facts(spec, config)
-    return [r.reason.format(spec=spec, config=config, **facts) for r in broken]
 
 
 # -- defaults ------------------------------------------------------------------------------------
@@ -163,12 +142,23 @@ def default_triton_config(spec: RopeSpec, num_tokens: int | None = None) -> Conf
 
 @dataclass(frozen=True)
 class TritonProvider(Provider):
-    name: str = "triton"
+    """The Triton kernel as a provider.
+
+    Attributes:
+        fast_launch: Whether its launchers take the fast path (:class:`TritonLauncher`); None
+            decides from the Triton release and the interpreter, False always takes Triton's
+            public launch (profilers, experiments).
+    """
+
+    name: str = TRITON
     description: str = "rope-autotune's Triton kernel: q and k in one launch, rotated part only"
     param_space: dict[str, tuple[Any, ...]] = field(default_factory=lambda: dict(PARAM_SPACE))
     # 2: q and k head blocks shared evenly over a token block's programs; head_split up to 32.
     # 3: head_split up to 128, one program per head block when it reaches the block count.
     revision: int = 3
+    restrictions: tuple[Restriction, ...] = RESTRICTIONS
+    fallback_on: tuple[str, ...] = ("cuda",)
+    fast_launch: bool | None = None
 
     def unavailable_reason(self, device: torch.device | str) -> str | None:
         device = torch.device(device)
@@ -181,15 +171,32 @@ class TritonProvider(Provider):
     def default_config(self, spec: RopeSpec, num_tokens: int | None = None) -> Config:
         return default_triton_config(spec, num_tokens)
 
-    def check_config(self, spec: RopeSpec, config: Config | None) -> Config:
-        full = super().check_config(spec, config)
-        problems = config_problems(spec, full)
-        if problems:
-            raise ValueError(f"config: invalid for {spec.key}: " + "; ".join(problems))
-        return full
+    def restriction_facts(self, spec: RopeSpec, config: Config) -> dict[str, Any]:
+        return _facts(spec, config)
+
+    def feature_names(self) -> tuple[str, ...]:
+        return TRITON_FEATURES
+
+    def features(
+        self,
+        spec: RopeSpec,
+        num_tokens: int,
+        config: Mapping[str, Any] | None = None,
+        *,
+        sm_count: int,
+    ) -> list[float]:
+        if config is None:
+            raise ValueError(f"config: the {self.name} provider's features depend on its config")
+        return triton_features(spec, num_tokens, config, sm_count=sm_count)
 
     def build(self, spec: RopeSpec, config: Config) -> RopeFn:
-        return TritonLauncher(spec, config)
+        return TritonLauncher(spec, config, fast=self.fast_launch)
 
 
-register_provider(TritonProvider())
+_PROVIDER = register_provider(TritonProvider())
+
+
+def config_problems(spec: RopeSpec, config: Config) -> list[str]:
+    """The reasons of every restriction ``config`` breaks for ``spec``; empty when none
+    (:meth:`Provider.config_problems` of the registered Triton provider)."""
+    return _PROVIDER.config_problems(spec, config)

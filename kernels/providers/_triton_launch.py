@@ -21,7 +21,13 @@ from .._spec import RopeSpec
 from ._triton_geometry import TritonGeometry
 from ._triton_kernel import rope_kernel
 
-__all__ = ["FAST_LAUNCH_VERSIONS", "TritonLauncher", "fast_launch_supported", "launch_rope"]
+__all__ = [
+    "FAST_LAUNCH_VERSIONS",
+    "TritonLauncher",
+    "fast_launch_supported",
+    "launch_hooks_active",
+    "launch_rope",
+]
 
 # Triton releases (major.minor) whose CompiledKernel.run takes
 # (grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook,
@@ -51,7 +57,9 @@ except ImportError:  # Triton < 3.4
     from triton.compiler.compiler import CompiledKernel as _launch_hooks  # noqa: N813
 
 
-def _launch_hooks_active() -> bool:
+def launch_hooks_active() -> bool:
+    """Whether a launch hook (a profiler such as Proton) is registered with Triton: launches
+    then take Triton's public path, which runs the hooks (checked on every call)."""
     # Triton >= 3.5 keeps a HookChain (empty unless a profiler registered a hook), older
     # releases None or a callable.
     hook = _launch_hooks.launch_enter_hook
@@ -131,7 +139,7 @@ class TritonLauncher:
         k, strides, k_heads = self._arguments(positions, query, key, num_tokens)
         ints = (*strides, cos_sin_cache.stride(0))
         # Launch hooks (profilers such as Proton) need Triton's own path and its metadata.
-        fast = self.fast and not _launch_hooks_active()
+        fast = self.fast and not launch_hooks_active()
         if fast:
             specialization = (
                 k_heads, positions.dtype, cos_sin_cache.dtype, query.device.index,
