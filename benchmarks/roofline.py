@@ -30,7 +30,6 @@ from autotune.measure import check_correct, copy_bandwidth, time_rope
 from autotune.models import MODEL_PRESETS
 from kernels import RopeSpec, get_provider, list_providers
 from kernels.providers import TritonGeometry
-from kernels.providers._triton import config_problems
 from kernels.table import library_versions
 
 # vLLM's benchmark_rope.py spec (head 128, rotary 32, 32 and 48 heads), then model presets.
@@ -142,7 +141,7 @@ def triton_sweep_space(spec: RopeSpec, tokens: int):
             "num_warps": warps,
             "num_stages": 1,
         }
-        if not config_problems(spec, config):
+        if not get_provider("triton").config_problems(spec, config):
             yield config
 
 

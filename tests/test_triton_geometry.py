@@ -1,5 +1,5 @@
 """The Triton geometry: its numbers by hand on one case, the launcher's actual grid, and which
-heads each program of the kernel really rotates (run under the interpreter on the CPU)."""
+heads each program of the kernel really rotates (on the GPU, else under the interpreter)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from kernels import RopeSpec, get_provider
 from kernels.providers import TritonGeometry, TritonLauncher
 from kernels.providers._triton_kernel import rope_kernel
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Partial rotary (12 rotated pairs, padded to 16) and key heads that blocks of 2 or 4 do not tile.
 GQA = RopeSpec(64, 24, 6, 3, False, torch.float32)
 
@@ -55,13 +56,14 @@ class _GridRecorder:
 
 
 def _inputs(spec: RopeSpec, num_tokens: int, has_key: bool):
-    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     d = spec.head_size
-    positions = torch.randint(0, 16, (num_tokens,))
-    query = torch.randn(num_tokens, spec.num_heads, d, dtype=spec.dtype)
-    key = torch.randn(num_tokens, spec.num_kv_heads, d, dtype=spec.dtype) if has_key else None
-    cache = torch.randn(16, spec.rotary_dim, dtype=torch.float32)
-    return positions, query, key, cache
+    positions = torch.randint(0, 16, (num_tokens,), generator=gen)
+    query = torch.randn(num_tokens, spec.num_heads, d, generator=gen, dtype=spec.dtype)
+    key = torch.randn(num_tokens, spec.num_kv_heads, d, generator=gen, dtype=spec.dtype)
+    cache = torch.randn(16, spec.rotary_dim, generator=gen)
+    keyed = key.to(DEVICE) if has_key else None
+    return positions.to(DEVICE), query.to(DEVICE), keyed, cache.to(DEVICE)
 
 
 CONFIGS = [
