@@ -18,6 +18,7 @@ __all__ = [
     "ProviderStatus",
     "Restriction",
     "RopeFn",
+    "cuda_only_reason",
     "fallback_providers",
     "get_provider",
     "list_providers",
@@ -93,9 +94,8 @@ class Provider:
     # -- what a subclass describes -------------------------------------------------------------
     def unavailable_reason(self, device: torch.device | str) -> str | None:
         """Why this provider cannot run on ``device``, or None when it can."""
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            return "CUDA is not available"
+        if torch.device(device).type == "cuda":
+            return cuda_only_reason(device)
         return None
 
     def unsupported_reason(self, spec: RopeSpec, *, has_key: bool = True) -> str | None:
@@ -260,6 +260,15 @@ class Provider:
             raise ValueError(f"query: {self.name} cannot run on {query.device}: {reason}")
         check_positions_in_cache(positions, cos_sin_cache)
         self.callable_for(spec, config)(positions, query, key, cos_sin_cache)
+
+
+def cuda_only_reason(device: torch.device | str) -> str | None:
+    """Why a provider that runs on CUDA devices alone cannot run on ``device``, or None."""
+    if torch.device(device).type != "cuda":
+        return "runs on CUDA devices only"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    return None
 
 
 def _config_key(config: Mapping[str, Any]) -> tuple[tuple[str, type, Any], ...]:

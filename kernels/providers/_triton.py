@@ -9,14 +9,13 @@ are plain data the tuner reads: :data:`PARAM_SPACE` (each parameter's values) an
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .._spec import RopeSpec
-from ._base import Config, Provider, Restriction, RopeFn, register_provider
+from ._base import Config, Provider, Restriction, RopeFn, cuda_only_reason, register_provider
 from ._triton_features import TRITON_FEATURES, triton_features
 from ._triton_geometry import TritonGeometry, next_pow2, padded_row
 from ._triton_launch import TritonLauncher, _interpreting
@@ -163,7 +162,7 @@ class TritonProvider(Provider):
     def unavailable_reason(self, device: torch.device | str) -> str | None:
         device = torch.device(device)
         if device.type == "cuda":
-            return None if torch.cuda.is_available() else "CUDA is not available"
+            return cuda_only_reason(device)
         if device.type == "cpu" and _interpreting():
             return None
         return f"runs on CUDA devices (or the CPU under TRITON_INTERPRET=1), not {device.type}"
@@ -178,12 +177,7 @@ class TritonProvider(Provider):
         return TRITON_FEATURES
 
     def features(
-        self,
-        spec: RopeSpec,
-        num_tokens: int,
-        config: Mapping[str, Any] | None = None,
-        *,
-        sm_count: int,
+        self, spec: RopeSpec, num_tokens: int, config: Config | None = None, *, sm_count: int
     ) -> list[float]:
         if config is None:
             raise ValueError(f"config: the {self.name} provider's features depend on its config")
