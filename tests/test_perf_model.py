@@ -202,6 +202,21 @@ def test_features_match_their_names():
         assert len(x) == len(feature_names(provider)) and all(map(math.isfinite, x))
 
 
+def test_features_are_the_definitions_models_were_fit_on():
+    """Features version 2, pinned: a changed definition must bump FEATURES_VERSION (and refit),
+    never change what a shipped model reads."""
+    assert FEATURES_VERSION == 2
+    config = {"block_t": 2, "block_h": 4, "head_split": 2, "num_warps": 2, "num_stages": 3}
+    call = [19.521690157220196, 11.156250521031495, 2.772588722239781, 1.0986122886681098,
+            4.564348191467836, 1.0, 1.0, 1.0]  # fmt: skip
+    assert features("vllm", SPECS[1], 70000, sm_count=132) == call
+    assert features(TRITON, SPECS[1], 70000, config, sm_count=132) == [
+        *call, 11.156250521031495, 2.8077126956453986, 0.6931471805599453, 7.6246189861593985,
+        2.0794415416798357, -0.2876820724517809, 2.0794415416798357, 0.6931471805599453,
+        0.1206857142857143, 13.531404492242013, 0.0, 1.0, 0.0, 0.0, 1.0, 54.81129729488296,
+    ]  # fmt: skip
+
+
 def test_the_shipped_model_is_valid():
     if not SHIPPED.exists():
         pytest.skip("no shipped model")
