@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import cos_sin_cache
-from kernels._spec import RopeSpec
+from kernels import RopeSpec, cos_sin_cache
 from kernels.providers import RopeFn
 from kernels.testing import assert_rope_close, rope_reference
 

@@ -38,13 +38,13 @@ from kernels import RopeSpec
 from kernels.perf_model import (
     FEATURES_VERSION,
     SCHEMA_VERSION,
-    TRITON,
     PerfModel,
     feature_names,
     features,
     model_file_name,
     validate_model,
 )
+from kernels.providers import TRITON
 from kernels.table import TIMING_MODES
 
 from ._preflight import check_output_dir

@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 import torch
 
-from kernels._predicted import find_model
+from kernels.perf_model import find_model
 from kernels.table import device_metadata
 
 from ._device import resolve_device

@@ -14,7 +14,7 @@ import torch
 from optuna.trial import FrozenTrial
 
 from kernels import RopeSpec, provider_names
-from kernels._predicted import find_model
+from kernels.perf_model import find_model
 from kernels.table import TIMING_MODES, check_table_target, device_metadata, empty_table
 
 from ._device import resolve_device

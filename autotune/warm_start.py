@@ -38,7 +38,7 @@ def model_candidates(model: PerfModel, count: int = WARM_START_CONFIGS):
     def first(key: StudyKey, space: CandidateSpace) -> list[Candidate]:
         if "triton" not in space.providers:
             return []
-        ranked = model.rank_triton_configs(key.spec, key.tokens, count)
+        ranked = model.rank_configs("triton", key.spec, key.tokens, count)
         return [Candidate("triton", config) for config in ranked]
 
     return first

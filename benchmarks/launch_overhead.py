@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from autotune.measure import make_inputs
 from kernels import RopeSpec, get_provider, list_providers
-from kernels.providers._triton import launch_rope
+from kernels.providers import launch_hooks_active, launch_rope
 
 
 def host_us(fn, calls: int = 2000, rounds: int = 15) -> float:
@@ -62,16 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     y = torch.randn(args.tokens, 4096, device=args.device)
     results["torch.add_"] = host_us(lambda: y.add_(1.0))
     if "triton" in available:  # where the lean path's time goes
-        from kernels.providers._triton_launch import _launch_hooks
-
         launcher = get_provider("triton").callable_for(spec, None)
         print(
-            f"lean cache entries: {len(launcher.compiled)}; hooks: "
-            f"{_launch_hooks.launch_enter_hook}, {_launch_hooks.launch_exit_hook}"
+            f"lean cache entries: {len(launcher.compiled)}; launch hooks active: "
+            f"{launch_hooks_active()}"
         )
         if launcher.compiled:
             compiled, grid_h = next(iter(launcher.compiled.values()))
-            grid_t = launcher.grid(args.tokens, spec.num_kv_heads)[0]
+            grid_t = launcher.geometry.token_blocks(args.tokens)
             q, k = x.query, x.key
             run_args = (
                 x.positions,
@@ -102,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                     *run_args,
                 )
             )
-            results["knobs hook lookup"] = host_us(lambda: _launch_hooks.launch_enter_hook)
+            results["launch hooks check"] = host_us(launch_hooks_active)
             results["raw stream lookup"] = host_us(lambda: torch._C._cuda_getCurrentRawStream(0))
     for name, us in results.items():
         print(f"{name:24s} {us:7.2f} us/call")

@@ -50,23 +50,15 @@ from autotune.perf_model_fit import (
     write_rows,
 )
 from autotune.storage import open_storage
-from kernels import RopeSpec
-from kernels.perf_model import TRITON, PerfModel, choose_between_buckets
+from kernels import RopeSpec, get_provider, nearest_spec_key
+from kernels.perf_model import PerfModel, choose_between_buckets
+from kernels.providers import TRITON, default_triton_config
 
 WITHIN = 1.02
 BUDGETS = (1, 2, 4, 8, 12, 16, 24, 32, 48)
 MARGINS = (1.0, 1.05, 1.1)
 TOP_K = 4
 TOP_K_DTYPE = "bfloat16"  # the GPU list of unmeasured top-k configs: one dtype is enough
-
-
-def _today_helpers():
-    """The selector's nearest-spec rule and Triton's default (private modules: may move)."""
-    from kernels._lookup import nearest_spec_key
-    from kernels.providers import default_triton_config
-    from kernels.providers._triton import config_problems
-
-    return nearest_spec_key, default_triton_config, config_problems
 
 
 def shape_of(spec_key: str) -> str:
@@ -109,7 +101,6 @@ def measure(listing: str, device: str, out: str, repeats: int, index: int, count
     """Time each (spec, tokens, provider, config) of ``listing`` on ``device``; ``out`` is
     rewritten after each one, so a run stopped by a time limit keeps what it measured."""
     from autotune.measure import check_correct, time_rope
-    from kernels import get_provider
 
     rows = []
     with open(listing, newline="") as f:
@@ -155,7 +146,7 @@ def main() -> int:
     started = time.perf_counter()
     rows, meta = load(args)
     extra = [r for path in args.extra_rows for r in read_rows(path)]
-    nearest_spec_key, default_triton_config, config_problems = _today_helpers()
+    config_problems = get_provider(TRITON).config_problems
 
     measured: dict[tuple[str, int, str, str], float] = {}
     for r in [*rows, *extra]:
@@ -253,7 +244,7 @@ def main() -> int:
             order = [r for r in bucket_rows if r.provider != TRITON]
             order += [r for r in triton_rows if config_key(r.config) == default]
             rest = [r for r in triton_rows if config_key(r.config) != default]
-            predicted = model.predict_triton_configs(spec, tokens, [r.config for r in rest])
+            predicted = model.predict_configs(TRITON, spec, tokens, [r.config for r in rest])
             order += [r for _, _, r in sorted(
                 zip(predicted, (config_key(r.config) for r in rest), rest, strict=True),
                 key=lambda item: item[:2])]  # fmt: skip
@@ -278,7 +269,7 @@ def main() -> int:
 
             # Warm start over the whole space: the model's top TOP_K of every valid config.
             first = [r.median_us for r in order[: len(order) - len(triton_rows) + 1]]
-            top = model.rank_triton_configs(spec, tokens, TOP_K)
+            top = model.rank_configs(TRITON, spec, tokens, TOP_K)
             top_us = [measured.get((key, tokens, TRITON, config_key(c))) for c in top]
             for c, us in zip(top, top_us, strict=True):
                 if us is None and spec.dtype_name == TOP_K_DTYPE:

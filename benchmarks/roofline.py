@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from autotune.measure import check_correct, copy_bandwidth, time_rope
 from autotune.models import MODEL_PRESETS
 from kernels import RopeSpec, get_provider, list_providers
-from kernels.providers._triton import config_problems
+from kernels.providers import TritonGeometry
 from kernels.table import library_versions
 
 # vLLM's benchmark_rope.py spec (head 128, rotary 32, 32 and 48 heads), then model presets.
@@ -94,20 +94,26 @@ def _slice_copy_kernel(
         tl.store(p, tl.load(p, mask=mask), mask=mask)
 
 
+def slice_copy_geometry(spec: RopeSpec, block_t: int, block_h: int) -> TritonGeometry:
+    """The copy kernel's tiles: the RoPE kernel's with one program per token block."""
+    return TritonGeometry(spec, block_t, block_h, head_split=1)
+
+
 def slice_copy_fn(spec: RopeSpec, block_t: int, block_h: int, num_warps: int):
     """A callable with the RoPE signature that copies the rotated slices of q and k in place."""
+    geometry = slice_copy_geometry(spec, block_t, block_h)
 
     def run(positions, query, key, cos_sin_cache):
         n = positions.numel()
         for x, heads in ((query, spec.num_heads), (key, spec.num_kv_heads)):
-            _slice_copy_kernel[(triton.cdiv(n, block_t),)](
+            _slice_copy_kernel[(geometry.token_blocks(n),)](
                 x,
                 n,
                 x.stride(0),
                 spec.head_size,
                 NUM_HEADS=heads,
                 ROT=spec.rotary_dim,
-                ROT_PAD=triton.next_power_of_2(spec.rotary_dim),
+                ROT_PAD=geometry.row,
                 BLOCK_T=block_t,
                 BLOCK_H=block_h,
                 num_warps=num_warps,
@@ -135,7 +141,7 @@ def triton_sweep_space(spec: RopeSpec, tokens: int):
             "num_warps": warps,
             "num_stages": 1,
         }
-        if not config_problems(spec, config):
+        if not get_provider("triton").config_problems(spec, config):
             yield config
 
 
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 candidates += [
                     ("slice_copy", f"bt{bt}_bh{bh}_w{w}", (bt, bh, w))
                     for bt, bh, w in itertools.product((1, 2, 4, 8, 16), (1, 2, 4, 8, 16), (4, 8))
-                    if bt * bh * triton.next_power_of_2(spec.rotary_dim) <= 64 * 32 * w
+                    if slice_copy_geometry(spec, bt, bh).elems_per_thread(w) <= 64
                 ]
         best: dict[str, tuple[float, str]] = {}
         for name, label, config in candidates:

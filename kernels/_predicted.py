@@ -5,54 +5,21 @@ the model predicts fastest among those available here and supporting the call; a
 token counts between two of its buckets get the faster (predicted) of the neighbouring buckets'
 winners and the model's own pick (which must be predicted a margin faster, since the winners
 were measured and it was not). The model file lies beside the table
-(``NVIDIA_H200.model.json``) in the same search path; a bad one warns once and is not used.
+(``NVIDIA_H200.model.json``) in the same search path (:func:`kernels.perf_model.find_model`);
+a bad one warns once and is not used.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from . import table as _table  # module attributes: tests redirect the search path
-from ._lookup import device_name
 from ._routes import Availability, Route, try_route
 from ._spec import RopeSpec
-from .perf_model import PerfModel, choose_between_buckets, model_file_name
+from .perf_model import PerfModel, choose_between_buckets
 from .providers import get_provider
 
-__all__ = ["between_route", "find_model", "predicted_route"]
-
-# Loaded models by (path, modification time, size): a serving stack builds many selectors.
-_models: dict[tuple[str, int, int], PerfModel | None] = {}
-_models_lock = threading.Lock()
-
-
-def find_model(table_dir: str | Path | None, device: torch.device) -> PerfModel | None:
-    """The device's model: beside ``table_dir``'s table (or in that directory), else the first
-    model file of the search path; None when there is none or it cannot be used (warned)."""
-    name = model_file_name(device_name(device))
-    if table_dir is not None:
-        path = Path(table_dir).expanduser()
-        paths = [path.parent / name if path.suffix == ".json" else path / name]
-    else:
-        paths = [directory / name for directory in _table.table_search_path()]
-    for path in paths:
-        try:
-            stat = path.stat()
-        except OSError:
-            continue
-        key = (str(path), stat.st_mtime_ns, stat.st_size)
-        with _models_lock:
-            if key not in _models:
-                _models[key] = PerfModel.load(path)
-            model = _models[key]
-        if model is not None:
-            return model
-    return None
+__all__ = ["between_route", "predicted_route"]
 
 
 def _servable(

@@ -17,13 +17,15 @@ from typing import Any
 import torch
 
 from ._spec import RopeSpec
-from .providers import RopeFn, default_triton_config, get_provider
+from .providers import RopeFn, fallback_providers, get_provider, reference_provider
 
 __all__ = [
     "FALLBACK_BUCKETS",
     "Availability",
     "Route",
     "bucket_thresholds",
+    "fallback_buckets",
+    "fallback_description",
     "fallback_route",
     "forced_routes",
     "resolve_entry",
@@ -31,7 +33,8 @@ __all__ = [
 ]
 
 # Buckets used when no table entry applies (fallback or a forced provider without a config):
-# the default Triton config depends on the token count, so it gets one config per power of two.
+# a tunable provider's default config may depend on the token count, so it gets one config per
+# power of two.
 FALLBACK_BUCKETS = tuple(2**i for i in range(17))  # 1 .. 65536
 
 
@@ -144,20 +147,35 @@ def resolve_entry(
     return None
 
 
+def fallback_buckets(device: torch.device) -> tuple[int, ...]:
+    """Buckets of an untuned selection: :data:`FALLBACK_BUCKETS` where a provider's default
+    config is the fallback on ``device`` (:func:`~kernels.providers.fallback_providers`), one
+    bucket where the reference provider alone is."""
+    return FALLBACK_BUCKETS if fallback_providers(device) else (1,)
+
+
+def fallback_description(device: torch.device) -> str:
+    """What an untuned selection runs on ``device``, for messages: ``"<name>'s default
+    config"`` for each fallback provider, then the reference provider's name."""
+    names = [f"{p.name}'s default config" for p in fallback_providers(device)]
+    return ", else ".join([*names, reference_provider().name])
+
+
 def fallback_route(
     spec: RopeSpec, device: torch.device, bucket: int, has_key: bool, why: str
 ) -> Route:
-    """The untuned choice: Triton's default config on CUDA, ``torch`` elsewhere (or when Triton
-    cannot serve), which runs every spec on every device."""
-    if device.type == "cuda":
-        unavailable = Availability(device)
-        route, _ = try_route(
-            "triton", default_triton_config(spec, bucket), spec, bucket, has_key, unavailable
-        )
+    """The untuned choice: the first of ``device``'s fallback providers
+    (:attr:`~kernels.providers.Provider.fallback_on`) that is available and supports the call,
+    with its default config for ``bucket``; else the reference provider, which runs every spec
+    on every device."""
+    unavailable = Availability(device)
+    for provider in fallback_providers(device):
+        route, _ = try_route(provider.name, None, spec, bucket, has_key, unavailable)
         if route is not None:
             return Route(route.provider, route.config, route.fn, why)
-    provider = get_provider("torch")
-    return Route("torch", {}, provider.callable_for(spec, {}), why)
+    reference = reference_provider()
+    config = reference.check_config(spec, None)
+    return Route(reference.name, config, reference.callable_for(spec, config), why)
 
 
 def forced_routes(

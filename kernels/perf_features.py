@@ -1,47 +1,22 @@
 """The performance model's features (:mod:`kernels.perf_model`): what carries across shapes.
 
-Every provider's features describe the call (memory traffic, tokens, heads, rotated bytes per row,
-style, dtype); Triton's add what its config does with them on the device (programs, waves over
-the SMs' resident slots, serial head-block steps, bytes per step, elements per thread, lane use,
-cos/sin reuse, warps, stages). A changed definition bumps :data:`FEATURES_VERSION`, so that a
-model fit on other definitions is refused rather than misread.
-
-The Triton provider's parameter space and checks are imported in :func:`triton_space` alone
-(their module may move).
+Every provider's features start with the call's (:data:`CALL_FEATURES`: memory traffic, tokens,
+heads, rotated bytes per row, style, dtype); a tunable provider adds what its config does with
+them on the device (:meth:`kernels.providers.Provider.features`), for which
+:func:`resident_programs` gives the device's side. A changed definition, here or in a
+provider, bumps :data:`FEATURES_VERSION`, so that a model fit on other definitions is refused
+rather than misread.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
 
 from ._spec import RopeSpec
 
-__all__ = [
-    "FEATURES_VERSION",
-    "TRITON",
-    "feature_names",
-    "features",
-    "triton_candidates",
-    "triton_space",
-]
+__all__ = ["CALL_FEATURES", "FEATURES_VERSION", "call_features", "resident_programs"]
 
 FEATURES_VERSION = 2
-TRITON = "triton"
-
-# -- imports from modules that may move (the Triton provider's parameter space and checks) ----
-
-
-def triton_space() -> tuple[Mapping[str, Sequence[Any]], Any, Any]:
-    """``(PARAM_SPACE, config_problems, default_triton_config)`` of the Triton provider."""
-    from .providers._triton import PARAM_SPACE, config_problems, default_triton_config
-
-    return PARAM_SPACE, config_problems, default_triton_config
-
-
-# -- features ----------------------------------------------------------------------------------
 
 _MAX_WARPS_PER_SM = 64
 _MAX_PROGRAMS_PER_SM = 32
@@ -50,7 +25,7 @@ _MAX_PROGRAMS_PER_SM = 32
 # shapes), so traffic, not the bytes a call needs, is what carries to small rotary dims.
 _DRAM_ACCESS_BYTES = 64
 
-_SPEC_FEATURES = (
+CALL_FEATURES = (
     "log_traffic",  # bytes HBM moves: rotated slices in whole accesses, cos/sin, positions
     "log_tokens",
     "log_heads",
@@ -60,34 +35,6 @@ _SPEC_FEATURES = (
     "gptj",
     "float16",
 )
-_TRITON_FEATURES = (
-    *_SPEC_FEATURES,
-    "log_programs",
-    "log_waves",  # programs over the resident slots of all SMs, at least one wave
-    "log_steps",  # head blocks the busiest program walks one after the other
-    "log_step_bytes",  # q/k bytes one program moves per head-block step
-    "log_elems_per_thread",
-    "log_lane_use",  # rotated elements over the tile's elements (padding, head masks)
-    "log_cos_sin_reuse",  # heads rotated per cos/sin row loaded
-    "log_block_t",
-    "step_latency",  # serial head-block steps per wave: round trips that do not overlap
-    "traffic_x_steps",
-    "warps_1",
-    "warps_2",
-    "warps_8",
-    "stages_2",
-    "stages_3",
-    "waves_x_traffic",
-)
-
-
-def feature_names(provider: str) -> tuple[str, ...]:
-    """The features (in order) of ``provider``'s model under :data:`FEATURES_VERSION`."""
-    return _TRITON_FEATURES if provider == TRITON else _SPEC_FEATURES
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -101,7 +48,8 @@ def _traffic(spec: RopeSpec, tokens: int) -> int:
     return tokens * (2 * (spec.num_heads + spec.num_kv_heads) * row + 4 * spec.rotary_dim + 8)
 
 
-def _spec_features(spec: RopeSpec, tokens: int) -> list[float]:
+def call_features(spec: RopeSpec, tokens: int) -> list[float]:
+    """The call's features (order of :data:`CALL_FEATURES`) for ``tokens`` (at least 1)."""
     elem = spec.dtype.itemsize
     return [
         math.log(_traffic(spec, tokens)),
@@ -115,71 +63,7 @@ def _spec_features(spec: RopeSpec, tokens: int) -> list[float]:
     ]
 
 
-def features(
-    provider: str,
-    spec: RopeSpec,
-    tokens: int,
-    config: Mapping[str, Any] | None = None,
-    *,
-    sm_count: int,
-) -> list[float]:
-    """Feature vector of one call (order of :func:`feature_names`).
-
-    Args:
-        provider: Provider name; ``"triton"`` needs ``config`` (block_t, block_h, head_split,
-            num_warps, num_stages), the others take none.
-        tokens: Token count, at least 1.
-        sm_count: The device's streaming multiprocessors (the model file's metadata; 1 when
-            it has none, as for a CPU).
-    """
-    base = _spec_features(spec, tokens)
-    if provider != TRITON:
-        return base
-    bt, bh, split = config["block_t"], config["block_h"], config["head_split"]
-    warps, stages = config["num_warps"], config["num_stages"]
-    row = 2 * _next_pow2(spec.rotary_dim // 2)  # padded rotated elements per head row
-    blocks = _cdiv(spec.num_heads, bh) + _cdiv(spec.num_kv_heads, bh)
-    grid_h = min(split, blocks)
-    programs = _cdiv(tokens, bt) * grid_h
-    slots = sm_count * min(_MAX_PROGRAMS_PER_SM, _MAX_WARPS_PER_SM // warps)
-    waves = max(1.0, programs / slots)
-    steps = _cdiv(blocks, split)
-    tile = bt * bh * row
-    lane_use = (spec.num_heads + spec.num_kv_heads) * spec.rotary_dim / (blocks * bh * row)
-    log_traffic = base[0]
-    log_step_bytes = math.log(2 * tile * spec.dtype.itemsize)
-    return [
-        *base,
-        math.log(programs),
-        math.log(waves),
-        math.log(steps),
-        log_step_bytes,
-        math.log(tile / (32 * warps)),
-        math.log(lane_use),
-        math.log(blocks * bh / grid_h),
-        math.log(bt),
-        steps / waves,
-        log_traffic * math.log(steps),
-        float(warps == 1),
-        float(warps == 2),
-        float(warps == 8),
-        float(stages == 2),
-        float(stages == 3),
-        math.log(waves) * log_traffic,
-    ]
-
-
-# -- the Triton candidates ---------------------------------------------------------------------
-
-
-def triton_candidates(spec: RopeSpec) -> list[dict[str, int]]:
-    """Every Triton config of the parameter space that is valid for ``spec``
-    (``config_problems`` empty), in the space's product order."""
-    space, config_problems, _ = triton_space()
-    names = sorted(space)
-    out = []
-    for values in itertools.product(*(space[n] for n in names)):
-        config = dict(zip(names, values, strict=True))
-        if not config_problems(spec, config):
-            out.append(config)
-    return out
+def resident_programs(sm_count: int, num_warps: int) -> int:
+    """Programs of ``num_warps`` warps the device holds at once: per streaming multiprocessor,
+    as many as its warp slots allow, at most its program slots."""
+    return sm_count * min(_MAX_PROGRAMS_PER_SM, _MAX_WARPS_PER_SM // num_warps)

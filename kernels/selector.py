@@ -13,9 +13,10 @@ Lookup, first match wins (:mod:`kernels._lookup`):
 3. Else, with a model: per bucket, the provider and config the model predicts fastest among
    those available here (``explain()`` says "predicted" and the expected time).
 4. Else the nearest spec in a table (same head size, rotary dim, style and element size; closest
-   head counts in log distance, see :func:`kernels._lookup.nearest_spec_key`), else Triton's
-   default config on CUDA, ``torch`` on the CPU, with one warning naming the command that
-   tunes this device.
+   head counts in log distance, see :func:`kernels.nearest_spec_key`), else the untuned
+   fallback: the default config of a provider marked for this device type (the Triton kernel
+   on CUDA), else the reference provider (``torch``, on the CPU), with one warning naming the
+   command that tunes this device (:mod:`kernels._routes`).
 
 Per call, the arguments' metadata is checked against the spec, then the token count picks the
 bucket nearest in log scale (boundaries at the geometric midpoints between the table's buckets)
@@ -44,19 +45,21 @@ from ._lookup import (
     warn_if_stale,
     warn_once,
 )
-from ._predicted import between_route, find_model, predicted_route
+from ._predicted import between_route, predicted_route
 from ._routes import (
     FALLBACK_BUCKETS,
     Availability,
     Route,
     bucket_thresholds,
+    fallback_buckets,
+    fallback_description,
     fallback_route,
     forced_routes,
     resolve_entry,
 )
 from ._spec import RopeSpec
 from .devices import normalize_device
-from .perf_model import PerfModel
+from .perf_model import PerfModel, find_model
 from .table import TIMING_MODES, RopeTableWarning, device_table_name
 
 __all__ = ["Explanation", "RopeSelector", "RopeTableWarning", "select_rope"]
@@ -326,7 +329,7 @@ def select_rope(
             model.source, None, debug=debug,
         )  # fmt: skip
     else:
-        fallback = "Triton's default config" if device.type == "cuda" else "torch"
+        fallback = fallback_description(device)
         why = f"fallback: no {timing} entry for {spec.key} in any {file_name}"
         warn_once(
             ("no-table", file_name, spec.key, timing),
@@ -335,7 +338,7 @@ def select_rope(
             f"{_tune_command(spec, device)}",
             stacklevel=2,
         )
-        buckets = FALLBACK_BUCKETS if device.type == "cuda" else (1,)
+        buckets = fallback_buckets(device)
         routes = tuple(fallback_route(spec, device, b, True, why) for b in buckets)
         keyless = tuple(fallback_route(spec, device, b, False, why) for b in buckets)
         selector = RopeSelector(

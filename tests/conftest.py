@@ -21,9 +21,13 @@ if not HAS_CUDA:
 import kernels.table as table_mod  # noqa: E402
 from kernels import RopeSpec  # noqa: E402  (after TRITON_INTERPRET is set)
 from kernels import _lookup as lookup_mod  # noqa: E402
-from kernels.perf_features import FEATURES_VERSION, TRITON, feature_names  # noqa: E402
-from kernels.perf_model import SCHEMA_VERSION, model_file_name  # noqa: E402
-from kernels.providers import register_provider, unregister_provider  # noqa: E402
+from kernels.perf_model import (  # noqa: E402
+    FEATURES_VERSION,
+    SCHEMA_VERSION,
+    feature_names,
+    model_file_name,
+)
+from kernels.providers import TRITON, register_provider, unregister_provider  # noqa: E402
 from kernels.table import device_metadata, device_table_name, write_table  # noqa: E402
 
 # The repository root (scripts in benchmarks/, subprocesses that import the tree).

@@ -125,7 +125,7 @@ def test_a_new_study_first_measures_the_models_predicted_configs(tmp_path, dirs)
     trials = storage.get_all_trials(study._study_id)
     defaults = [(p, get_provider(p).default_config(TINY, 4)) for p in ("torch", "triton")]
     predicted = [("triton", c) for c in PerfModel.load(dirs["env"] / MODEL_FILE)
-                 .rank_triton_configs(TINY, 4, WARM_START_CONFIGS)]  # fmt: skip
+                 .rank_configs("triton", TINY, 4, WARM_START_CONFIGS)]  # fmt: skip
     first = [c for c in dict.fromkeys(map(_key, defaults + predicted))]
     measured = [_key((t.user_attrs["provider"], t.user_attrs["config"])) for t in trials]
     assert measured[: len(first)] == first

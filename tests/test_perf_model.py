@@ -11,21 +11,22 @@ import orjson
 import pytest
 import torch
 
-from kernels import RopeSpec, RopeTableWarning
+from kernels import RopeSpec, RopeTableWarning, get_provider
 from kernels.perf_model import (
     FEATURES_VERSION,
     SCHEMA_VERSION,
-    TRITON,
     PerfModel,
     PerfModelError,
     choose_between_buckets,
     feature_names,
     features,
     model_file_name,
-    triton_candidates,
     validate_model,
 )
-from kernels.providers._triton import config_problems
+from kernels.providers import TRITON
+
+config_problems = get_provider(TRITON).config_problems
+triton_candidates = get_provider(TRITON).candidates
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / model_file_name("NVIDIA H200")
 
@@ -148,12 +149,12 @@ def test_the_stumps_evaluate_as_documented():
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.key)
 def test_rank_returns_valid_configs_in_predicted_order(spec):
     model = PerfModel.load(SHIPPED) if SHIPPED.exists() else PerfModel(_model())
-    ranked = model.rank_triton_configs(spec, 777)
+    ranked = model.rank_configs(TRITON, spec, 777)
     assert ranked and len(ranked) == len(triton_candidates(spec))
     assert all(not config_problems(spec, c) for c in ranked)
-    times = model.predict_triton_configs(spec, 777, ranked)
+    times = model.predict_configs(TRITON, spec, 777, ranked)
     assert all(a <= b for a, b in itertools.pairwise(times))
-    assert model.rank_triton_configs(spec, 777, 5) == ranked[:5]
+    assert model.rank_configs(TRITON, spec, 777, 5) == ranked[:5]
 
 
 def test_predictions_are_deterministic(tmp_path):
@@ -161,8 +162,8 @@ def test_predictions_are_deterministic(tmp_path):
     first, second = PerfModel.load(path), PerfModel.load(path)
     for spec in SPECS:
         for tokens in (1, 33, 4097):
-            assert first.rank_triton_configs(spec, tokens, 8) == second.rank_triton_configs(
-                spec, tokens, 8
+            assert first.rank_configs(TRITON, spec, tokens, 8) == second.rank_configs(
+                TRITON, spec, tokens, 8
             )
             assert first.best(spec, tokens, ["vllm", TRITON]) == second.best(
                 spec, tokens, ["vllm", TRITON]
@@ -199,6 +200,21 @@ def test_features_match_their_names():
         config = {"block_t": 2, "block_h": 4, "head_split": 2, "num_warps": 2, "num_stages": 3}
         x = features(provider, SPECS[1], 5, config, sm_count=132)
         assert len(x) == len(feature_names(provider)) and all(map(math.isfinite, x))
+
+
+def test_features_are_the_definitions_models_were_fit_on():
+    """Features version 2, pinned: a changed definition must bump FEATURES_VERSION (and refit),
+    never change what a shipped model reads."""
+    assert FEATURES_VERSION == 2
+    config = {"block_t": 2, "block_h": 4, "head_split": 2, "num_warps": 2, "num_stages": 3}
+    call = [19.521690157220196, 11.156250521031495, 2.772588722239781, 1.0986122886681098,
+            4.564348191467836, 1.0, 1.0, 1.0]  # fmt: skip
+    assert features("vllm", SPECS[1], 70000, sm_count=132) == call
+    assert features(TRITON, SPECS[1], 70000, config, sm_count=132) == [
+        *call, 11.156250521031495, 2.8077126956453986, 0.6931471805599453, 7.6246189861593985,
+        2.0794415416798357, -0.2876820724517809, 2.0794415416798357, 0.6931471805599453,
+        0.1206857142857143, 13.531404492242013, 0.0, 1.0, 0.0, 0.0, 1.0, 54.81129729488296,
+    ]  # fmt: skip
 
 
 def test_the_shipped_model_is_valid():

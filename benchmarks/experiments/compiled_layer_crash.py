@@ -18,11 +18,11 @@ import sys, torch
 sys.path.insert(0, {root!r}); sys.path.insert(0, {root!r} + "/benchmarks")
 import vllm_layer as vl
 from autotune.measure import time_rope, make_inputs
-from kernels import RopeSpec
-from kernels.providers import _triton_launch
+import dataclasses
+from kernels import RopeSpec, get_provider, register_provider
 mode, fast, tokens_list, compiled, fused = {mode!r}, {fast!r}, {tokens!r}, {compiled!r}, {fused!r}
-if not fast:
-    _triton_launch.fast_launch_supported = lambda version: False
+if not fast:  # Triton's public launch everywhere
+    register_provider(dataclasses.replace(get_provider("triton"), fast_launch=False))
 device = torch.device("cuda:0")
 ours = vl.build_layer("llama3-8b", torch.bfloat16, device, overridden=True)
 spec = RopeSpec(ours.head_size, ours.rotary_dim, 32, 8, ours.is_neox_style, torch.bfloat16)

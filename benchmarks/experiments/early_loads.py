@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from unseen_shapes import Case, cases, geomean, selector_for, smoke_cases, write_csv
 
 from autotune.measure import check_correct, time_rope
-from kernels.providers._triton_launch import TritonLauncher
+from kernels.providers import TritonLauncher
 
 
 @triton.jit

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from autotune.sampler import make_sampler
 from kernels import RopeSpec
-from kernels.providers._triton import default_triton_config
+from kernels.providers import default_triton_config
 
 Point = tuple[str, int]  # (spec key, tokens)
 ConfigKey = tuple[tuple[str, int], ...]

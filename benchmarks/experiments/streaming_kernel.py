@@ -37,6 +37,7 @@ from unseen_shapes import cases, geomean, selector_for
 
 from autotune.measure import check_correct, time_rope
 from kernels import RopeSpec, get_provider
+from kernels.providers import TritonGeometry
 
 
 @triton.jit
@@ -133,22 +134,24 @@ def streaming_rope_kernel(
 
 def streaming_fn(spec: RopeSpec, config: dict, num_sms: int):
     """A callable with the RoPE signature launching :func:`streaming_rope_kernel`."""
-    half = spec.rotary_dim // 2
     per_sm = config["programs_per_sm"]
+    # The one-shot kernel's token and head blocks: each is one item here.
+    geometries = {
+        has_key: TritonGeometry(spec, config["block_t"], config["block_h"], 1, has_key)
+        for has_key in (True, False)
+    }
 
     def run(positions, query, key, cos_sin_cache):
         n = positions.numel()
         k_heads = 0 if key is None else key.shape[1] // spec.head_size
         k = query if key is None else key
-        blocks = triton.cdiv(spec.num_heads, config["block_h"]) + triton.cdiv(
-            k_heads, config["block_h"]
-        )
-        items = triton.cdiv(n, config["block_t"]) * blocks
+        geometry = geometries[key is not None]
+        items = geometry.token_blocks(n) * geometry.head_blocks
         streaming_rope_kernel[(max(1, min(items, num_sms * per_sm)),)](
             positions, query, k, cos_sin_cache, n,
             query.stride(0), spec.head_size, k.stride(0), spec.head_size, cos_sin_cache.stride(0),
-            NUM_Q_HEADS=spec.num_heads, NUM_K_HEADS=k_heads, ROT_HALF=half,
-            HALF_PAD=triton.next_power_of_2(half), BLOCK_T=config["block_t"],
+            NUM_Q_HEADS=spec.num_heads, NUM_K_HEADS=k_heads, ROT_HALF=geometry.rot_half,
+            HALF_PAD=geometry.half_pad, BLOCK_T=config["block_t"],
             BLOCK_H=config["block_h"], PREFETCH_X=config["prefetch_x"],
             num_warps=config["num_warps"], num_stages=1,
         )  # fmt: skip
@@ -163,9 +166,8 @@ def configs(spec: RopeSpec, args):
         axes = ((1, 2), (1, 4), (2,), (1, 2), (False, True))
     else:
         axes = ((1, 2, 4), (1, 2, 4, 8, 16, 32), args.warps, args.per_sm, (False, True))
-    pad = triton.next_power_of_2(spec.rotary_dim // 2) * 2
     for block_t, block_h, warps, per_sm, prefetch in itertools.product(*axes):
-        elements = block_t * block_h * pad
+        elements = TritonGeometry(spec, block_t, block_h, head_split=1).tile
         if not args.cpu_smoke and elements not in args.elements:
             continue
         if block_h > 2 * triton.next_power_of_2(spec.num_heads):

@@ -65,7 +65,7 @@ def main() -> int:
     for case in cases():
         s = case.spec
         rope = selector_for(s, device, table_dir)
-        ranked = model.rank_triton_configs(s, case.tokens, args.top)
+        ranked = model.rank_configs("triton", s, case.tokens, args.top)
         fns = [("select_rope", None, rope)]
         fns += [(f"triton#{i}", c, triton.callable_for(s, c)) for i, c in enumerate(ranked)]
         for name in ("flashinfer", "vllm"):

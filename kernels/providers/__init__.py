@@ -1,8 +1,11 @@
 """RoPE providers behind one in-place contract, and their registry.
 
 Importing this package registers every built-in provider. Adding one is a module that
-subclasses :class:`Provider` (implementing :meth:`Provider.build`) and calls
-:func:`register_provider`, plus an import below.
+subclasses :class:`Provider` (implementing :meth:`Provider.build`; a tunable one also its space
+and model features) and calls :func:`register_provider`, plus an import below.
+
+Also public here: the Triton kernel's tools that scripts and experiments use (its geometry,
+launcher and default config).
 """
 
 # Each module registers its provider on import; this order is the order of list_providers().
@@ -16,23 +19,36 @@ from . import (
 from ._base import (
     Provider,
     ProviderStatus,
+    Restriction,
     RopeFn,
+    fallback_providers,
     get_provider,
     list_providers,
     provider_names,
+    reference_provider,
     register_provider,
     unregister_provider,
 )
-from ._triton import default_triton_config
+from ._triton import TRITON, default_triton_config
+from ._triton_geometry import TritonGeometry
+from ._triton_launch import TritonLauncher, launch_hooks_active, launch_rope
 
 __all__ = [
+    "TRITON",
     "Provider",
     "ProviderStatus",
+    "Restriction",
     "RopeFn",
+    "TritonGeometry",
+    "TritonLauncher",
     "default_triton_config",
+    "fallback_providers",
     "get_provider",
+    "launch_hooks_active",
+    "launch_rope",
     "list_providers",
     "provider_names",
+    "reference_provider",
     "register_provider",
     "unregister_provider",
 ]

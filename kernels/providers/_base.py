@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -10,14 +11,19 @@ import torch
 
 from .._checks import check_positions_in_cache, check_rope_args
 from .._spec import RopeSpec
+from ..perf_features import CALL_FEATURES, call_features
 
 __all__ = [
     "Provider",
     "ProviderStatus",
+    "Restriction",
     "RopeFn",
+    "cuda_only_reason",
+    "fallback_providers",
     "get_provider",
     "list_providers",
     "provider_names",
+    "reference_provider",
     "register_provider",
     "unregister_provider",
 ]
@@ -30,12 +36,31 @@ Config = dict[str, Any]
 
 
 @dataclass(frozen=True)
+class Restriction:
+    """A rule a tunable provider's config must meet for a spec.
+
+    Attributes:
+        name: Short name.
+        holds: ``holds(spec, config)``: whether the complete config meets the rule.
+        reason: Why a config breaking it is out, formatted with ``spec``, ``config`` and the
+            provider's :meth:`Provider.restriction_facts`.
+    """
+
+    name: str
+    holds: Callable[[RopeSpec, Config], bool]
+    reason: str
+
+
+@dataclass(frozen=True)
 class Provider:
     """A RoPE implementation behind the in-place contract (vLLM's ``rotary_embedding`` op).
 
     Subclasses override :meth:`unavailable_reason`, :meth:`unsupported_reason` and :meth:`build`;
-    tunable ones also :attr:`param_space` and :meth:`default_config`. Callers use
-    :meth:`callable_for` (checked, cached) or :meth:`apply` (every check, one call).
+    tunable ones also describe their space (:attr:`param_space`, :attr:`restrictions`,
+    :meth:`default_config`) and their performance-model features (:meth:`feature_names`,
+    :meth:`features`). Callers use :meth:`callable_for` (checked, cached) or :meth:`apply`
+    (every check, one call). The selector, the tuner and the model read providers only
+    through these, so a new provider describes itself by registering.
 
     Attributes:
         name: Registry name.
@@ -45,12 +70,22 @@ class Provider:
         revision: Bumped when a change to the kernel or its parameter space makes earlier
             measurements stale: the tuner names its studies by it, so a rerun measures afresh
             instead of resuming from the old kernel's timings.
+        restrictions: Rules a config of the space must also meet for a spec
+            (:meth:`config_problems`).
+        fallback_on: Device types (``"cuda"``) where this provider, with its default config
+            for the bucket, is the untuned choice when no table entry or model applies
+            (:func:`fallback_providers`); it must be available and support the call there.
+        reference: Runs every spec on every device: the last resort of a selection
+            (:func:`reference_provider`).
     """
 
     name: str
     description: str
     param_space: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     revision: int = 1
+    restrictions: tuple[Restriction, ...] = ()
+    fallback_on: tuple[str, ...] = ()
+    reference: bool = False
     # build() results per (spec, config), filled by callable_for().
     _callables: dict[tuple[RopeSpec, tuple[tuple[str, type, Any], ...] | None], RopeFn] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -59,9 +94,8 @@ class Provider:
     # -- what a subclass describes -------------------------------------------------------------
     def unavailable_reason(self, device: torch.device | str) -> str | None:
         """Why this provider cannot run on ``device``, or None when it can."""
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            return "CUDA is not available"
+        if torch.device(device).type == "cuda":
+            return cuda_only_reason(device)
         return None
 
     def unsupported_reason(self, spec: RopeSpec, *, has_key: bool = True) -> str | None:
@@ -71,6 +105,33 @@ class Provider:
     def default_config(self, spec: RopeSpec, num_tokens: int | None = None) -> Config:
         """The config to use when no tuning table has one (empty for untunable providers)."""
         return {}
+
+    def restriction_facts(self, spec: RopeSpec, config: Config) -> dict[str, Any]:
+        """Values the :attr:`restrictions`' reasons are formatted with (beside ``spec`` and
+        ``config``)."""
+        return {}
+
+    def feature_names(self) -> tuple[str, ...]:
+        """The names of :meth:`features`, in order: the call's own
+        (:data:`kernels.perf_features.CALL_FEATURES`), then any of the config's."""
+        return CALL_FEATURES
+
+    def features(
+        self,
+        spec: RopeSpec,
+        num_tokens: int,
+        config: Mapping[str, Any] | None = None,
+        *,
+        sm_count: int,
+    ) -> list[float]:
+        """The performance model's features of one call (order of :meth:`feature_names`).
+
+        Args:
+            num_tokens: At least 1.
+            config: A complete config; tunable providers need it, others ignore it.
+            sm_count: The device's streaming multiprocessors (1 when unknown, as for a CPU).
+        """
+        return call_features(spec, num_tokens)
 
     def config_fault(self, config: Mapping[str, Any]) -> str | None:
         """Why ``config`` (possibly partial) is off :attr:`param_space`, or None.
@@ -90,16 +151,39 @@ class Provider:
                 return f"{self.name} parameter {name!r} takes one of {list(allowed)}, got {value!r}"
         return None
 
+    def config_problems(self, spec: RopeSpec, config: Config) -> list[str]:
+        """The reasons of every :attr:`restrictions` rule the complete ``config`` breaks for
+        ``spec``; empty when none."""
+        broken = [r for r in self.restrictions if not r.holds(spec, config)]
+        if not broken:
+            return []
+        facts = self.restriction_facts(spec, config)
+        return [r.reason.format(spec=spec, config=config, **facts) for r in broken]
+
     def check_config(self, spec: RopeSpec, config: Mapping[str, Any] | None) -> Config:
-        """Return ``config`` completed with defaults, or raise ValueError naming the fault."""
+        """Return ``config`` completed with defaults, or raise ValueError naming the fault (a
+        parameter off :attr:`param_space`, or a broken restriction)."""
         full = self.default_config(spec)
-        if not config:
-            return full
-        fault = self.config_fault(config)
-        if fault is not None:
-            raise ValueError(f"config: {fault}")
-        full.update(config)
+        if config:
+            fault = self.config_fault(config)
+            if fault is not None:
+                raise ValueError(f"config: {fault}")
+            full.update(config)
+        problems = self.config_problems(spec, full)
+        if problems:
+            raise ValueError(f"config: invalid for {spec.key}: " + "; ".join(problems))
         return full
+
+    def candidates(self, spec: RopeSpec) -> list[Config]:
+        """Every config of :attr:`param_space` that meets the restrictions for ``spec``, in the
+        product order of the sorted parameter names (``[{}]`` when there is nothing to tune)."""
+        names = sorted(self.param_space)
+        out = []
+        for values in itertools.product(*(self.param_space[n] for n in names)):
+            config = dict(zip(names, values, strict=True))
+            if not self.config_problems(spec, config):
+                out.append(config)
+        return out
 
     def build(self, spec: RopeSpec, config: Config) -> RopeFn:
         """Make a callable for ``spec`` and a checked, complete ``config`` that does the least
@@ -107,6 +191,11 @@ class Provider:
         raise NotImplementedError
 
     # -- derived ---------------------------------------------------------------------------------
+    @property
+    def tunable(self) -> bool:
+        """Whether there is a config to choose (:attr:`param_space` not empty)."""
+        return bool(self.param_space)
+
     def supports(self, spec: RopeSpec, *, has_key: bool = True) -> bool:
         return self.unsupported_reason(spec, has_key=has_key) is None
 
@@ -173,6 +262,15 @@ class Provider:
         self.callable_for(spec, config)(positions, query, key, cos_sin_cache)
 
 
+def cuda_only_reason(device: torch.device | str) -> str | None:
+    """Why a provider that runs on CUDA devices alone cannot run on ``device``, or None."""
+    if torch.device(device).type != "cuda":
+        return "runs on CUDA devices only"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    return None
+
+
 def _config_key(config: Mapping[str, Any]) -> tuple[tuple[str, type, Any], ...]:
     # With each value's type: 4.0 == 4 and hashes alike, but must not find 4's callable.
     return tuple(sorted((name, type(value), value) for name, value in config.items()))
@@ -230,6 +328,26 @@ def get_provider(name: str) -> Provider:
         raise KeyError(
             f"provider: no provider named {name!r}; registered: {provider_names()}"
         ) from None
+
+
+def fallback_providers(device: torch.device | str) -> list[Provider]:
+    """The providers whose default config is the untuned choice on ``device``'s type
+    (:attr:`Provider.fallback_on`), in registration order."""
+    device_type = torch.device(device).type
+    return [p for p in _REGISTRY.values() if device_type in p.fallback_on]
+
+
+def reference_provider() -> Provider:
+    """The first registered provider that runs every spec on every device
+    (:attr:`Provider.reference`).
+
+    Raises:
+        LookupError: none is registered.
+    """
+    for provider in _REGISTRY.values():
+        if provider.reference:
+            return provider
+    raise LookupError(f"provider: no reference provider registered; registered: {provider_names()}")
 
 
 def list_providers(device: torch.device | str = "cpu") -> list[ProviderStatus]:

@@ -11,7 +11,7 @@ import torch
 
 from .._cast_once import CastOnce
 from .._spec import RopeSpec
-from ._base import Config, Provider, RopeFn, register_provider
+from ._base import Config, Provider, RopeFn, cuda_only_reason, register_provider
 from ._torch import as_token_head_view
 
 __all__ = ["FlashInferProvider"]
@@ -40,11 +40,7 @@ class FlashInferProvider(Provider):
     )
 
     def unavailable_reason(self, device: torch.device | str) -> str | None:
-        if torch.device(device).type != "cuda":
-            return "runs on CUDA devices only"
-        if not torch.cuda.is_available():
-            return "CUDA is not available"
-        module = _flashinfer_rope()
+        module = cuda_only_reason(device) or _flashinfer_rope()
         return module if isinstance(module, str) else None
 
     def unsupported_reason(self, spec: RopeSpec, *, has_key: bool = True) -> str | None:

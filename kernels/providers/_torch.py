@@ -51,6 +51,7 @@ def rope_torch_(
 class TorchProvider(Provider):
     name: str = "torch"
     description: str = "eager PyTorch ops, written from the math; CPU and GPU"
+    reference: bool = True  # every spec, every device PyTorch runs on
 
     def build(self, spec: RopeSpec, config: Config) -> RopeFn:
         head_size, rotary_dim, is_neox = spec.head_size, spec.rotary_dim, spec.is_neox

@@ -1,33 +1,36 @@
 """``triton``: our RoPE kernel as a provider: its tuning space, its restrictions, its default
-configs, and its registration.
+configs, its model features, and its registration.
 
-The kernel is :mod:`._triton_kernel`, its launcher :mod:`._triton_launch`. The space and the
-restrictions are plain data the tuner reads: :data:`PARAM_SPACE` (each parameter's values) and
+The kernel is :mod:`._triton_kernel`, its launcher :mod:`._triton_launch`, its layout of a call
+:mod:`._triton_geometry`, its features :mod:`._triton_features`. The space and the restrictions
+are plain data the tuner reads: :data:`PARAM_SPACE` (each parameter's values) and
 :data:`RESTRICTIONS` (rules a config must meet for a spec, each with its reason).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import triton
 
 from .._spec import RopeSpec
-from ._base import Config, Provider, RopeFn, register_provider
-from ._triton_launch import TritonLauncher, _interpreting, launch_rope
+from ._base import Config, Provider, Restriction, RopeFn, cuda_only_reason, register_provider
+from ._triton_features import TRITON_FEATURES, triton_features
+from ._triton_geometry import TritonGeometry, next_pow2, padded_row
+from ._triton_launch import TritonLauncher, _interpreting
 
 __all__ = [
     "PARAM_SPACE",
     "RESTRICTIONS",
-    "Restriction",
+    "TRITON",
     "TritonProvider",
     "config_problems",
     "default_triton_config",
-    "launch_rope",
 ]
+
+# The provider's registry name.
+TRITON = "triton"
 
 # -- tuning space --------------------------------------------------------------------------------
 
@@ -44,36 +47,12 @@ PARAM_SPACE: dict[str, tuple[int, ...]] = {
 MAX_ELEMS_PER_THREAD = 128
 
 
-def _tile_elems(spec: RopeSpec, config: Config) -> int:
-    return config["block_t"] * config["block_h"] * 2 * triton.next_power_of_2(spec.rotary_dim // 2)
-
-
-def _head_blocks(spec: RopeSpec, config: Config) -> int:
-    return triton.cdiv(spec.num_heads, config["block_h"]) + triton.cdiv(
-        spec.num_kv_heads, config["block_h"]
-    )
-
-
-@dataclass(frozen=True)
-class Restriction:
-    """A rule a config must meet for a spec.
-
-    Attributes:
-        name: Short name.
-        holds: ``holds(spec, config)``: whether the config meets the rule.
-        reason: Why a config breaking it is out, formatted with ``spec``, ``config`` and the
-            values of :func:`_facts`.
-    """
-
-    name: str
-    holds: Callable[[RopeSpec, Config], bool]
-    reason: str
-
-
 RESTRICTIONS: tuple[Restriction, ...] = (
     Restriction(
         "registers",
-        lambda s, c: _tile_elems(s, c) / (32 * c["num_warps"]) <= MAX_ELEMS_PER_THREAD,
+        lambda s, c: (
+            TritonGeometry.of(s, c).elems_per_thread(c["num_warps"]) <= MAX_ELEMS_PER_THREAD
+        ),
         "a tile of block_t*block_h*rotary_dim = {tile} elements is over "
         "{max_elems} per thread with num_warps={config[num_warps]}",
     ),
@@ -81,35 +60,26 @@ RESTRICTIONS: tuple[Restriction, ...] = (
     # larger launches the same grid (the launcher clamps it) and would be a duplicate.
     Restriction(
         "head_split",
-        lambda s, c: c["head_split"] <= triton.next_power_of_2(_head_blocks(s, c)),
+        lambda s, c: c["head_split"] <= TritonGeometry.of(s, c).full_split,
         "head_split={config[head_split]} is over {split_cap}, the power of two that already "
         "gives each of the {blocks} query and key head blocks its own program",
     ),
     Restriction(
         "block_h",
-        lambda s, c: c["block_h"] <= triton.next_power_of_2(s.num_heads),
+        lambda s, c: c["block_h"] <= next_pow2(s.num_heads),
         "block_h={config[block_h]} is over the {spec.num_heads} query heads",
     ),
 )
 
 
 def _facts(spec: RopeSpec, config: Config) -> dict[str, Any]:
-    blocks = _head_blocks(spec, config)
+    geometry = TritonGeometry.of(spec, config)
     return {
-        "tile": _tile_elems(spec, config),
+        "tile": geometry.tile,
         "max_elems": MAX_ELEMS_PER_THREAD,
-        "blocks": blocks,
-        "split_cap": triton.next_power_of_2(blocks),
+        "blocks": geometry.head_blocks,
+        "split_cap": geometry.full_split,
     }
-
-
-def config_problems(spec: RopeSpec, config: Config) -> list[str]:
-    """The reasons of every restriction ``config`` breaks for ``spec``; empty when none."""
-    broken = [r for r in RESTRICTIONS if not r.holds(spec, config)]
-    if not broken:
-        return []
-    facts = _facts(spec, config)
-    return [r.reason.format(spec=spec, config=config, **facts) for r in broken]
 
 
 # -- defaults ------------------------------------------------------------------------------------
@@ -146,23 +116,22 @@ def default_triton_config(spec: RopeSpec, num_tokens: int | None = None) -> Conf
             block_t, block_h = (2 if num_tokens < 64 else 4), 1
         else:
             block_t, block_h = 1, min(8, _floor_pow2(spec.num_heads))
-        blocks = triton.cdiv(spec.num_heads, block_h) + triton.cdiv(spec.num_kv_heads, block_h)
+        geometry = TritonGeometry(spec, block_t, block_h, head_split=1)
         return {
             "block_t": block_t,
             "block_h": block_h,
-            "head_split": min(max_split, triton.next_power_of_2(blocks)),
+            "head_split": min(max_split, geometry.full_split),
             "num_warps": 4,
             "num_stages": 1,
         }
-    row = 2 * triton.next_power_of_2(spec.rotary_dim // 2)
-    block_h = min(
-        triton.next_power_of_2(spec.num_heads), max(1, 4096 // row), max(PARAM_SPACE["block_h"])
-    )
+    row = padded_row(spec)
+    block_h = min(next_pow2(spec.num_heads), max(1, 4096 // row), max(PARAM_SPACE["block_h"]))
+    geometry = TritonGeometry(spec, 1, block_h, head_split=1)
     return {
         "block_t": 1,
         "block_h": block_h,
         "head_split": 1,
-        "num_warps": 8 if block_h * row >= 2048 else 4,
+        "num_warps": 8 if geometry.tile >= 2048 else 4,
         "num_stages": 1,
     }
 
@@ -172,17 +141,28 @@ def default_triton_config(spec: RopeSpec, num_tokens: int | None = None) -> Conf
 
 @dataclass(frozen=True)
 class TritonProvider(Provider):
-    name: str = "triton"
+    """The Triton kernel as a provider.
+
+    Attributes:
+        fast_launch: Whether its launchers take the fast path (:class:`TritonLauncher`); None
+            decides from the Triton release and the interpreter, False always takes Triton's
+            public launch (profilers, experiments).
+    """
+
+    name: str = TRITON
     description: str = "rope-autotune's Triton kernel: q and k in one launch, rotated part only"
     param_space: dict[str, tuple[Any, ...]] = field(default_factory=lambda: dict(PARAM_SPACE))
     # 2: q and k head blocks shared evenly over a token block's programs; head_split up to 32.
     # 3: head_split up to 128, one program per head block when it reaches the block count.
     revision: int = 3
+    restrictions: tuple[Restriction, ...] = RESTRICTIONS
+    fallback_on: tuple[str, ...] = ("cuda",)
+    fast_launch: bool | None = None
 
     def unavailable_reason(self, device: torch.device | str) -> str | None:
         device = torch.device(device)
         if device.type == "cuda":
-            return None if torch.cuda.is_available() else "CUDA is not available"
+            return cuda_only_reason(device)
         if device.type == "cpu" and _interpreting():
             return None
         return f"runs on CUDA devices (or the CPU under TRITON_INTERPRET=1), not {device.type}"
@@ -190,15 +170,27 @@ class TritonProvider(Provider):
     def default_config(self, spec: RopeSpec, num_tokens: int | None = None) -> Config:
         return default_triton_config(spec, num_tokens)
 
-    def check_config(self, spec: RopeSpec, config: Config | None) -> Config:
-        full = super().check_config(spec, config)
-        problems = config_problems(spec, full)
-        if problems:
-            raise ValueError(f"config: invalid for {spec.key}: " + "; ".join(problems))
-        return full
+    def restriction_facts(self, spec: RopeSpec, config: Config) -> dict[str, Any]:
+        return _facts(spec, config)
+
+    def feature_names(self) -> tuple[str, ...]:
+        return TRITON_FEATURES
+
+    def features(
+        self, spec: RopeSpec, num_tokens: int, config: Config | None = None, *, sm_count: int
+    ) -> list[float]:
+        if config is None:
+            raise ValueError(f"config: the {self.name} provider's features depend on its config")
+        return triton_features(spec, num_tokens, config, sm_count=sm_count)
 
     def build(self, spec: RopeSpec, config: Config) -> RopeFn:
-        return TritonLauncher(spec, config)
+        return TritonLauncher(spec, config, fast=self.fast_launch)
 
 
-register_provider(TritonProvider())
+_PROVIDER = register_provider(TritonProvider())
+
+
+def config_problems(spec: RopeSpec, config: Config) -> list[str]:
+    """The reasons of every restriction ``config`` breaks for ``spec``; empty when none
+    (:meth:`Provider.config_problems` of the registered Triton provider)."""
+    return _PROVIDER.config_problems(spec, config)

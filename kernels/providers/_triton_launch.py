@@ -18,9 +18,16 @@ import triton
 
 from .._checks import qk_layout
 from .._spec import RopeSpec
+from ._triton_geometry import TritonGeometry
 from ._triton_kernel import rope_kernel
 
-__all__ = ["FAST_LAUNCH_VERSIONS", "TritonLauncher", "fast_launch_supported", "launch_rope"]
+__all__ = [
+    "FAST_LAUNCH_VERSIONS",
+    "TritonLauncher",
+    "fast_launch_supported",
+    "launch_hooks_active",
+    "launch_rope",
+]
 
 # Triton releases (major.minor) whose CompiledKernel.run takes
 # (grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook,
@@ -50,7 +57,9 @@ except ImportError:  # Triton < 3.4
     from triton.compiler.compiler import CompiledKernel as _launch_hooks  # noqa: N813
 
 
-def _launch_hooks_active() -> bool:
+def launch_hooks_active() -> bool:
+    """Whether a launch hook (a profiler such as Proton) is registered with Triton: launches
+    then take Triton's public path, which runs the hooks (checked on every call)."""
     # Triton >= 3.5 keeps a HookChain (empty unless a profiler registered a hook), older
     # releases None or a callable.
     hook = _launch_hooks.launch_enter_hook
@@ -81,20 +90,19 @@ class TritonLauncher:
         fast: bool | None = None,
     ) -> None:
         self.spec, self.kernel = spec, kernel
-        self.block_t = config["block_t"]
-        self.block_h = config["block_h"]
-        self.head_split = config["head_split"]
-        self.q_blocks = triton.cdiv(spec.num_heads, self.block_h)
-        half = spec.rotary_dim // 2
+        # Per call with and without a key: the grid and the constexprs come from here.
+        self.geometry = TritonGeometry.of(spec, config)
+        self.keyless_geometry = TritonGeometry.of(spec, config, has_key=False)
+        g = self.geometry
         # In the kernel's signature order: the fast path passes them positionally.
         self.constexprs = dict(
             NUM_Q_HEADS=spec.num_heads,
-            ROT_HALF=half,
-            HALF_PAD=triton.next_power_of_2(half),
+            ROT_HALF=g.rot_half,
+            HALF_PAD=g.half_pad,
             IS_NEOX=spec.is_neox,
-            BLOCK_T=self.block_t,
-            BLOCK_H=self.block_h,
-            HEAD_SPLIT=self.head_split,
+            BLOCK_T=g.block_t,
+            BLOCK_H=g.block_h,
+            HEAD_SPLIT=g.head_split,
         )
         self.options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
         if fast is None:
@@ -103,13 +111,9 @@ class TritonLauncher:
         # Fast path: per specialization, the compiled kernel and its head grid.
         self.compiled: dict[tuple, tuple[Any, int]] = {}
 
-    def grid(self, num_tokens: int, k_heads: int) -> tuple[int, int]:
-        """Programs over token blocks and over the head blocks of one token block: never
-        more of the latter than there are q and k head blocks (none idle)."""
-        k_blocks = (k_heads + self.block_h - 1) // self.block_h
-        return (num_tokens + self.block_t - 1) // self.block_t, min(
-            self.head_split, self.q_blocks + k_blocks
-        )
+    def grid(self, num_tokens: int, has_key: bool) -> tuple[int, int]:
+        """The launch grid of a call (:meth:`TritonGeometry.grid`)."""
+        return (self.geometry if has_key else self.keyless_geometry).grid(num_tokens)
 
     def _arguments(self, positions, query, key, num_tokens):
         """The kernel's key tensor, its integer arguments after the token count, and Hk."""
@@ -135,7 +139,7 @@ class TritonLauncher:
         k, strides, k_heads = self._arguments(positions, query, key, num_tokens)
         ints = (*strides, cos_sin_cache.stride(0))
         # Launch hooks (profilers such as Proton) need Triton's own path and its metadata.
-        fast = self.fast and not _launch_hooks_active()
+        fast = self.fast and not launch_hooks_active()
         if fast:
             specialization = (
                 k_heads, positions.dtype, cos_sin_cache.dtype, query.device.index,
@@ -146,7 +150,7 @@ class TritonLauncher:
             entry = self.compiled.get(specialization)
             if entry is not None:
                 compiled, grid_h = entry
-                grid_t = (num_tokens + self.block_t - 1) // self.block_t
+                grid_t = self.geometry.token_blocks(num_tokens)
                 compiled.run(
                     grid_t, grid_h, 1, _current_stream(query.device.index),
                     compiled.function, compiled.packed_metadata, None, None, None,
@@ -154,7 +158,7 @@ class TritonLauncher:
                     *self.constexprs.values(), k_heads,
                 )  # fmt: skip
                 return
-        grid = self.grid(num_tokens, k_heads)
+        grid = self.grid(num_tokens, k_heads > 0)
         compiled = self.kernel[grid](
             positions, query, k, cos_sin_cache, num_tokens, *ints,
             NUM_K_HEADS=k_heads, **self.constexprs, **self.options,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .._spec import RopeSpec
-from ._base import Config, Provider, RopeFn, register_provider
+from ._base import Config, Provider, RopeFn, cuda_only_reason, register_provider
 from ._torch import as_token_head_view
 
 __all__ = ["VllmProvider", "load_vllm_rotary_op"]
@@ -49,11 +49,7 @@ class VllmProvider(Provider):
     description: str = "vLLM's CUDA op torch.ops._C.rotary_embedding (int32 positions widened)"
 
     def unavailable_reason(self, device: torch.device | str) -> str | None:
-        if torch.device(device).type != "cuda":
-            return "runs on CUDA devices only"
-        if not torch.cuda.is_available():
-            return "CUDA is not available"
-        op = load_vllm_rotary_op()
+        op = cuda_only_reason(device) or load_vllm_rotary_op()
         return op if isinstance(op, str) else None
 
     def build(self, spec: RopeSpec, config: Config) -> RopeFn:
