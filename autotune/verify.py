@@ -25,7 +25,13 @@ import torch
 
 from kernels import RopeSpec, get_provider
 from kernels.providers import RopeFn
-from kernels.table import device_metadata, device_table_name, table_search_path
+from kernels.table import (
+    TableEntry,
+    device_metadata,
+    device_table_name,
+    spec_entries,
+    table_search_path,
+)
 
 from .compile_ahead import compile_ahead
 from .measure import Timing, check_correct, time_rope
@@ -123,22 +129,21 @@ def plan_checks(
     A runner-up is the fastest other provider in ``providers_us``; a tunable one gets its
     default config for the spec and bucket, since the table records only the winner's.
     """
-    by_spec: dict[str, list[tuple[str, str, Mapping[str, Any]]]] = {}
+    by_spec: dict[str, list[tuple[str, int, TableEntry]]] = {}
     for mode, specs in table["entries"].items():
         if timings is not None and mode not in timings:
             continue
-        for spec_key, buckets in specs.items():
+        for spec_key in specs:
             if spec_patterns and not any(fnmatch.fnmatch(spec_key, p) for p in spec_patterns):
                 continue
-            for bucket, entry in buckets.items():
-                by_spec.setdefault(spec_key, []).append((mode, bucket, entry))
+            for tokens, entry in spec_entries(table, mode, spec_key).items():
+                by_spec.setdefault(spec_key, []).append((mode, tokens, entry))
     checks = []
     for spec_key in sorted(by_spec):
         spec = RopeSpec.from_key(spec_key)
-        for mode, bucket, entry in sorted(by_spec[spec_key], key=lambda c: (c[0], int(c[1]))):
-            tokens = int(bucket)
-            winner = Contender(entry["provider"], entry.get("config") or {}, entry["median_us"])
-            recorded = entry.get("providers_us", {}).items()
+        for mode, tokens, entry in sorted(by_spec[spec_key], key=lambda c: c[:2]):
+            winner = Contender(entry.provider, entry.config or {}, entry.median_us)
+            recorded = entry.providers_us.items()
             others = sorted((us, name) for name, us in recorded if name != winner.provider)
             runner_up = None
             for recorded_us, name in others[:1]:
@@ -332,14 +337,14 @@ def fix_table(
         except ValueError as exc:  # no asked provider runs the spec here
             missing += [f"{timing} {spec.key} {c.tokens}: {exc}" for c in bad]
             continue
-        entries = table["entries"].get(timing, {}).get(spec.key, {})
+        entries = spec_entries(table, timing, spec.key)
         for c in bad:
             where = f"{timing} {spec.key} {c.tokens}"
-            new = entries.get(str(c.tokens))
+            new = entries.get(c.tokens)
             if new is None:
                 missing.append(f"{where}: no study finished (the log above says why)")
                 continue
             old = _described(c.winner.provider, c.winner.config, c.winner.recorded_us)
-            now = _described(new["provider"], new["config"], new["median_us"])
+            now = _described(new.provider, new.config, new.median_us)
             changed.append(f"{where}: {old} -> {now}")
     return changed, missing

@@ -1,7 +1,8 @@
 """Per-device tuning tables: where they live, their metadata, and (re-exported) their format
 and safe writing.
 
-- Format (:mod:`kernels._table_format`): schema, :func:`validate_table`, :func:`salvage_table`,
+- Format (:mod:`kernels._table_format`): schema, :class:`TableEntry` (one bucket's entry;
+  :func:`spec_entries` reads a spec's), :func:`validate_table`, :func:`salvage_table`,
   :func:`read_table`, :func:`merge_tables`.
 - Writing (:mod:`kernels._table_write`): :func:`write_table` and :func:`merge_into_table`,
   atomic and serialized by a lock file beside the table, so concurrent writers of one directory
@@ -24,12 +25,14 @@ from ._table_format import (
     SCHEMA_VERSION,
     TIMING_MODES,
     RopeTableWarning,
+    TableEntry,
     TableError,
     device_table_name,
     empty_table,
     merge_tables,
     read_table,
     salvage_table,
+    spec_entries,
     validate_table,
 )
 from ._table_write import TableTarget, check_table_target, merge_into_table, write_table
@@ -39,6 +42,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "TIMING_MODES",
     "RopeTableWarning",
+    "TableEntry",
     "TableError",
     "TableTarget",
     "check_table_target",
@@ -52,6 +56,7 @@ __all__ = [
     "salvage_table",
     "shipped_config_dir",
     "source_version",
+    "spec_entries",
     "table_search_path",
     "user_config_dir",
     "validate_table",
