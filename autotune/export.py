@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from kernels import provider_names
 from kernels.table import TableEntry, device_table_name, empty_table, merge_into_table
 
-from .studies import StudyKey, is_complete
+from .studies import StudyKey, is_complete, measured_trials
 
 __all__ = ["best_entry", "build_tables", "export_model", "export_tables", "write_device_table"]
 
@@ -35,10 +35,8 @@ def best_entry(trials: Iterable[optuna.trial.FrozenTrial]) -> TableEntry | None:
     """
     best: optuna.trial.FrozenTrial | None = None
     providers_us: dict[str, float] = {}
-    for trial in trials:
+    for trial in measured_trials(trials):
         attrs = trial.user_attrs
-        if trial.state != TrialState.COMPLETE or attrs.get("outcome") != "measured":
-            continue
         provider, median = attrs["provider"], float(attrs["median_us"])
         providers_us[provider] = min(median, providers_us.get(provider, median))
         if best is None or median < float(best.user_attrs["median_us"]):

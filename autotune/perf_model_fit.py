@@ -47,7 +47,7 @@ from kernels.perf_model import (
 )
 
 from .storage import open_storage
-from .studies import StudyKey
+from .studies import StudyKey, measured_trials
 
 __all__ = [
     "Measurement",
@@ -125,13 +125,11 @@ def measurements_from_storage(
         meta = attrs.get("metadata") or {}
         if meta.get("updated", "") >= metadata.get("updated", ""):
             metadata = dict(meta)
-        for trial in storage.get_all_trials(
-            study._study_id, deepcopy=False, states=(TrialState.COMPLETE,)
+        for trial in measured_trials(
+            storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.COMPLETE,))
         ):
             user = trial.user_attrs
-            if user.get("outcome") != "measured" or (
-                user.get("provider") == TRITON and not user.get("config")
-            ):
+            if user.get("provider") == TRITON and not user.get("config"):
                 continue
             median = user.get("median_us", trial.value)
             if median is None or not math.isfinite(median) or median <= 0:

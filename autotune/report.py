@@ -15,6 +15,8 @@ from optuna.trial import TrialState
 
 from kernels.table import spec_entries
 
+from .outcome import TrialOutcome
+
 __all__ = ["format_summary", "write_measurements_csv"]
 
 
@@ -80,6 +82,7 @@ def write_measurements_csv(
                 if trial.state in (TrialState.WAITING, TrialState.RUNNING):
                     continue
                 user = trial.user_attrs
+                outcome = TrialOutcome.of(trial)
                 writer.writerow(
                     {
                         "study": name,
@@ -89,13 +92,13 @@ def write_measurements_csv(
                         "tokens": attrs.get("tokens"),
                         "trial": trial.number,
                         "state": trial.state.name,
-                        "outcome": user.get("outcome", ""),
+                        "outcome": outcome.kind.value if outcome else "",
                         "provider": user.get("provider", ""),
                         "config": orjson.dumps(user.get("config") or {}).decode(),
                         "median_us": user.get("median_us", ""),
                         "p20_us": user.get("p20_us", ""),
                         "p80_us": user.get("p80_us", ""),
-                        "error": user.get("error", ""),
+                        "error": outcome.reason if outcome else "",
                         "started": trial.datetime_start or "",
                         "finished": trial.datetime_complete or "",
                     }

@@ -34,8 +34,8 @@ from kernels.table import (
 )
 
 from .compile_ahead import compile_ahead
-from .measure import Timing, check_correct, time_rope
-from .objective import GATE_TOKENS
+from .gate import GATE_TOKENS, CorrectnessGate
+from .measure import Timing, time_rope
 from .space import config_key
 from .tuning import tune
 
@@ -176,7 +176,10 @@ class Verifier:
         default_factory=lambda: {"repeats": VERIFY_REPEATS, "min_round_s": VERIFY_ROUND_S}
     )
     phases: dict[str, float] = field(default_factory=dict)
-    _gate: dict[tuple, str | None] = field(default_factory=dict, init=False, repr=False)
+    _gate: CorrectnessGate = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._gate = CorrectnessGate(self.device)
 
     def compile_ahead(self, checks: Sequence[Check]) -> None:
         """Compile the Triton kernels that ``checks`` will gate and time, on a pool of threads
@@ -212,9 +215,11 @@ class Verifier:
         except ValueError as exc:
             check.failures.append(f"{name}: rejected: {exc}")
             return None
-        error = self._gate_error(fn, check.spec, contender)
-        if error is not None:
-            check.failures.append(f"{name}: {error}")
+        start = time.perf_counter()
+        failure = self._gate.check(fn, check.spec, contender.provider, contender.config)
+        self.phases["gate"] = self.phases.get("gate", 0.0) + time.perf_counter() - start
+        if failure is not None:
+            check.failures.append(f"{name}: {failure}")
             return None
         phases: dict[str, float] = {}
         try:
@@ -227,23 +232,6 @@ class Verifier:
             for phase, seconds in phases.items():
                 self.phases[phase] = self.phases.get(phase, 0.0) + seconds
         return timing
-
-    def _gate_error(self, fn: RopeFn, spec: RopeSpec, contender: Contender) -> str | None:
-        """Why ``fn`` fails the float64 gate (``"wrong result: ..."``, ``"error: ..."``), or
-        None when it passes; decided once per (spec, provider, config)."""
-        key = (spec, contender.provider, config_key(contender.config))
-        if key not in self._gate:
-            start = time.perf_counter()
-            keyless = get_provider(contender.provider).supports(spec, has_key=False)
-            try:
-                check_correct(fn, spec, GATE_TOKENS, self.device, keyless=keyless)
-                self._gate[key] = None
-            except AssertionError as exc:
-                self._gate[key] = f"wrong result: {exc}"
-            except Exception as exc:  # compile error, out of memory, launch failure
-                self._gate[key] = f"error: {type(exc).__name__}: {exc}"
-            self.phases["gate"] = self.phases.get("gate", 0.0) + time.perf_counter() - start
-        return self._gate[key]
 
 
 def _cell(who: Contender | None, now: Timing | None) -> str:

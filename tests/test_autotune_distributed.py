@@ -21,7 +21,7 @@ from autotune import open_storage, tune
 from autotune.cli import main
 from autotune.distributed import ClaimBook, fail_orphans
 from autotune.export import build_tables
-from autotune.studies import COUNTED_OUTCOMES
+from autotune.studies import is_counted
 from kernels.table import read_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,7 +129,7 @@ def assert_complete_without_duplicates(storage, buckets, target):
             if t.user_attrs.get("outcome") == "measured"
         ]
         assert len(measured) == len(set(measured)), f"{name}: a candidate measured twice"
-        counted = [t for t in trials if t.user_attrs.get("outcome") in COUNTED_OUTCOMES]
+        counted = [t for t in trials if is_counted(t)]
         assert len(counted) == target, name
         assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
         newest = max((k for k in claims if k.startswith(name + "#")), key=len_and_text)
@@ -208,7 +208,7 @@ def test_killed_worker_loses_no_finished_trial(storage_url, tmp_path):
     assert any(k.endswith("#claim1") for k in claims)
     for t in after.values():
         if t.state == TrialState.FAIL:
-            assert t.user_attrs.get("outcome") not in COUNTED_OUTCOMES or "error" in t.user_attrs
+            assert not is_counted(t) or "error" in t.user_attrs
     table = read_table(tmp_path / "out" / CPU_TABLE)
     assert set(table["entries"]["graph"][TINY.key]) == {str(b) for b in buckets}
 

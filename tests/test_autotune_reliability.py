@@ -8,7 +8,7 @@ import torch
 from conftest import CPU_TABLE, QUICK, TINY, perf_model_data, put_model, tuned_studies
 
 from autotune import measure, open_storage, tune
-from autotune.studies import COUNTED_OUTCOMES
+from autotune.studies import is_counted
 from autotune.warm_start import WARM_START_CONFIGS
 from kernels import get_provider
 from kernels.perf_model import PerfModel, model_file_name
@@ -28,7 +28,7 @@ def test_a_stop_right_after_a_studys_last_trial_keeps_its_bucket(tmp_path):
     counted = []
 
     def stop_after_the_first_study(study, trial):
-        counted.append(trial.user_attrs.get("outcome") in COUNTED_OUTCOMES)
+        counted.append(is_counted(trial))
         if sum(counted) == 2:
             raise KeyboardInterrupt
 

@@ -20,7 +20,7 @@ from autotune.export import build_tables
 from autotune.objective import Objective
 from autotune.runner import StudyRunner
 from autotune.space import CandidateSpace
-from autotune.studies import COUNTED_OUTCOMES, StudyKey
+from autotune.studies import StudyKey, is_counted
 from kernels import RopeSpec, get_provider
 from kernels.providers import Provider
 from kernels.providers._triton import PARAM_SPACE, config_problems
@@ -133,7 +133,7 @@ def test_real_search_on_cpu(tmp_path):
     trials = all_trials(open_storage(storage))
     assert len(trials) == 4  # one study per spec and bucket
     for name, study_trials in trials.items():
-        counted = [t for t in study_trials if t.user_attrs.get("outcome") in COUNTED_OUTCOMES]
+        counted = [t for t in study_trials if is_counted(t)]
         assert len(counted) == 3, name
         assert len(set(measured_keys(study_trials))) == len(measured_keys(study_trials))
         # The first trials are every provider's default.
@@ -203,7 +203,7 @@ def test_resume_after_interrupt(tmp_path):
     calls = {"counted": 0}
 
     def interrupt_on_fourth(study, trial):
-        calls["counted"] += trial.user_attrs.get("outcome") in COUNTED_OUTCOMES
+        calls["counted"] += is_counted(trial)
         if calls["counted"] == 4:
             raise KeyboardInterrupt
 
@@ -228,7 +228,7 @@ def test_resume_after_interrupt(tmp_path):
         assert len(keys) == len(set(keys)), "a candidate was measured twice"
         # Nothing measured before was measured again: earlier trials are kept as they were.
         assert keys[: len(measured_before.get(name, []))] == measured_before.get(name, [])
-        assert len([t for t in trials if t.user_attrs.get("outcome") in COUNTED_OUTCOMES]) == 3
+        assert len([t for t in trials if is_counted(t)]) == 3
         assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     # A third run has nothing left to do and measures nothing.
     tune([TINY], [1, 9], **kwargs)
@@ -269,7 +269,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
     for trials in all_trials(open_storage(storage)).values():
         keys = measured_keys(trials)
         assert len(keys) == len(set(keys))
-        assert len([t for t in trials if t.user_attrs.get("outcome") in COUNTED_OUTCOMES]) == 3
+        assert len([t for t in trials if is_counted(t)]) == 3
     assert build_tables(open_storage(storage))["CPU x86_64"]["entries"] == table["entries"]
 
 
