@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import statistics
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from kernels.perf_model import (
     model_file_name,
     validate_model,
 )
+from kernels.table import write_atomically
 
 from .storage import open_storage
 from .studies import StudyKey, measured_trials
@@ -282,24 +282,12 @@ def _dumps(value: Any, indent: int = 0) -> bytes:
 
 
 def write_model(path: str | os.PathLike, model: Mapping[str, Any]) -> Path:
-    """Validate ``model`` and write it atomically (temporary file, fsync, rename)."""
+    """Validate ``model`` and write it atomically (:func:`kernels.table.write_atomically`)."""
     validate_model(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # One line per tree (the bulk of the file): readable diffs, a third of an indented size.
-    payload = _dumps(model) + b"\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, _dumps(model) + b"\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

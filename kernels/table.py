@@ -6,7 +6,10 @@ and safe writing.
   :func:`read_table`, :func:`merge_tables`.
 - Writing (:mod:`kernels._table_write`): :func:`write_table` and :func:`merge_into_table`,
   atomic and serialized by a lock file beside the table, so concurrent writers of one directory
-  lose nothing; :func:`check_table_target`, the pre-flight a tuner runs before measuring.
+  lose nothing; :func:`check_table_target`, the pre-flight a tuner runs before measuring; and
+  what every file the tuner writes relies on: :func:`check_output_dir` (an output directory
+  checked once per run, :class:`OutputDir`; with :func:`existing_ancestor` and
+  :func:`unwritable_reason`) and :func:`write_atomically`.
 - Here: the search path (:func:`table_search_path`) and the metadata header
   (:func:`device_metadata`, :func:`library_versions`).
 """
@@ -35,20 +38,33 @@ from ._table_format import (
     spec_entries,
     validate_table,
 )
-from ._table_write import TableTarget, check_table_target, merge_into_table, write_table
+from ._table_write import (
+    OutputDir,
+    TableTarget,
+    check_output_dir,
+    check_table_target,
+    existing_ancestor,
+    merge_into_table,
+    unwritable_reason,
+    write_atomically,
+    write_table,
+)
 
 __all__ = [
     "CONFIG_DIR_ENV",
     "SCHEMA_VERSION",
     "TIMING_MODES",
+    "OutputDir",
     "RopeTableWarning",
     "TableEntry",
     "TableError",
     "TableTarget",
+    "check_output_dir",
     "check_table_target",
     "device_metadata",
     "device_table_name",
     "empty_table",
+    "existing_ancestor",
     "library_versions",
     "merge_into_table",
     "merge_tables",
@@ -58,8 +74,10 @@ __all__ = [
     "source_version",
     "spec_entries",
     "table_search_path",
+    "unwritable_reason",
     "user_config_dir",
     "validate_table",
+    "write_atomically",
     "write_table",
 ]
 
