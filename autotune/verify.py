@@ -27,6 +27,7 @@ from kernels import RopeSpec, get_provider
 from kernels.providers import RopeFn
 from kernels.table import (
     TableEntry,
+    check_output_dir,
     device_metadata,
     device_table_name,
     spec_entries,
@@ -318,10 +319,11 @@ def fix_table(
         if c.problems:
             groups.setdefault((c.spec, c.timing), []).append(c)
     changed, missing = [], []
+    output = check_output_dir(table_path.parent, "table")  # once, not once per tune() call
     for (spec, timing), bad in groups.items():
         try:
             table = tune([spec], [c.tokens for c in bad], device=device, timing=timing,
-                         output=table_path.parent, **tune_kwargs)  # fmt: skip
+                         output=output, **tune_kwargs)  # fmt: skip
         except ValueError as exc:  # no asked provider runs the spec here
             missing += [f"{timing} {spec.key} {c.tokens}: {exc}" for c in bad]
             continue
