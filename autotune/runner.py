@@ -105,7 +105,10 @@ class StudyRunner:
         target = self.target(space)
         try:
             study_id = self.storage.get_study_id_from_name(key.name)
-        except KeyError:  # not started: a warm start measures its new providers' defaults
+            trials = self.storage.get_all_trials(study_id, deepcopy=False)
+        except KeyError:
+            trials = []
+        if not trials:  # not started (or only claimed): a warm start measures new defaults
             donor = self._donors.find(key)
             if donor is None:
                 return target
@@ -114,7 +117,6 @@ class StudyRunner:
             new = [c for c in space.default_candidates(key.tokens) if c.provider not in donated]
             return max(target - len(counted_trials(trials)), len(new), 1)
         attrs = self.storage.get_study_user_attrs(study_id)
-        trials = self.storage.get_all_trials(study_id, deepcopy=False)
         if is_complete(attrs, trials, target):
             return 0
         if not measured_trials(trials):  # retried from scratch

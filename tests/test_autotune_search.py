@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import optuna
 import pytest
 import torch
-from conftest import CPU_TABLE, QUICK, ROOT, TINY, TINY_GPTJ, tuned_studies
+from conftest import CPU_TABLE, QUICK, ROOT, TINY, TINY_GPTJ
 from optuna.trial import TrialState
 
 from autotune import open_storage, tune
@@ -28,10 +28,10 @@ from kernels.table import device_metadata, device_table_name, read_table
 
 
 def all_trials(storage):
-    """Trials per study, claim markers left out (see autotune.distributed)."""
+    """Trials per study (claims are not studies: see autotune.distributed)."""
     return {
         s.study_name: storage.get_all_trials(s._study_id, deepcopy=False)
-        for s in tuned_studies(storage)
+        for s in storage.get_all_studies()
     }
 
 
@@ -88,7 +88,8 @@ def test_study_keys_name_deterministically_and_record_themselves():
     assert key == StudyKey.current("NVIDIA H200", "graph", TINY, 16, ["torch", "triton"])
     assert key.name != StudyKey.current("NVIDIA H200", "eager", TINY, 16, ["torch"]).name
     assert StudyKey.from_attrs(key.attrs({"device_name": "NVIDIA H200"})) == key
-    assert StudyKey.from_attrs({"worker": "w", "heartbeat": 1.0}) is None  # a claim
+    # Not a rope-autotune study: another tool's, or a claim marker of an older version.
+    assert StudyKey.from_attrs({"worker": "w", "heartbeat": 1.0}) is None
 
 
 def test_stale_providers_are_read_from_the_recorded_revisions():
