@@ -38,8 +38,8 @@ _MAX_REASON = 2000
 _WRONG = "wrong result: "
 
 
-class Outcome(enum.StrEnum):
-    """The kinds of trial outcome (see the module docstring)."""
+class Outcome(str, enum.Enum):
+    """The kinds of trial outcome (see the module docstring); each equals its stored name."""
 
     MEASURED = "measured"
     DUPLICATE = "duplicate"
@@ -118,4 +118,4 @@ class TrialOutcome:
         """``wrong result: ...``, ``error: RuntimeError: ...``, ``measured``."""
         if self.kind is Outcome.WRONG:
             return self.reason
-        return f"{self.kind}: {self.detail}" if self.detail else str(self.kind)
+        return f"{self.kind.value}: {self.detail}" if self.detail else self.kind.value

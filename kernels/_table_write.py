@@ -70,11 +70,12 @@ def unwritable_reason(directory: Path) -> str | None:
 
 
 class OutputDir(str):
-    """A directory (its path as a string) that :func:`check_output_dir` found writable, or
-    creatable: writers create it.
+    """A directory that :func:`check_output_dir` found writable, or creatable (writers create
+    it): the path as a string, which ``/`` joins as a :class:`~pathlib.Path` does.
 
     Passing it on (to :func:`autotune.tune`, :func:`check_table_target`) skips the check there:
-    a command checks its output once, before any work.
+    a command checks its output once, before any work. What ``/`` or :attr:`path` derive are
+    plain paths, never taken as checked.
     """
 
     __slots__ = ()
@@ -82,6 +83,9 @@ class OutputDir(str):
     @property
     def path(self) -> Path:
         return Path(self)
+
+    def __truediv__(self, other: str | os.PathLike) -> Path:
+        return Path(self) / other
 
 
 def check_output_dir(path: str | os.PathLike, flag: str = "output") -> OutputDir:

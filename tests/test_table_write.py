@@ -238,6 +238,8 @@ def test_an_output_directory_is_checked_once(tmp_path, monkeypatch):
     output = check_output_dir(tmp_path / "out", "--output")
     assert isinstance(output, OutputDir) and output == str(tmp_path / "out")
     assert output.path == tmp_path / "out" and checked == [tmp_path]
+    joined = output / FILE  # a plain path, not one taken as checked
+    assert joined == tmp_path / "out" / FILE and not isinstance(joined, OutputDir)
     assert check_output_dir(output) is output  # passed on: not checked again
     assert check_table_target(output, DEVICE).path == tmp_path / "out" / FILE
     assert checked == [tmp_path]
