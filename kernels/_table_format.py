@@ -34,11 +34,11 @@ to one entry; :func:`salvage_table` keeps the valid entries of a table with bad 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -236,13 +236,10 @@ def _check_entry(where: str, entry: Any, known: set[str] | None) -> None:
     fault = _config_fault(provider, entry.get("config"))
     if fault is not None:
         raise TableError(f"{where}.config: {fault}")
-    for field_name in ("median_us", "p20_us", "p80_us"):
-        if (field_name in entry or field_name == "median_us") and not _positive_time(
-            entry.get(field_name)
-        ):
+    for field in ("median_us", "p20_us", "p80_us"):
+        if (field in entry or field == "median_us") and not _positive_time(entry.get(field)):
             raise TableError(
-                f"{where}.{field_name}: expected a positive finite time, "
-                f"got {entry.get(field_name)!r}"
+                f"{where}.{field}: expected a positive finite time, got {entry.get(field)!r}"
             )
     times = entry.get("providers_us", {})
     if not isinstance(times, dict):
@@ -259,7 +256,7 @@ def _check_entry(where: str, entry: Any, known: set[str] | None) -> None:
 # -- one entry -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class TableEntry:
     """One token bucket's entry: the winner, its config and times, and every measured provider's
     best median (times in microseconds).
@@ -280,7 +277,7 @@ class TableEntry:
     median_us: float
     p20_us: float | None = None
     p80_us: float | None = None
-    providers_us: Mapping[str, float] = field(default_factory=dict)
+    providers_us: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_json(
