@@ -261,9 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             device = device_from_arg(args.devices[0], flag="--devices")
         specs = specs_from_args(args, device)
-        check_output_dir(output, "--output")
+        output = check_output_dir(output, "--output")  # tune() does not check it again
         if args.save_path is not None:
-            check_output_dir(args.save_path, "--save-path")
+            args.save_path = check_output_dir(args.save_path, "--save-path")
         storage = open_storage(args.storage)  # a bad one fails here, before any tuning
     except ValueError as exc:
         parser.error(str(exc))

@@ -4,15 +4,16 @@ Optuna's storages are the only channel between workers (a journal file on one ho
 as PostgreSQL across hosts). Work is split by whole studies, so every bucket is timed on one GPU
 and no candidate is measured twice:
 
-* **Claims.** A worker owns a study while it holds the study's newest *claim*: an empty marker
-  study named ``<study>#claim<generation>``. Creating a study is atomic in every Optuna storage
-  (a second create of the same name raises ``DuplicatedStudyError``: the journal keeps the first
-  create in log order, an RDB has a unique name constraint), so exactly one worker wins each
-  generation.
-* **Liveness.** The owner writes its host, pid and a heartbeat time into the claim's user
-  attributes, refreshing the heartbeat from a thread. A claim is dead when it was released, when
-  its heartbeat is older than the grace period, or at once when its owner ran on this host and
-  its process is gone. Anyone may then create the next generation and take the study over.
+* **Claims.** A worker owns a study while the study's ``rope_autotune:claim`` system attribute
+  names it: its generation, worker, host, pid, heartbeat time, and whether it was released.
+  Every change of a claim is an atomic compare-and-set (:mod:`autotune._compare_and_set`): it
+  applies only if the claim is still the one the worker read, so exactly one worker wins each
+  generation. A worker claims a study before it exists by creating it empty. Readers of the
+  storage see only the studies; they never meet a claim.
+* **Liveness.** The owner refreshes the heartbeat from a thread. A claim is dead when it was
+  released, when its heartbeat is older than the grace period, or at once when its owner ran on
+  this host and its process is gone. Anyone may then set the next generation and take the
+  study over; an owner that finds its claim taken stops after its trial in flight.
 * **Orphans.** A new owner fails the trials left running in the study: with the claim held, no
   live worker can be running them. (RDB storages also get Optuna's own trial heartbeat, which
   fails them on the next trial anyway.) A dead worker so loses only its trial in flight; its
@@ -26,11 +27,10 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,17 +39,19 @@ from optuna.exceptions import DuplicatedStudyError, UpdateFinishedTrialError
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
+from ._compare_and_set import compare_and_set
 from .runner import StudyRunner
 from .studies import StudyKey
 
-__all__ = ["DEFAULT_GRACE_S", "Claim", "ClaimBook", "host_id", "run_worker"]
+__all__ = ["CLAIM_ATTR", "DEFAULT_GRACE_S", "Claim", "ClaimBook", "host_id", "run_worker"]
 
 logger = logging.getLogger(__name__)
 
 # A claim whose heartbeat is older than this is dead. Long enough for the slowest single step
 # of a trial (a first torch.compile on the GPU), short enough that survivors take over soon.
 DEFAULT_GRACE_S = 120.0
-_CLAIM_RE = re.compile(r"^(?P<study>.+)#claim(?P<generation>\d+)$")
+# The study system attribute that holds a study's claim.
+CLAIM_ATTR = "rope_autotune:claim"
 
 
 def host_id() -> str:
@@ -74,24 +76,53 @@ def _pid_alive(pid: int) -> bool:
 
 @dataclass
 class Claim:
-    """A held claim: refreshes its heartbeat from a thread until released."""
+    """A held claim: refreshes its heartbeat from a thread until released, or until it finds
+    the claim taken over (:meth:`lost`).
+
+    Attributes:
+        storage: The shared storage.
+        study_id: The claimed study.
+        value: The claim as last written by its holder.
+        interval_s: Seconds between heartbeats.
+    """
 
     storage: optuna.storages.BaseStorage
     study_id: int
-    generation: int
+    value: Mapping[str, Any]
     interval_s: float
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
+    _lost: threading.Event = field(default_factory=threading.Event, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
+
+    @property
+    def generation(self) -> int:
+        """How many times the study was claimed before this claim."""
+        return int(self.value["generation"])
+
+    def lost(self) -> bool:
+        """Whether another worker took the study over (this one's heartbeat came too late)."""
+        return self._lost.is_set()
 
     def start(self) -> Claim:
         self._thread = threading.Thread(target=self._beat, name="claim-heartbeat", daemon=True)
         self._thread.start()
         return self
 
+    def _replace(self, **changes: Any) -> bool:
+        """Compare-and-set the claim to its value with ``changes``; False when it was taken."""
+        new = {**self.value, **changes}
+        if not compare_and_set(self.storage, self.study_id, CLAIM_ATTR, self.value, new):
+            self._lost.set()
+            return False
+        self.value = new
+        return True
+
     def _beat(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                self.storage.set_study_user_attr(self.study_id, "heartbeat", time.time())
+                if not self._replace(heartbeat=time.time()):
+                    logger.warning("%s: claim taken over by another worker", self.value["worker"])
+                    return
             except Exception as exc:  # a storage hiccup: the next beat retries
                 logger.debug("heartbeat failed: %s", exc)
 
@@ -100,7 +131,8 @@ class Claim:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.storage.set_study_user_attr(self.study_id, "released", True)
+        if not self.lost():
+            self._replace(released=True)
 
 
 @dataclass
@@ -109,75 +141,67 @@ class ClaimBook:
 
     Attributes:
         storage: The shared storage.
-        worker: This worker's name (for logs and the claim's attributes).
+        worker: This worker's name (for logs and the claim).
         grace_s: Heartbeat age after which a claim is dead.
     """
 
     storage: optuna.storages.BaseStorage
     worker: str
     grace_s: float = DEFAULT_GRACE_S
-    _latest: dict[str, tuple[int, int, dict[str, Any]]] = field(default_factory=dict, init=False)
-    _bare_since: dict[int, float] = field(default_factory=dict, init=False)
+    _claims: dict[str, tuple[int, Mapping[str, Any] | None]] = field(
+        default_factory=dict, init=False
+    )
 
     def refresh(self) -> None:
-        """Read every claim's newest generation and attributes from the storage."""
-        latest: dict[str, tuple[int, int, dict[str, Any]]] = {}
-        for study in self.storage.get_all_studies():
-            match = _CLAIM_RE.match(study.study_name)
-            if match is None:
-                continue
-            name, generation = match["study"], int(match["generation"])
-            if name not in latest or generation > latest[name][0]:
-                latest[name] = (generation, study._study_id, dict(study.user_attrs))
-        self._latest = latest
+        """Read every study's claim from the storage."""
+        self._claims = {
+            study.study_name: (study._study_id, study.system_attrs.get(CLAIM_ATTR))
+            for study in self.storage.get_all_studies()
+        }
 
-    def _alive(self, study_id: int, attrs: dict[str, Any]) -> bool:
-        now = time.time()
-        if attrs.get("released"):
+    def _alive(self, claim: Mapping[str, Any] | None) -> bool:
+        if claim is None or claim.get("released"):
             return False
-        if "heartbeat" not in attrs:  # its owner died between creating and describing it?
-            first_seen = self._bare_since.setdefault(study_id, now)
-            return now - first_seen < self.grace_s
-        if now - float(attrs["heartbeat"]) > self.grace_s:
+        if time.time() - float(claim["heartbeat"]) > self.grace_s:
             return False
         # An owner on this host is checked directly: a killed worker's studies go at once.
-        return attrs.get("host") != host_id() or _pid_alive(int(attrs.get("pid", -1)))
+        return claim.get("host") != host_id() or _pid_alive(int(claim.get("pid", -1)))
 
     def owner(self, study_name: str) -> str | None:
         """The live owner of ``study_name`` as last refreshed, or None."""
-        latest = self._latest.get(study_name)
-        if latest is None or not self._alive(latest[1], latest[2]):
-            return None
-        return str(latest[2].get("worker", "?"))
+        claim = self._claims.get(study_name, (None, None))[1]
+        return str(claim.get("worker", "?")) if claim is not None and self._alive(claim) else None
 
     def try_claim(self, study_name: str) -> Claim | None:
-        """Claim ``study_name`` unless a live worker holds it or another wins the race."""
-        latest = self._latest.get(study_name)
-        if latest is not None and self._alive(latest[1], latest[2]):
+        """Claim ``study_name`` (creating it empty if it does not exist) unless a live worker
+        holds it or another wins the race."""
+        study_id, current = self._claims.get(study_name, (None, None))
+        if self._alive(current):
             return None
-        generation = 0 if latest is None else latest[0] + 1
-        try:
-            study_id = self.storage.create_new_study(
-                [StudyDirection.MINIMIZE], f"{study_name}#claim{generation}"
-            )
-        except DuplicatedStudyError:
-            return None
-        for attr, value in {
+        if study_id is None:
+            try:
+                study_id = self.storage.create_new_study([StudyDirection.MINIMIZE], study_name)
+            except DuplicatedStudyError:  # created since the last refresh; the claim decides
+                study_id = self.storage.get_study_id_from_name(study_name)
+        new = {
+            "generation": 0 if current is None else int(current["generation"]) + 1,
             "worker": self.worker,
             "host": host_id(),
             "pid": os.getpid(),
             "heartbeat": time.time(),
-        }.items():
-            self.storage.set_study_user_attr(study_id, attr, value)
-        self._latest[study_name] = (generation, study_id, {"worker": self.worker})
-        if latest is not None and not latest[2].get("released"):
+            "released": False,
+        }
+        if not compare_and_set(self.storage, study_id, CLAIM_ATTR, current, new):
+            return None
+        self._claims[study_name] = (study_id, new)
+        if current is not None and not current.get("released"):
             logger.warning(
                 "%s: took over %s from %s (no heartbeat)",
                 self.worker,
                 study_name,
-                latest[2].get("worker", "an unknown worker"),
+                current.get("worker", "an unknown worker"),
             )
-        return Claim(self.storage, study_id, generation, self.grace_s / 6).start()
+        return Claim(self.storage, study_id, new, self.grace_s / 6).start()
 
 
 def fail_orphans(storage: optuna.storages.BaseStorage, study_name: str) -> int:
@@ -236,7 +260,7 @@ def run_worker(
                 if not runner.is_complete(key):
                     fail_orphans(runner.storage, key.name)
                     on_study(key)
-                    runner.run(key)
+                    runner.run(key, should_stop=claim.lost)
             finally:
                 claim.release()
             ran = True

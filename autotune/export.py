@@ -18,41 +18,40 @@ import optuna
 from optuna.trial import TrialState
 
 from kernels import provider_names
-from kernels.table import device_table_name, empty_table, merge_into_table
+from kernels.table import TableEntry, device_table_name, empty_table, merge_into_table
 
-from .studies import StudyKey, is_complete
+from .studies import StudyKey, is_complete, measured_trials
 
 __all__ = ["best_entry", "build_tables", "export_model", "export_tables", "write_device_table"]
 
 logger = logging.getLogger(__name__)
 
 
-def best_entry(trials: Iterable[optuna.trial.FrozenTrial]) -> dict[str, Any] | None:
+def best_entry(trials: Iterable[optuna.trial.FrozenTrial]) -> TableEntry | None:
     """The table entry for one bucket from its measured trials, or None when none was measured.
 
     Only trials that passed the correctness gate and were timed (``outcome`` ``measured``)
     count; failed, pruned and duplicate trials never win.
     """
-    best: dict[str, Any] | None = None
+    best: optuna.trial.FrozenTrial | None = None
     providers_us: dict[str, float] = {}
-    for trial in trials:
+    for trial in measured_trials(trials):
         attrs = trial.user_attrs
-        if trial.state != TrialState.COMPLETE or attrs.get("outcome") != "measured":
-            continue
         provider, median = attrs["provider"], float(attrs["median_us"])
         providers_us[provider] = min(median, providers_us.get(provider, median))
-        if best is None or median < best["median_us"]:
-            best = {
-                "provider": provider,
-                "config": dict(attrs.get("config") or {}),
-                "median_us": median,
-                "p20_us": float(attrs["p20_us"]),
-                "p80_us": float(attrs["p80_us"]),
-            }
+        if best is None or median < float(best.user_attrs["median_us"]):
+            best = trial
     if best is None:
         return None
-    best["providers_us"] = dict(sorted(providers_us.items()))
-    return best
+    attrs = best.user_attrs
+    return TableEntry(
+        provider=attrs["provider"],
+        config=dict(attrs.get("config") or {}),
+        median_us=float(attrs["median_us"]),
+        p20_us=float(attrs["p20_us"]),
+        p80_us=float(attrs["p80_us"]),
+        providers_us=dict(sorted(providers_us.items())),
+    )
 
 
 def build_tables(
@@ -115,7 +114,8 @@ def build_tables(
         if entry is None:
             continue
         table = tables.setdefault(device_name, empty_table(metadata[device_name]))
-        table["entries"].setdefault(timing, {}).setdefault(spec_key, {})[str(tokens)] = entry
+        buckets = table["entries"].setdefault(timing, {}).setdefault(spec_key, {})
+        buckets[str(tokens)] = entry.to_json()
     return tables
 
 

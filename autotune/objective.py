@@ -2,8 +2,8 @@
 
 A measured trial records ``provider``, ``config``, ``median_us``, ``p20_us``, ``p80_us`` and
 ``phase_s`` (host seconds spent binding, in the float64 gate, which makes a kernel's first call
-and so holds its compile, building inputs, in the warm-up calls, and measuring). The outcomes
-are those of :mod:`autotune.studies`.
+and so holds its compile, building inputs, in the warm-up calls, and measuring). Every trial
+records its :class:`autotune.outcome.TrialOutcome`.
 """
 
 from __future__ import annotations
@@ -19,19 +19,18 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from kernels import RopeSpec, get_provider
+from kernels import get_provider
 
-from .measure import check_correct, time_rope
-from .space import Candidate, candidate_key, config_key
-from .studies import COUNTED_OUTCOMES, StudyKey, live_trials
+from .gate import CorrectnessGate, failure_of
+from .measure import time_rope
+from .outcome import Outcome, TrialOutcome
+from .space import Candidate, candidate_key
+from .studies import StudyKey, is_counted, live_trials
 
-__all__ = ["GATE_TOKENS", "SEARCH_REPEATS", "CandidateError", "Objective", "is_transient"]
+__all__ = ["SEARCH_REPEATS", "CandidateError", "Objective"]
 
 logger = logging.getLogger(__name__)
 
-# The correctness gate's token count: odd, and more than the largest token block (64), so a
-# full block and a masked partial block are both checked.
-GATE_TOKENS = 101
 # Timed rounds per measurement in a search (time_rope's own default, for reports, is 50): the
 # median of 10 rounds ranks configs as well as 50 do (benchmarks/NOTES.md), at a fifth of the
 # cost.
@@ -42,19 +41,10 @@ class CandidateError(Exception):
     """A candidate that ran but must never win: wrong result, kernel error, out of memory."""
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Failures that say nothing about the candidate, so its study retries on the next run:
-    running out of memory, a library that failed to load."""
-    if isinstance(exc, (torch.OutOfMemoryError, ImportError, MemoryError)):
-        return True
-    text = str(exc).lower()
-    return "out of memory" in text
-
-
 @dataclass
 class Objective:
-    """Measures candidates on one device; gate results are kept per process, so a config
-    shared by several buckets compiles and is checked once.
+    """Measures candidates on one device; gate results are kept per process
+    (:class:`autotune.gate.CorrectnessGate`).
 
     Attributes:
         device: Where candidates run.
@@ -66,7 +56,10 @@ class Objective:
     device: torch.device
     seed: int | None = None
     time_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    _gate: dict[tuple, str | None] = field(default_factory=dict, init=False, repr=False)
+    _gate: CorrectnessGate = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._gate = CorrectnessGate(self.device, self.seed)
 
     def __call__(self, trial: Trial, key: StudyKey, candidate: Candidate) -> float:
         """Measure ``candidate`` as ``trial``; the value is its median time in microseconds.
@@ -82,8 +75,7 @@ class Objective:
         try:
             fn = provider.callable_for(key.spec, candidate.config)
         except ValueError as exc:
-            trial.set_user_attr("outcome", "invalid")
-            trial.set_user_attr("error", str(exc))
+            TrialOutcome(Outcome.INVALID, str(exc)).record(trial)
             raise optuna.TrialPruned(str(exc)) from None
 
         earlier = _earlier(trial, candidate)
@@ -91,9 +83,9 @@ class Objective:
             return _repeat(trial, earlier)
 
         bound = time.perf_counter()
-        error = self._gate_error(fn, key.spec, candidate)
+        failure = self._gate.check(fn, key.spec, candidate.provider, candidate.config)
         phases = {"bind": bound - start, "gate": time.perf_counter() - bound}
-        if error is None:
+        if failure is None:
             try:
                 timing = time_rope(
                     fn,
@@ -106,60 +98,29 @@ class Objective:
                     **{"repeats": SEARCH_REPEATS, **self.time_kwargs},
                 )
             except Exception as exc:  # kernel error, out of memory, launch failure
-                error = self._failure(exc)
+                failure = failure_of(exc, self.device)
             else:
                 times = (timing.p20_us, timing.median_us, timing.p80_us)
                 if all(math.isfinite(v) and v > 0 for v in times):
-                    trial.set_user_attr("outcome", "measured")
+                    TrialOutcome(Outcome.MEASURED).record(trial)
                     trial.set_user_attr("phase_s", {k: round(v, 5) for k, v in phases.items()})
                     trial.set_user_attr("median_us", timing.median_us)
                     trial.set_user_attr("p20_us", timing.p20_us)
                     trial.set_user_attr("p80_us", timing.p80_us)
                     return timing.median_us
-                error = f"error: timing is not a positive finite time: {timing}"
-        outcome, _, reason = error.partition(": ")
-        trial.set_user_attr("outcome", outcome)
-        trial.set_user_attr("error", reason[:2000])
+                failure = TrialOutcome(
+                    Outcome.ERROR, f"timing is not a positive finite time: {timing}"
+                )
+        failure.record(trial)
         logger.info(
-            "%s trial %d: %s %s failed (%s): %s",
+            "%s trial %d: %s %s failed: %s",
             key.name,
             trial.number,
             candidate.provider,
             dict(candidate.config),
-            outcome,
-            reason,
+            failure,
         )
-        raise CandidateError(reason)
-
-    def _failure(self, exc: BaseException) -> str:
-        """``"<outcome>: <reason>"`` for an exception a candidate raised."""
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        outcome = "transient" if is_transient(exc) else "error"
-        return f"{outcome}: {type(exc).__name__}: {exc}"
-
-    def _gate_error(self, fn, spec: RopeSpec, candidate: Candidate) -> str | None:
-        """Check ``fn`` against the float64 reference once per (spec, candidate) in this
-        process; ``"<outcome>: <reason>"`` when it failed, None when it passed. Transient
-        failures are not kept: the next trial checks again."""
-        cache_key = (str(self.device), spec, candidate.provider, config_key(candidate.config))
-        if cache_key in self._gate:
-            return self._gate[cache_key]
-        try:
-            keyless = get_provider(candidate.provider).unsupported_reason(spec, has_key=False)
-            check_correct(
-                fn, spec, GATE_TOKENS, self.device, keyless=keyless is None, seed=self.seed
-            )
-        except AssertionError as exc:
-            result = f"wrong: wrong result: {exc}"
-        except Exception as exc:  # compile error, out of memory, launch failure
-            result = self._failure(exc)
-            if result.startswith("transient"):
-                return result
-        else:
-            result = None
-        self._gate[cache_key] = result
-        return result
+        raise CandidateError(failure.reason)
 
 
 def _earlier(trial: Trial, candidate: Candidate) -> FrozenTrial | None:
@@ -169,7 +130,7 @@ def _earlier(trial: Trial, candidate: Candidate) -> FrozenTrial | None:
         if (
             other.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
             and other.number != trial.number
-            and other.user_attrs.get("outcome") in COUNTED_OUTCOMES
+            and is_counted(other)
             and candidate_key(other) == candidate.key
         ):
             return other
@@ -178,11 +139,12 @@ def _earlier(trial: Trial, candidate: Candidate) -> FrozenTrial | None:
 
 def _repeat(trial: Trial, earlier: FrozenTrial) -> float:
     """A repeat of ``earlier``: its value, or pruned when it failed."""
-    trial.set_user_attr("outcome", "duplicate")
     trial.set_user_attr("duplicate_of", earlier.number)
     if earlier.state != TrialState.COMPLETE:
-        trial.set_user_attr("error", earlier.user_attrs.get("error"))
+        original = TrialOutcome.of(earlier)
+        TrialOutcome(Outcome.DUPLICATE, original.reason if original else "").record(trial)
         raise optuna.TrialPruned(f"same as failed trial {earlier.number}")
+    TrialOutcome(Outcome.DUPLICATE).record(trial)
     for attr in ("median_us", "p20_us", "p80_us"):
         trial.set_user_attr(attr, earlier.user_attrs[attr])
     return float(earlier.value)

@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import statistics
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,12 +44,12 @@ from kernels.perf_model import (
     validate_model,
 )
 from kernels.providers import TRITON
-from kernels.table import TIMING_MODES
+from kernels.table import TIMING_MODES, write_atomically
 
 from ._preflight import check_output_dir
 from .cli_args import OneLineParser, add_logging_flags, logging_from_args
 from .storage import open_storage
-from .studies import StudyKey
+from .studies import StudyKey, measured_trials
 
 __all__ = [
     "Measurement",
@@ -128,13 +127,11 @@ def measurements_from_storage(
         meta = attrs.get("metadata") or {}
         if meta.get("updated", "") >= metadata.get("updated", ""):
             metadata = dict(meta)
-        for trial in storage.get_all_trials(
-            study._study_id, deepcopy=False, states=(TrialState.COMPLETE,)
+        for trial in measured_trials(
+            storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.COMPLETE,))
         ):
             user = trial.user_attrs
-            if user.get("outcome") != "measured" or (
-                user.get("provider") == TRITON and not user.get("config")
-            ):
+            if user.get("provider") == TRITON and not user.get("config"):
                 continue
             median = user.get("median_us", trial.value)
             if median is None or not math.isfinite(median) or median <= 0:
@@ -287,24 +284,12 @@ def _dumps(value: Any, indent: int = 0) -> bytes:
 
 
 def write_model(path: str | os.PathLike, model: Mapping[str, Any]) -> Path:
-    """Validate ``model`` and write it atomically (temporary file, fsync, rename)."""
+    """Validate ``model`` and write it atomically (:func:`kernels.table.write_atomically`)."""
     validate_model(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # One line per tree (the bulk of the file): readable diffs, a third of an indented size.
-    payload = _dumps(model) + b"\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, _dumps(model) + b"\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

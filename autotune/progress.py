@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial
 
-from .studies import COUNTED_OUTCOMES, StudyKey
+from .studies import StudyKey, is_counted
 
 __all__ = ["Progress"]
 
@@ -47,5 +47,5 @@ class Progress:
             )
 
     def on_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if self.bar is not None and trial.user_attrs.get("outcome") in COUNTED_OUTCOMES:
+        if self.bar is not None and is_counted(trial):
             self.bar.update(1)

@@ -13,6 +13,10 @@ import optuna
 import orjson
 from optuna.trial import TrialState
 
+from kernels.table import spec_entries
+
+from .outcome import TrialOutcome
+
 __all__ = ["format_summary", "write_measurements_csv"]
 
 
@@ -21,19 +25,19 @@ def format_summary(table: Mapping[str, Any]) -> str:
     best time of every provider measured (``1.00x`` for the winner itself)."""
     lines = []
     for timing, specs in sorted(table["entries"].items()):
-        for spec_key, buckets in sorted(specs.items()):
-            names = sorted({p for e in buckets.values() for p in e.get("providers_us", {})})
+        for spec_key in sorted(specs):
+            entries = spec_entries(table, timing, spec_key)
+            names = sorted({p for e in entries.values() for p in e.providers_us})
             lines.append(f"{timing}  {spec_key}")
             header = f"  {'tokens':>7}  {'winner':<14}{'median_us':>10}   speedup over: "
             lines.append(header + "  ".join(f"{n:>13}" for n in names))
-            for bucket in sorted(buckets, key=int):
-                entry = buckets[bucket]
+            for bucket, entry in entries.items():
                 cells = []
                 for name in names:
-                    other = entry.get("providers_us", {}).get(name)
-                    cells.append(f"{other / entry['median_us']:>12.2f}x" if other else f"{'-':>13}")
+                    other = entry.providers_us.get(name)
+                    cells.append(f"{other / entry.median_us:>12.2f}x" if other else f"{'-':>13}")
                 lines.append(
-                    f"  {bucket:>7}  {entry['provider']:<14}{entry['median_us']:>10.2f}   "
+                    f"  {bucket:>7}  {entry.provider:<14}{entry.median_us:>10.2f}   "
                     f"{'':14}" + "  ".join(cells)
                 )
     return "\n".join(lines) if lines else "no finished study"
@@ -78,6 +82,7 @@ def write_measurements_csv(
                 if trial.state in (TrialState.WAITING, TrialState.RUNNING):
                     continue
                 user = trial.user_attrs
+                outcome = TrialOutcome.of(trial)
                 writer.writerow(
                     {
                         "study": name,
@@ -87,13 +92,13 @@ def write_measurements_csv(
                         "tokens": attrs.get("tokens"),
                         "trial": trial.number,
                         "state": trial.state.name,
-                        "outcome": user.get("outcome", ""),
+                        "outcome": outcome.kind.value if outcome else "",
                         "provider": user.get("provider", ""),
                         "config": orjson.dumps(user.get("config") or {}).decode(),
                         "median_us": user.get("median_us", ""),
                         "p20_us": user.get("p20_us", ""),
                         "p80_us": user.get("p80_us", ""),
-                        "error": user.get("error", ""),
+                        "error": outcome.reason if outcome else "",
                         "started": trial.datetime_start or "",
                         "finished": trial.datetime_complete or "",
                     }

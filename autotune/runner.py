@@ -13,13 +13,14 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from kernels import RopeSpec
 
 from .objective import CandidateError, Objective
+from .outcome import Outcome, TrialOutcome
 from .sampler import make_sampler
 from .space import Candidate, CandidateSpace
 from .studies import (
-    COUNTED_OUTCOMES,
     StudyKey,
     counted_trials,
     is_complete,
+    is_counted,
     live_trials,
     measured_trials,
     waiting_trials,
@@ -104,7 +105,10 @@ class StudyRunner:
         target = self.target(space)
         try:
             study_id = self.storage.get_study_id_from_name(key.name)
-        except KeyError:  # not started: a warm start measures its new providers' defaults
+            trials = self.storage.get_all_trials(study_id, deepcopy=False)
+        except KeyError:
+            trials = []
+        if not trials:  # not started (or only claimed): a warm start measures new defaults
             donor = self._donors.find(key)
             if donor is None:
                 return target
@@ -113,7 +117,6 @@ class StudyRunner:
             new = [c for c in space.default_candidates(key.tokens) if c.provider not in donated]
             return max(target - len(counted_trials(trials)), len(new), 1)
         attrs = self.storage.get_study_user_attrs(study_id)
-        trials = self.storage.get_all_trials(study_id, deepcopy=False)
         if is_complete(attrs, trials, target):
             return 0
         if not measured_trials(trials):  # retried from scratch
@@ -153,8 +156,7 @@ class StudyRunner:
         taken = {
             _params_key(t.params or t.system_attrs.get("fixed_params", {}))
             for t in trials
-            if t.user_attrs.get("outcome") in COUNTED_OUTCOMES
-            or t.state in (TrialState.WAITING, TrialState.RUNNING)
+            if is_counted(t) or t.state in (TrialState.WAITING, TrialState.RUNNING)
         }
         first = space.default_candidates(key.tokens)
         if len(space.valid) <= self.trials:
@@ -210,9 +212,10 @@ class StudyRunner:
                 callbacks=[*self.callbacks, lambda _s, t, out=finished: out.append(t)],
             )
             for trial in finished:
-                outcome = trial.user_attrs.get("outcome")
-                transient = transient + 1 if outcome == "transient" else 0
-                idle = 0 if outcome in COUNTED_OUTCOMES or outcome == "transient" else idle + 1
+                outcome = TrialOutcome.of(trial)
+                kind = None if outcome is None else outcome.kind
+                transient = transient + 1 if kind is Outcome.TRANSIENT else 0
+                idle = 0 if is_counted(trial) or kind is Outcome.TRANSIENT else idle + 1
         trials = study.get_trials(deepcopy=False)
         done = is_complete(study.user_attrs, trials, target) or (
             converged and bool(measured_trials(trials))

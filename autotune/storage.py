@@ -19,7 +19,7 @@ from pathlib import Path
 
 import optuna
 
-from ._preflight import existing_ancestor, unwritable_reason
+from kernels.table import existing_ancestor, unwritable_reason
 
 __all__ = [
     "HEARTBEAT_GRACE_S",

@@ -5,24 +5,8 @@ in the study's user attributes (:meth:`StudyKey.attrs`), written when the study 
 read back with :meth:`StudyKey.from_attrs`; the study's name is a deterministic handle that a
 rerun uses to find (and resume) it, never parsed.
 
-Trial outcomes, recorded in the trial's ``outcome`` user attribute:
-
-=============  ========  ======================================================  =========
-outcome        state     meaning                                                 budget
-=============  ========  ======================================================  =========
-``measured``   COMPLETE  passed the correctness gate and was timed               counts
-``duplicate``  COMPLETE  same provider and config as an earlier trial: its value  no
-``wrong``      FAIL      wrong result against the float64 reference              counts
-``error``      FAIL      compile error, launch failure, any other kernel error    counts
-``transient``  FAIL      out of memory, a library that failed to load            no
-``invalid``    PRUNED    the provider rejects the config (e.g. register spills)  no
-(none)         FAIL      interrupted, or its worker died                         no
-=============  ========  ======================================================  =========
-
-The budget counts measurements. Invalid configs and repeats cost milliseconds (no kernel runs)
-and teach the sampler where not to go, so they do not use it up. Transient failures say nothing
-about the candidate: they do not count, and a study that measured nothing is never complete, so
-the next run retries it. Interrupted trials are redone on resume.
+Each trial records its :class:`autotune.outcome.TrialOutcome`; a study's budget counts the
+trials whose outcome judges the candidate (:data:`autotune.outcome.COUNTED_OUTCOMES`).
 """
 
 from __future__ import annotations
@@ -36,19 +20,18 @@ from optuna.trial import FrozenTrial, TrialState
 from kernels import RopeSpec, get_provider, provider_names
 from kernels.table import device_table_name
 
+from .outcome import Outcome, TrialOutcome
+
 __all__ = [
-    "COUNTED_OUTCOMES",
     "StudyKey",
     "counted_trials",
     "device_tag",
     "is_complete",
+    "is_counted",
     "live_trials",
     "measured_trials",
     "waiting_trials",
 ]
-
-# Outcomes that use up a study's trial budget (see the module docstring).
-COUNTED_OUTCOMES = frozenset({"measured", "wrong", "error"})
 
 
 def device_tag(device_name: str) -> str:
@@ -120,7 +103,7 @@ class StudyKey:
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> StudyKey | None:
         """The key a study's user attributes record; None for studies that are not
-        rope-autotune studies (claims, say) or that lack the attributes."""
+        rope-autotune studies (another tool's, say) or that lack the attributes."""
         try:
             revisions = attrs["revisions"]
             return cls(
@@ -152,9 +135,15 @@ def live_trials(attrs: Mapping[str, Any], trials: list[FrozenTrial]) -> list[Fro
     return trials[int(attrs.get("retry_from") or 0) :]
 
 
+def is_counted(trial: FrozenTrial) -> bool:
+    """Whether ``trial`` used up budget (:attr:`autotune.outcome.TrialOutcome.counts`)."""
+    outcome = TrialOutcome.of(trial)
+    return outcome is not None and outcome.counts
+
+
 def counted_trials(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
-    """Trials that used up budget (see the module docstring)."""
-    return [t for t in trials if t.user_attrs.get("outcome") in COUNTED_OUTCOMES]
+    """Trials that used up budget."""
+    return [t for t in trials if is_counted(t)]
 
 
 def measured_trials(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
@@ -162,7 +151,9 @@ def measured_trials(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
     return [
         t
         for t in trials
-        if t.state == TrialState.COMPLETE and t.user_attrs.get("outcome") == "measured"
+        if t.state == TrialState.COMPLETE
+        and (outcome := TrialOutcome.of(t)) is not None
+        and outcome.kind is Outcome.MEASURED
     ]
 
 

@@ -15,10 +15,16 @@ from optuna.trial import FrozenTrial
 
 from kernels import RopeSpec, provider_names
 from kernels.perf_model import find_model
-from kernels.table import TIMING_MODES, check_table_target, device_metadata, empty_table
+from kernels.table import (
+    TIMING_MODES,
+    check_output_dir,
+    check_table_target,
+    device_metadata,
+    empty_table,
+)
 
 from ._device import resolve_device
-from ._preflight import MAX_SEED, check_output_dir
+from ._preflight import MAX_SEED
 from .distributed import DEFAULT_GRACE_S, run_worker
 from .export import build_tables, write_device_table
 from .models import DEFAULT_TOKENS, MAX_TOKENS
@@ -94,7 +100,9 @@ def tune(
         storage: An Optuna storage URL (``postgresql://...``), a journal file path, a storage
             object, or None for the default journal file in the user cache directory.
         output: Directory to merge the table into (``<device name>.json``); None to not write.
+            Checked before tuning unless it is a :class:`kernels.table.OutputDir`.
         save_path: Directory for ``<device>.csv``, every trial of these studies; None for none.
+            Checked like ``output``.
         seed: Seeds the samplers and the random inputs; None for fresh randomness.
         progress: Show a progress bar with ETA.
         callbacks: Extra Optuna trial callbacks, called after each trial.
@@ -132,7 +140,8 @@ def tune(
         raise ValueError(f"providers: expected names from {provider_names()}, got {providers}")
     if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
         raise ValueError(f"seed: expected an int from 0 to {MAX_SEED}, got {seed!r}")
-    # Where results go is checked before any tuning time is spent.
+    # Where results go is checked before any tuning time is spent, once (an OutputDir that a
+    # command line checked is not checked again).
     if output is not None:
         output = check_output_dir(output, "output")
     if save_path is not None:

@@ -25,11 +25,18 @@ import torch
 
 from kernels import RopeSpec, get_provider
 from kernels.providers import RopeFn
-from kernels.table import device_metadata, device_table_name, table_search_path
+from kernels.table import (
+    TableEntry,
+    check_output_dir,
+    device_metadata,
+    device_table_name,
+    spec_entries,
+    table_search_path,
+)
 
 from .compile_ahead import compile_ahead
-from .measure import Timing, check_correct, time_rope
-from .objective import GATE_TOKENS
+from .gate import GATE_TOKENS, CorrectnessGate
+from .measure import Timing, time_rope
 from .space import config_key
 from .tuning import tune
 
@@ -123,22 +130,21 @@ def plan_checks(
     A runner-up is the fastest other provider in ``providers_us``; a tunable one gets its
     default config for the spec and bucket, since the table records only the winner's.
     """
-    by_spec: dict[str, list[tuple[str, str, Mapping[str, Any]]]] = {}
+    by_spec: dict[str, list[tuple[str, int, TableEntry]]] = {}
     for mode, specs in table["entries"].items():
         if timings is not None and mode not in timings:
             continue
-        for spec_key, buckets in specs.items():
+        for spec_key in specs:
             if spec_patterns and not any(fnmatch.fnmatch(spec_key, p) for p in spec_patterns):
                 continue
-            for bucket, entry in buckets.items():
-                by_spec.setdefault(spec_key, []).append((mode, bucket, entry))
+            for tokens, entry in spec_entries(table, mode, spec_key).items():
+                by_spec.setdefault(spec_key, []).append((mode, tokens, entry))
     checks = []
     for spec_key in sorted(by_spec):
         spec = RopeSpec.from_key(spec_key)
-        for mode, bucket, entry in sorted(by_spec[spec_key], key=lambda c: (c[0], int(c[1]))):
-            tokens = int(bucket)
-            winner = Contender(entry["provider"], entry.get("config") or {}, entry["median_us"])
-            recorded = entry.get("providers_us", {}).items()
+        for mode, tokens, entry in sorted(by_spec[spec_key], key=lambda c: c[:2]):
+            winner = Contender(entry.provider, entry.config or {}, entry.median_us)
+            recorded = entry.providers_us.items()
             others = sorted((us, name) for name, us in recorded if name != winner.provider)
             runner_up = None
             for recorded_us, name in others[:1]:
@@ -171,7 +177,10 @@ class Verifier:
         default_factory=lambda: {"repeats": VERIFY_REPEATS, "min_round_s": VERIFY_ROUND_S}
     )
     phases: dict[str, float] = field(default_factory=dict)
-    _gate: dict[tuple, str | None] = field(default_factory=dict, init=False, repr=False)
+    _gate: CorrectnessGate = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._gate = CorrectnessGate(self.device)
 
     def compile_ahead(self, checks: Sequence[Check]) -> None:
         """Compile the Triton kernels that ``checks`` will gate and time, on a pool of threads
@@ -207,9 +216,11 @@ class Verifier:
         except ValueError as exc:
             check.failures.append(f"{name}: rejected: {exc}")
             return None
-        error = self._gate_error(fn, check.spec, contender)
-        if error is not None:
-            check.failures.append(f"{name}: {error}")
+        start = time.perf_counter()
+        failure = self._gate.check(fn, check.spec, contender.provider, contender.config)
+        self.phases["gate"] = self.phases.get("gate", 0.0) + time.perf_counter() - start
+        if failure is not None:
+            check.failures.append(f"{name}: {failure}")
             return None
         phases: dict[str, float] = {}
         try:
@@ -222,23 +233,6 @@ class Verifier:
             for phase, seconds in phases.items():
                 self.phases[phase] = self.phases.get(phase, 0.0) + seconds
         return timing
-
-    def _gate_error(self, fn: RopeFn, spec: RopeSpec, contender: Contender) -> str | None:
-        """Why ``fn`` fails the float64 gate (``"wrong result: ..."``, ``"error: ..."``), or
-        None when it passes; decided once per (spec, provider, config)."""
-        key = (spec, contender.provider, config_key(contender.config))
-        if key not in self._gate:
-            start = time.perf_counter()
-            keyless = get_provider(contender.provider).supports(spec, has_key=False)
-            try:
-                check_correct(fn, spec, GATE_TOKENS, self.device, keyless=keyless)
-                self._gate[key] = None
-            except AssertionError as exc:
-                self._gate[key] = f"wrong result: {exc}"
-            except Exception as exc:  # compile error, out of memory, launch failure
-                self._gate[key] = f"error: {type(exc).__name__}: {exc}"
-            self.phases["gate"] = self.phases.get("gate", 0.0) + time.perf_counter() - start
-        return self._gate[key]
 
 
 def _cell(who: Contender | None, now: Timing | None) -> str:
@@ -325,21 +319,22 @@ def fix_table(
         if c.problems:
             groups.setdefault((c.spec, c.timing), []).append(c)
     changed, missing = [], []
+    output = check_output_dir(table_path.parent, "table")  # once, not once per tune() call
     for (spec, timing), bad in groups.items():
         try:
             table = tune([spec], [c.tokens for c in bad], device=device, timing=timing,
-                         output=table_path.parent, **tune_kwargs)  # fmt: skip
+                         output=output, **tune_kwargs)  # fmt: skip
         except ValueError as exc:  # no asked provider runs the spec here
             missing += [f"{timing} {spec.key} {c.tokens}: {exc}" for c in bad]
             continue
-        entries = table["entries"].get(timing, {}).get(spec.key, {})
+        entries = spec_entries(table, timing, spec.key)
         for c in bad:
             where = f"{timing} {spec.key} {c.tokens}"
-            new = entries.get(str(c.tokens))
+            new = entries.get(c.tokens)
             if new is None:
                 missing.append(f"{where}: no study finished (the log above says why)")
                 continue
             old = _described(c.winner.provider, c.winner.config, c.winner.recorded_us)
-            now = _described(new["provider"], new["config"], new["median_us"])
+            now = _described(new.provider, new.config, new.median_us)
             changed.append(f"{where}: {old} -> {now}")
     return changed, missing

@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kernels.perf_model import PerfModel
 
+from .outcome import TrialOutcome
 from .space import Candidate, CandidateSpace
 from .studies import StudyKey, counted_trials
 
@@ -109,7 +110,7 @@ class Donors:
             )
             for trial in trials
             if trial.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-            and "outcome" in trial.user_attrs  # not an interrupted trial
+            and TrialOutcome.of(trial) is not None  # not an interrupted trial
         ]
         study.add_trials(copies)
         study.set_user_attr("warm_started_from", name)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ._spec import RopeSpec
+from ._table_format import TableEntry
 from .providers import RopeFn, fallback_providers, get_provider, reference_provider
 
 __all__ = [
@@ -116,7 +117,7 @@ def try_route(
 def resolve_entry(
     spec: RopeSpec,
     bucket: int,
-    entry: Mapping[str, Any],
+    entry: TableEntry | Mapping[str, Any],
     *,
     has_key: bool,
     unavailable: Availability,
@@ -126,11 +127,14 @@ def resolve_entry(
     in ``providers_us`` (with its default config), else None.
 
     Args:
+        entry: The entry, or its JSON object from a validated table.
         where: The entry's place for ``why``, e.g. ``"NVIDIA_H200.json entries.graph.<spec>.16"``.
     """
-    winner, config = entry["provider"], entry.get("config") or {}
+    if not isinstance(entry, TableEntry):
+        entry = TableEntry.from_json(entry, where=where)
+    winner, config = entry.provider, entry.config or {}
     candidates: list[tuple[str, Mapping[str, Any] | None, str]] = [(winner, config, "winner")]
-    recorded = sorted(entry.get("providers_us", {}).items(), key=lambda item: (item[1], item[0]))
+    recorded = sorted(entry.providers_us.items(), key=lambda item: (item[1], item[0]))
     for name, time_us in recorded:
         if name == winner and not config:
             continue  # the winner with its default config was just tried

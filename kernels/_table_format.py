@@ -26,13 +26,15 @@ One JSON file per device, named from the device name (``NVIDIA H200`` -> ``NVIDI
     }
 
 ``providers_us`` holds each measured provider's best median, so a reader whose winning provider
-is unavailable can fall back to the next best one recorded. :func:`validate_table` is the one
-check that both the tuner (before writing) and the selector (after reading) apply;
-:func:`salvage_table` keeps the valid entries of a table with bad ones (merging).
+is unavailable can fall back to the next best one recorded. An entry is read as a
+:class:`TableEntry`. :func:`validate_table` is the one check that both the tuner (before writing)
+and the selector (after reading) apply, and :meth:`TableEntry.from_json` applies the same check
+to one entry; :func:`salvage_table` keeps the valid entries of a table with bad ones (merging).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -49,6 +51,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "TIMING_MODES",
     "RopeTableWarning",
+    "TableEntry",
     "TableError",
     "device_table_name",
     "empty_table",
@@ -56,6 +59,7 @@ __all__ = [
     "parse_table",
     "read_table",
     "salvage_table",
+    "spec_entries",
     "validate_table",
 ]
 
@@ -217,6 +221,11 @@ def _validate_entry(where: str, bucket: Any, entry: Any, known: set[str] | None)
             f"{where}: token bucket must be a positive integer in canonical decimal form, "
             f"got {bucket!r}"
         )
+    _check_entry(where, entry, known)
+
+
+def _check_entry(where: str, entry: Any, known: set[str] | None) -> None:
+    """Raise TableError naming ``where`` when ``entry`` (decoded JSON) is off the schema."""
     if not isinstance(entry, dict):
         raise TableError(f"{where}: expected an object")
     provider = entry.get("provider")
@@ -242,6 +251,90 @@ def _validate_entry(where: str, bucket: Any, entry: Any, known: set[str] | None)
             raise TableError(
                 f"{where}.providers_us.{name}: expected a positive finite time, got {value!r}"
             )
+
+
+# -- one entry -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TableEntry:
+    """One token bucket's entry: the winner, its config and times, and every measured provider's
+    best median (times in microseconds).
+
+    Attributes:
+        provider: The winning provider's registry name.
+        config: The winner's config; None when the table records none (the provider's default
+            for the bucket). ``{}`` and None are kept apart so that an entry writes back as read.
+        median_us: The winner's median time.
+        p20_us: Its 20th percentile, or None when not recorded.
+        p80_us: Its 80th percentile, or None when not recorded.
+        providers_us: Each measured provider's best median, the winner's included; a reader
+            whose winner cannot run falls back to the fastest other one that can.
+    """
+
+    provider: str
+    config: Mapping[str, Any] | None
+    median_us: float
+    p20_us: float | None = None
+    p80_us: float | None = None
+    providers_us: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_json(
+        cls,
+        data: Any,
+        *,
+        where: str = "entry",
+        known_providers: Iterable[str] | None = None,
+    ) -> TableEntry:
+        """The entry that ``data`` (decoded JSON) records, checked as :func:`validate_table`
+        checks each entry (numbers keep their JSON type, so an entry writes back byte for byte).
+
+        Args:
+            where: The entry's place, for the error message.
+            known_providers: Provider names it may use; None accepts any name.
+
+        Raises:
+            TableError: ``data`` is off the schema; the message starts with ``where``.
+        """
+        _check_entry(where, data, None if known_providers is None else set(known_providers))
+        config = data.get("config")
+        return cls(
+            provider=data["provider"],
+            config=None if config is None else dict(config),
+            median_us=data["median_us"],
+            p20_us=data.get("p20_us"),
+            p80_us=data.get("p80_us"),
+            providers_us=dict(data.get("providers_us", {})),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry as the table's JSON object (``p20_us`` and ``p80_us`` left out when None)."""
+        data: dict[str, Any] = {
+            "provider": self.provider,
+            "config": None if self.config is None else dict(self.config),
+            "median_us": self.median_us,
+        }
+        for name, value in (("p20_us", self.p20_us), ("p80_us", self.p80_us)):
+            if value is not None:
+                data[name] = value
+        data["providers_us"] = dict(self.providers_us)
+        return data
+
+
+def spec_entries(table: Mapping[str, Any], timing: str, spec_key: str) -> dict[int, TableEntry]:
+    """The entries of ``spec_key`` in ``timing`` mode by token bucket, smallest first; empty when
+    the table has none.
+
+    Raises:
+        TableError: an entry is off the schema (never for a validated table).
+    """
+    buckets = table["entries"].get(timing, {}).get(spec_key, {})
+    where = f"entries.{timing}.{spec_key}"
+    return {
+        int(bucket): TableEntry.from_json(data, where=f"{where}.{bucket}")
+        for bucket, data in sorted(buckets.items(), key=lambda item: int(item[0]))
+    }
 
 
 # -- reading and merging -------------------------------------------------------------------------

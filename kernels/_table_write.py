@@ -1,4 +1,6 @@
-"""Writing tuning tables safely: atomic, serialized by a lock file, merging without loss.
+"""Writing tuning tables safely: atomic, serialized by a lock file, merging without loss; and the
+two facts every file the tuner writes relies on: the output directory's pre-flight
+(:func:`check_output_dir`, once per run) and the atomic replace (:func:`write_atomically`).
 
 Every write of ``<dir>/<name>.json`` holds the lock ``<dir>/.<name>.json.lock`` (``filelock``)
 around its read-merge-rename, so concurrent tuners, processes or machines sharing a directory
@@ -12,6 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import secrets
+import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -32,7 +35,113 @@ from ._table_format import (
     validate_table,
 )
 
-__all__ = ["TableTarget", "check_table_target", "merge_into_table", "write_table"]
+__all__ = [
+    "OutputDir",
+    "TableTarget",
+    "check_output_dir",
+    "check_table_target",
+    "existing_ancestor",
+    "merge_into_table",
+    "unwritable_reason",
+    "write_atomically",
+    "write_table",
+]
+
+
+# -- the output directory ------------------------------------------------------------------------
+
+
+def existing_ancestor(path: Path) -> Path:
+    """``path`` made absolute, or its nearest ancestor that exists."""
+    path = path.resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def unwritable_reason(directory: Path) -> str | None:
+    """Why no file can be created in ``directory`` (None when one can). A file is created and
+    removed, so permission bits, ACLs, immutable flags and read-only mounts all count."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
+class OutputDir(str):
+    """A directory that :func:`check_output_dir` found writable, or creatable (writers create
+    it): the path as a string, which ``/`` joins as a :class:`~pathlib.Path` does.
+
+    Passing it on (to :func:`autotune.tune`, :func:`check_table_target`) skips the check there:
+    a command checks its output once, before any work. What ``/`` or :attr:`path` derive are
+    plain paths, never taken as checked.
+    """
+
+    __slots__ = ()
+
+    @property
+    def path(self) -> Path:
+        return Path(self)
+
+    def __truediv__(self, other: str | os.PathLike) -> Path:
+        return Path(self) / other
+
+
+def check_output_dir(path: str | os.PathLike, flag: str = "output") -> OutputDir:
+    """``path`` as a directory that exists or can be created, and is writable; writes nothing.
+    An :class:`OutputDir` is returned as it is (it was checked).
+
+    Args:
+        path: The directory asked for.
+        flag: The option or argument named in the error, e.g. ``"--output"``.
+
+    Raises:
+        ValueError: ``path`` is empty, a file, under a file, or not writable.
+    """
+    if isinstance(path, OutputDir):
+        return path
+    text = os.fspath(path)
+    if not text.strip():
+        raise ValueError(f"{flag}: expected a directory, got an empty string")
+    directory = Path(text).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{flag}: {directory} is a file, not a directory")
+    ancestor = existing_ancestor(directory)
+    if not ancestor.is_dir():
+        raise ValueError(f"{flag}: {directory} is under a file ({ancestor})")
+    reason = unwritable_reason(ancestor)
+    if reason is not None:
+        raise ValueError(f"{flag}: {ancestor} is not writable ({reason}); choose another directory")
+    return OutputDir(directory)
+
+
+def write_atomically(path: str | os.PathLike, data: bytes) -> Path:
+    """Replace ``path`` with ``data`` atomically: a temporary file ``.<name>.<random>.tmp``
+    beside it, fsync, rename. Readers see the old file or the new one, never a part; on any
+    failure the temporary file is removed and ``path`` is untouched. The file gets the
+    process umask's permissions, as any file ``open()`` makes (tables and models are read by
+    serving processes that may run as another user). The directory must exist.
+
+    Raises:
+        OSError: the directory cannot be written.
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+# -- tables --------------------------------------------------------------------------------------
 
 
 @contextmanager
@@ -43,22 +152,6 @@ def _table_lock(path: Path) -> Iterator[None]:
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)
         yield
-
-
-def _replace_atomically(path: Path, payload: bytes) -> None:
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    # 0o666 through os.open: the process umask applies, as for any file a plain open() makes
-    # (a table is read by serving processes that may run as another user).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _dump(table: Mapping[str, Any]) -> bytes:
@@ -79,7 +172,7 @@ def write_table(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _table_lock(path):
-        _replace_atomically(path, _dump(table))
+        write_atomically(path, _dump(table))
     return path
 
 
@@ -117,32 +210,25 @@ def _inspect(path: Path, known_providers: Iterable[str] | None) -> tuple[dict | 
 
 
 def check_table_target(
-    output_dir: str | os.PathLike, device_name: str, known_providers: Iterable[str] | None = None
+    output_dir: str | os.PathLike,
+    device_name: str,
+    known_providers: Iterable[str] | None = None,
+    flag: str = "output",
 ) -> TableTarget:
     """Pre-flight for a tuning run: can the table of ``device_name`` be written under
-    ``output_dir``, and what would merging into the existing file drop? Writes nothing.
+    ``output_dir`` (:func:`check_output_dir`, skipped for an :class:`OutputDir`), and what would
+    merging into the existing file drop? Writes nothing.
 
     Call it before tuning, so that a bad output fails in a second, not after the measurements.
 
     Raises:
-        NotADirectoryError: ``output_dir`` is a file, or lies under one.
-        IsADirectoryError: the table's path is a directory.
-        PermissionError: the directory (or the first existing one above it) is not writable.
+        ValueError: ``output_dir`` is empty, a file, under a file or not writable, or the
+            table's path is a directory; the message starts with ``flag``.
     """
-    directory = Path(output_dir).expanduser()
-    existing = directory
-    while not existing.exists():  # the directory is made on write: check the first that exists
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        where = "is" if existing == directory else f"lies under {existing}, which is"
-        raise NotADirectoryError(f"output: {directory} {where} a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"output: {existing} is not writable")
+    directory = check_output_dir(output_dir, flag).path
     path = directory / device_table_name(device_name)
     if path.is_dir():
-        raise IsADirectoryError(f"output: {path} is a directory, not a table file")
+        raise ValueError(f"{flag}: {path} is a directory, not a table file")
     return _inspect(path, known_providers)[1]
 
 
@@ -183,5 +269,5 @@ def merge_into_table(
                 RopeTableWarning,
                 stacklevel=2,
             )
-        _replace_atomically(path, _dump(merge_tables(old, table)))
+        write_atomically(path, _dump(merge_tables(old, table)))
     return path

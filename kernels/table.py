@@ -1,11 +1,15 @@
 """Per-device tuning tables: where they live, their metadata, and (re-exported) their format
 and safe writing.
 
-- Format (:mod:`kernels._table_format`): schema, :func:`validate_table`, :func:`salvage_table`,
+- Format (:mod:`kernels._table_format`): schema, :class:`TableEntry` (one bucket's entry;
+  :func:`spec_entries` reads a spec's), :func:`validate_table`, :func:`salvage_table`,
   :func:`read_table`, :func:`merge_tables`.
 - Writing (:mod:`kernels._table_write`): :func:`write_table` and :func:`merge_into_table`,
   atomic and serialized by a lock file beside the table, so concurrent writers of one directory
-  lose nothing; :func:`check_table_target`, the pre-flight a tuner runs before measuring.
+  lose nothing; :func:`check_table_target`, the pre-flight a tuner runs before measuring; and
+  what every file the tuner writes relies on: :func:`check_output_dir` (an output directory
+  checked once per run, :class:`OutputDir`; with :func:`existing_ancestor` and
+  :func:`unwritable_reason`) and :func:`write_atomically`.
 - Here: the search path (:func:`table_search_path`) and the metadata header
   (:func:`device_metadata`, :func:`library_versions`).
 """
@@ -24,27 +28,43 @@ from ._table_format import (
     SCHEMA_VERSION,
     TIMING_MODES,
     RopeTableWarning,
+    TableEntry,
     TableError,
     device_table_name,
     empty_table,
     merge_tables,
     read_table,
     salvage_table,
+    spec_entries,
     validate_table,
 )
-from ._table_write import TableTarget, check_table_target, merge_into_table, write_table
+from ._table_write import (
+    OutputDir,
+    TableTarget,
+    check_output_dir,
+    check_table_target,
+    existing_ancestor,
+    merge_into_table,
+    unwritable_reason,
+    write_atomically,
+    write_table,
+)
 
 __all__ = [
     "CONFIG_DIR_ENV",
     "SCHEMA_VERSION",
     "TIMING_MODES",
+    "OutputDir",
     "RopeTableWarning",
+    "TableEntry",
     "TableError",
     "TableTarget",
+    "check_output_dir",
     "check_table_target",
     "device_metadata",
     "device_table_name",
     "empty_table",
+    "existing_ancestor",
     "library_versions",
     "merge_into_table",
     "merge_tables",
@@ -52,9 +72,12 @@ __all__ = [
     "salvage_table",
     "shipped_config_dir",
     "source_version",
+    "spec_entries",
     "table_search_path",
+    "unwritable_reason",
     "user_config_dir",
     "validate_table",
+    "write_atomically",
     "write_table",
 ]
 

@@ -138,11 +138,6 @@ def case_spec(case) -> RopeSpec:
                     case.num_kv_heads or case.num_heads, case.is_neox, case.dtype)  # fmt: skip
 
 
-def tuned_studies(storage) -> list:
-    """The storage's studies of measurements (claim markers of autotune.distributed left out)."""
-    return [s for s in storage.get_all_studies() if "#claim" not in s.study_name]
-
-
 def load_benchmark(name: str):
     """Import ``benchmarks/<name>.py`` (a script, not a package module) for its functions."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")

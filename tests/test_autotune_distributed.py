@@ -13,15 +13,17 @@ import time
 from glob import glob
 from pathlib import Path
 
+import optuna
 import pytest
 from conftest import CPU_TABLE, QUICK, TINY
 from optuna.trial import TrialState
 
 from autotune import open_storage, tune
+from autotune._compare_and_set import compare_and_set
 from autotune.cli import main
-from autotune.distributed import ClaimBook, fail_orphans
+from autotune.distributed import CLAIM_ATTR, Claim, ClaimBook, fail_orphans
 from autotune.export import build_tables
-from autotune.studies import COUNTED_OUTCOMES
+from autotune.studies import is_counted
 from kernels.table import read_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,18 +107,13 @@ def storage_url(request, tmp_path):
 
 
 def studies(storage):
-    """(trials per tuning study, claim markers) in a storage."""
+    """(trials per study, claim per claimed study) in a storage."""
     tuning, claims = {}, {}
     for s in storage.get_all_studies():
-        if "#claim" in s.study_name:
-            claims[s.study_name] = s.user_attrs
-        else:
-            tuning[s.study_name] = storage.get_all_trials(s._study_id, deepcopy=False)
+        tuning[s.study_name] = storage.get_all_trials(s._study_id, deepcopy=False)
+        if CLAIM_ATTR in s.system_attrs:
+            claims[s.study_name] = s.system_attrs[CLAIM_ATTR]
     return tuning, claims
-
-
-def len_and_text(name):
-    return len(name), name  # claim generations in numeric order
 
 
 def assert_complete_without_duplicates(storage, buckets, target):
@@ -129,11 +126,10 @@ def assert_complete_without_duplicates(storage, buckets, target):
             if t.user_attrs.get("outcome") == "measured"
         ]
         assert len(measured) == len(set(measured)), f"{name}: a candidate measured twice"
-        counted = [t for t in trials if t.user_attrs.get("outcome") in COUNTED_OUTCOMES]
+        counted = [t for t in trials if is_counted(t)]
         assert len(counted) == target, name
         assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-        newest = max((k for k in claims if k.startswith(name + "#")), key=len_and_text)
-        assert claims[newest].get("released"), f"{newest} was not released"
+        assert claims[name]["released"], f"{name}: its claim was not released"
     return tuning, claims
 
 
@@ -152,7 +148,7 @@ def test_two_cpu_workers_fill_one_table(storage_url, tmp_path):
     storage = open_storage(storage_url)
     tuning, claims = assert_complete_without_duplicates(storage, buckets, target=2)
     # Each study was claimed once (no contention, no takeover), and both workers took some.
-    assert len(claims) == len(tuning) and all(k.endswith("#claim0") for k in claims)
+    assert len(claims) == len(tuning) and all(c["generation"] == 0 for c in claims.values())
     assert {c["worker"] for c in claims.values()} == {"worker0@cpu", "worker1@cpu"}
     assert build_tables(storage)["CPU x86_64"]["entries"] == table["entries"]
     # `python -m autotune export` writes the same table from the storage alone.
@@ -205,21 +201,21 @@ def test_killed_worker_loses_no_finished_trial(storage_url, tmp_path):
         assert after[key].state == TrialState.COMPLETE and after[key].value == value
     # The victim's study was taken over (a second claim generation), its orphan trial failed
     # and not counted.
-    assert any(k.endswith("#claim1") for k in claims)
+    assert any(c["generation"] == 1 for c in claims.values())
     for t in after.values():
         if t.state == TrialState.FAIL:
-            assert t.user_attrs.get("outcome") not in COUNTED_OUTCOMES or "error" in t.user_attrs
+            assert not is_counted(t) or "error" in t.user_attrs
     table = read_table(tmp_path / "out" / CPU_TABLE)
     assert set(table["entries"]["graph"][TINY.key]) == {str(b) for b in buckets}
 
 
-def test_claims_exclude_each_other_and_dead_owners_are_replaced(tmp_path):
-    storage = open_storage(tmp_path / "s.journal")
+def claim_races(storage):
+    """Claims on one storage: they exclude each other, and dead owners are replaced."""
     first, second = ClaimBook(storage, "a"), ClaimBook(storage, "b")
     first.refresh()
-    second.refresh()  # both saw no claim: a race that the atomic create decides
+    second.refresh()  # both saw no claim: a race that the compare-and-set decides
     claim = first.try_claim("study-x")
-    assert claim is not None
+    assert claim is not None and claim.generation == 0
     assert second.try_claim("study-x") is None  # generation 0 is taken
     second.refresh()
     assert second.owner("study-x") == "a" and second.try_claim("study-x") is None
@@ -231,21 +227,90 @@ def test_claims_exclude_each_other_and_dead_owners_are_replaced(tmp_path):
     # An owner on this host whose process is gone is dead at once.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()  # fmt: skip
-    storage.set_study_user_attr(taken.study_id, "pid", int(dead))
+    study_id = storage.get_study_id_from_name("study-x")
+    storage.set_study_system_attr(study_id, CLAIM_ATTR, {**taken.value, "pid": int(dead)})
     first.refresh()
     assert first.owner("study-x") is None
-    assert first.try_claim("study-x").generation == 2
+    again = first.try_claim("study-x")
+    assert again.generation == 2
+    # The owner taken over cannot release (nor refresh) the new owner's claim.
+    taken.release()
+    assert taken.lost()
+    first.refresh()
+    assert first.owner("study-x") == "a"
     # A heartbeat older than the grace period is dead too, wherever its owner runs.
     stale = ClaimBook(storage, "c", grace_s=0.5)
+    time.sleep(0.6)  # the owner's next heartbeat is grace_s / 6 = 20 s away: it looks hung
     stale.refresh()
-    taken._stop.set()
-    time.sleep(0.6)
-    assert stale.owner("study-y") is None and stale.try_claim("study-y").generation == 0
+    assert stale.owner("study-x") is None and stale.try_claim("study-x").generation == 3
+    again.release()
+    assert again.lost()
+    # Claims live on the studies themselves: no study was made but the claimed one.
+    assert [s.study_name for s in storage.get_all_studies()] == ["study-x"]
+
+
+def test_an_owner_taken_over_finds_out_at_its_next_heartbeat(tmp_path):
+    storage = open_storage(tmp_path / "s.journal")
+    study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "s")
+    value = {"generation": 0, "worker": "a", "heartbeat": time.time(), "released": False}
+    assert compare_and_set(storage, study_id, CLAIM_ATTR, None, value)
+    assert not compare_and_set(storage, study_id, CLAIM_ATTR, None, value)  # not absent now
+    claim = Claim(storage, study_id, value, interval_s=0.01).start()
+    deadline = time.monotonic() + 10
+    while claim.value == value and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert claim.value["heartbeat"] > value["heartbeat"] and not claim.lost()
+    thief = {**claim.value, "generation": 1, "worker": "b"}
+    storage.set_study_system_attr(study_id, CLAIM_ATTR, thief)
+    while not claim.lost() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert claim.lost()
+    claim.release()
+    assert storage.get_study_system_attrs(study_id)[CLAIM_ATTR] == thief
+
+
+def test_claims_exclude_each_other_and_dead_owners_are_replaced(storage_url):
+    claim_races(open_storage(storage_url))
+
+
+def test_claims_on_a_storage_in_memory_or_sqlite(tmp_path):
+    claim_races(optuna.storages.InMemoryStorage())
+    claim_races(open_storage(f"sqlite:///{tmp_path / 's.db'}"))
+
+
+def _race(storage_url: str, name: str, ready, out) -> None:
+    book = ClaimBook(open_storage(storage_url), name)
+    book.refresh()
+    ready.wait()  # every racer has read the storage, so each saw the study unclaimed
+    claim = book.try_claim("contested")
+    out.put((name, None if claim is None else claim.generation))
+    if claim is not None:
+        claim.release()
+
+
+@pytest.mark.slow
+def test_of_many_processes_racing_for_one_claim_exactly_one_wins(storage_url):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    open_storage(storage_url)  # the journal or database exists before the race
+    count = 6
+    ready, out = context.Barrier(count), context.Queue()
+    racers = [context.Process(target=_race, args=(storage_url, f"w{i}", ready, out))
+              for i in range(count)]  # fmt: skip
+    for racer in racers:
+        racer.start()
+    results = [out.get(timeout=300) for _ in racers]
+    for racer in racers:
+        racer.join(timeout=60)
+    winners = [name for name, generation in results if generation is not None]
+    assert len(winners) == 1, results
+    storage = open_storage(storage_url)
+    claim = storage.get_study_system_attrs(storage.get_study_id_from_name("contested"))
+    assert claim[CLAIM_ATTR]["worker"] == winners[0] and claim[CLAIM_ATTR]["generation"] == 0
 
 
 def test_orphaned_running_trials_are_failed(tmp_path):
-    import optuna
-
     storage = open_storage(tmp_path / "s.journal")
     study = optuna.create_study(storage=storage, study_name="s")
     study.ask()  # a trial whose worker died

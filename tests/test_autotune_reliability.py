@@ -5,10 +5,10 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from conftest import CPU_TABLE, QUICK, TINY, perf_model_data, put_model, tuned_studies
+from conftest import CPU_TABLE, QUICK, TINY, perf_model_data, put_model
 
 from autotune import measure, open_storage, tune
-from autotune.studies import COUNTED_OUTCOMES
+from autotune.studies import is_counted
 from autotune.warm_start import WARM_START_CONFIGS
 from kernels import get_provider
 from kernels.perf_model import PerfModel, model_file_name
@@ -28,7 +28,7 @@ def test_a_stop_right_after_a_studys_last_trial_keeps_its_bucket(tmp_path):
     counted = []
 
     def stop_after_the_first_study(study, trial):
-        counted.append(trial.user_attrs.get("outcome") in COUNTED_OUTCOMES)
+        counted.append(is_counted(trial))
         if sum(counted) == 2:
             raise KeyboardInterrupt
 
@@ -79,7 +79,7 @@ def test_a_study_that_measured_nothing_is_retried_by_the_next_run(
     )  # fmt: skip
     table = tune([TINY], [3], **kwargs)
     assert not table["entries"]["graph"]  # nothing measured: nothing in the table
-    (study,) = tuned_studies(storage)
+    (study,) = storage.get_all_studies()
     trials = storage.get_all_trials(study._study_id)
     assert trials and {t.user_attrs.get("outcome") for t in trials} == {outcome}
     assert "complete" not in study.user_attrs
@@ -121,7 +121,7 @@ def test_a_new_study_first_measures_the_models_predicted_configs(tmp_path, dirs)
         time_kwargs=QUICK,
     )  # fmt: skip
     tune([TINY], [4], trials=12, **kwargs)
-    (study,) = tuned_studies(storage)
+    (study,) = storage.get_all_studies()
     trials = storage.get_all_trials(study._study_id)
     defaults = [(p, get_provider(p).default_config(TINY, 4)) for p in ("torch", "triton")]
     predicted = [("triton", c) for c in PerfModel.load(dirs["env"] / MODEL_FILE)
@@ -134,7 +134,7 @@ def test_a_new_study_first_measures_the_models_predicted_configs(tmp_path, dirs)
     # Without the warm start the same budget samples after the defaults.
     other = open_storage(tmp_path / "t.journal")
     tune([TINY], [4], trials=12, warm_start=False, **{**kwargs, "storage": other})
-    (study,) = tuned_studies(other)
+    (study,) = other.get_all_studies()
     enqueued = [t for t in other.get_all_trials(study._study_id) if t.user_attrs.get("enqueued")]
     assert len(enqueued) == len(defaults)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import optuna
 import pytest
 import torch
-from conftest import CPU_TABLE, QUICK, ROOT, TINY, TINY_GPTJ, tuned_studies
+from conftest import CPU_TABLE, QUICK, ROOT, TINY, TINY_GPTJ
 from optuna.trial import TrialState
 
 from autotune import open_storage, tune
@@ -20,7 +20,7 @@ from autotune.export import build_tables
 from autotune.objective import Objective
 from autotune.runner import StudyRunner
 from autotune.space import CandidateSpace
-from autotune.studies import COUNTED_OUTCOMES, StudyKey
+from autotune.studies import StudyKey, is_counted
 from kernels import RopeSpec, get_provider
 from kernels.providers import Provider
 from kernels.providers._triton import PARAM_SPACE, config_problems
@@ -28,10 +28,10 @@ from kernels.table import device_metadata, device_table_name, read_table
 
 
 def all_trials(storage):
-    """Trials per study, claim markers left out (see autotune.distributed)."""
+    """Trials per study (claims are not studies: see autotune.distributed)."""
     return {
         s.study_name: storage.get_all_trials(s._study_id, deepcopy=False)
-        for s in tuned_studies(storage)
+        for s in storage.get_all_studies()
     }
 
 
@@ -88,7 +88,8 @@ def test_study_keys_name_deterministically_and_record_themselves():
     assert key == StudyKey.current("NVIDIA H200", "graph", TINY, 16, ["torch", "triton"])
     assert key.name != StudyKey.current("NVIDIA H200", "eager", TINY, 16, ["torch"]).name
     assert StudyKey.from_attrs(key.attrs({"device_name": "NVIDIA H200"})) == key
-    assert StudyKey.from_attrs({"worker": "w", "heartbeat": 1.0}) is None  # a claim
+    # Not a rope-autotune study: another tool's, or a claim marker of an older version.
+    assert StudyKey.from_attrs({"worker": "w", "heartbeat": 1.0}) is None
 
 
 def test_stale_providers_are_read_from_the_recorded_revisions():
@@ -133,7 +134,7 @@ def test_real_search_on_cpu(tmp_path):
     trials = all_trials(open_storage(storage))
     assert len(trials) == 4  # one study per spec and bucket
     for name, study_trials in trials.items():
-        counted = [t for t in study_trials if t.user_attrs.get("outcome") in COUNTED_OUTCOMES]
+        counted = [t for t in study_trials if is_counted(t)]
         assert len(counted) == 3, name
         assert len(set(measured_keys(study_trials))) == len(measured_keys(study_trials))
         # The first trials are every provider's default.
@@ -203,7 +204,7 @@ def test_resume_after_interrupt(tmp_path):
     calls = {"counted": 0}
 
     def interrupt_on_fourth(study, trial):
-        calls["counted"] += trial.user_attrs.get("outcome") in COUNTED_OUTCOMES
+        calls["counted"] += is_counted(trial)
         if calls["counted"] == 4:
             raise KeyboardInterrupt
 
@@ -228,7 +229,7 @@ def test_resume_after_interrupt(tmp_path):
         assert len(keys) == len(set(keys)), "a candidate was measured twice"
         # Nothing measured before was measured again: earlier trials are kept as they were.
         assert keys[: len(measured_before.get(name, []))] == measured_before.get(name, [])
-        assert len([t for t in trials if t.user_attrs.get("outcome") in COUNTED_OUTCOMES]) == 3
+        assert len([t for t in trials if is_counted(t)]) == 3
         assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     # A third run has nothing left to do and measures nothing.
     tune([TINY], [1, 9], **kwargs)
@@ -269,7 +270,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
     for trials in all_trials(open_storage(storage)).values():
         keys = measured_keys(trials)
         assert len(keys) == len(set(keys))
-        assert len([t for t in trials if t.user_attrs.get("outcome") in COUNTED_OUTCOMES]) == 3
+        assert len([t for t in trials if is_counted(t)]) == 3
     assert build_tables(open_storage(storage))["CPU x86_64"]["entries"] == table["entries"]
 
 

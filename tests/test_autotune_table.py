@@ -10,6 +10,7 @@ import optuna
 import orjson
 import pytest
 import torch
+from conftest import ROOT
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -17,14 +18,18 @@ from autotune.cli import main
 from autotune.export import best_entry, build_tables, export_tables, write_device_table
 from autotune.storage import open_storage
 from autotune.studies import StudyKey, is_complete
-from kernels import RopeSpec, get_provider
+from kernels import RopeSpec, get_provider, provider_names
 from kernels.table import (
     RopeTableWarning,
+    TableEntry,
+    TableError,
     empty_table,
     library_versions,
     read_table,
     source_version,
+    spec_entries,
     validate_table,
+    write_table,
 )
 
 SPEC = RopeSpec(128, 128, 32, 8, True, torch.bfloat16)
@@ -81,10 +86,10 @@ def test_best_entry_only_measured_trials_win():
         _trial("vllm", None, outcome="wrong", state=TrialState.FAIL),
         _trial("vllm", None, outcome="invalid", state=TrialState.PRUNED),
     ])  # fmt: skip
-    assert entry == {
-        "provider": "triton", "config": cfg, "median_us": 12.0, "p20_us": 12.0 * 0.9,
-        "p80_us": 12.0 * 1.1, "providers_us": {"torch": 30.0, "triton": 12.0},
-    }  # fmt: skip
+    assert entry == TableEntry(
+        provider="triton", config=cfg, median_us=12.0, p20_us=12.0 * 0.9, p80_us=12.0 * 1.1,
+        providers_us={"torch": 30.0, "triton": 12.0},
+    )  # fmt: skip
     assert best_entry([_trial("vllm", None, outcome="error", state=TrialState.FAIL)]) is None
 
 
@@ -193,6 +198,36 @@ def test_round_trip_and_merge(tmp_path):
         path.read_bytes()
         == orjson.dumps(merged, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2) + b"\n"
     )
+
+
+def test_the_shipped_table_round_trips_byte_for_byte_through_its_entries(tmp_path):
+    shipped = ROOT / "configs" / "NVIDIA_H200.json"
+    table = read_table(shipped, provider_names())
+    for timing, specs in table["entries"].items():
+        for spec_key in specs:
+            entries = spec_entries(table, timing, spec_key)
+            assert list(entries) == sorted(int(b) for b in specs[spec_key])
+            specs[spec_key] = {str(b): e.to_json() for b, e in entries.items()}
+    assert write_table(tmp_path / shipped.name, table).read_bytes() == shipped.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fault"),
+    [
+        ("provider", None, "provider: expected a string"),
+        ("config", {"block_t": 4.0}, "config"),
+        ("median_us", float("nan"), "median_us: expected a positive finite time"),
+        ("p80_us", 0, "p80_us: expected a positive finite time"),
+        ("providers_us", {"torch": -1.0}, "providers_us.torch"),
+    ],
+)
+def test_an_entry_off_the_schema_is_refused_by_name(field, value, fault):
+    data = {"provider": "triton", "config": None, "median_us": 2.0, "providers_us": {}}
+    with pytest.raises(TableError, match=rf"^here\.{fault}"):
+        TableEntry.from_json({**data, field: value}, where="here")
+    entry = TableEntry.from_json(data)  # config null, no percentiles: written back as read
+    assert (entry.config, entry.p20_us, entry.p80_us) == (None, None, None)
+    assert entry.to_json() == data
 
 
 def test_an_unreadable_table_is_kept_aside_when_the_tuner_writes(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import CPU_TABLE, TINY, TINY_GPTJ
 
-from autotune import verify
+from autotune import gate, verify
 from autotune.cli import main
 from autotune.measure import Timing
 from autotune.verify import (
@@ -262,13 +262,13 @@ def test_each_provider_and_config_is_gated_once(monkeypatch, sleepy):
     table = empty_table(device_metadata(CPU))
     table["entries"]["graph"] = {TINY.key: {str(t): right(sleepy) for t in (1, 2, 4)}}
     gated = []
-    real = verify.check_correct
+    real = gate.check_correct
 
     def counted(fn, *args, **kwargs):
         gated.append(fn)
         return real(fn, *args, **kwargs)
 
-    monkeypatch.setattr(verify, "check_correct", counted)
+    monkeypatch.setattr(gate, "check_correct", counted)
     verifier = Verifier(CPU, {"repeats": 2, "min_round_s": 0.0})
     for check in plan_checks(table, CPU):
         assert verifier.run(check).problems == ()

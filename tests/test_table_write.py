@@ -18,11 +18,14 @@ import torch
 from kernels import RopeSpec, RopeTableWarning, provider_names
 from kernels.table import (
     SCHEMA_VERSION,
+    OutputDir,
     TableError,
+    check_output_dir,
     check_table_target,
     device_table_name,
     merge_into_table,
     read_table,
+    write_atomically,
     write_table,
 )
 
@@ -202,12 +205,14 @@ def test_a_writer_killed_mid_write_leaves_the_old_table_and_the_next_cleans_up(t
 def test_check_table_target_names_a_bad_output(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    with pytest.raises(NotADirectoryError, match=rf"{a_file} is a file"):
+    with pytest.raises(ValueError, match=rf"^output: {a_file} is a file"):
         check_table_target(a_file, DEVICE)
-    with pytest.raises(NotADirectoryError, match=rf"lies under {a_file}"):
-        check_table_target(a_file / "sub" / "dir", DEVICE)
+    with pytest.raises(ValueError, match=rf"^--out: {a_file / 'sub' / 'dir'} is under a file"):
+        check_table_target(a_file / "sub" / "dir", DEVICE, flag="--out")
+    with pytest.raises(ValueError, match="expected a directory, got an empty string"):
+        check_table_target("", DEVICE)
     (tmp_path / "out" / FILE).mkdir(parents=True)
-    with pytest.raises(IsADirectoryError, match="is a directory"):
+    with pytest.raises(ValueError, match="is a directory, not a table file"):
         check_table_target(tmp_path / "out", DEVICE)
     fresh = check_table_target(tmp_path / "not" / "yet", DEVICE)  # made on write
     assert (fresh.exists, fresh.dropped, fresh.unreadable) == (False, (), None)
@@ -218,10 +223,40 @@ def test_check_table_target_names_a_bad_output(tmp_path):
 def test_check_table_target_refuses_a_read_only_directory(tmp_path):
     tmp_path.chmod(0o555)
     try:
-        with pytest.raises(PermissionError, match="not writable"):
+        with pytest.raises(ValueError, match="not writable"):
             check_table_target(tmp_path / "sub", DEVICE)
     finally:
         tmp_path.chmod(0o755)
+
+
+def test_an_output_directory_is_checked_once(tmp_path, monkeypatch):
+    from kernels import _table_write
+
+    checked = []
+    real = _table_write.unwritable_reason
+    monkeypatch.setattr(_table_write, "unwritable_reason", lambda d: checked.append(d) or real(d))
+    output = check_output_dir(tmp_path / "out", "--output")
+    assert isinstance(output, OutputDir) and output == str(tmp_path / "out")
+    assert output.path == tmp_path / "out" and checked == [tmp_path]
+    joined = output / FILE  # a plain path, not one taken as checked
+    assert joined == tmp_path / "out" / FILE and not isinstance(joined, OutputDir)
+    assert check_output_dir(output) is output  # passed on: not checked again
+    assert check_table_target(output, DEVICE).path == tmp_path / "out" / FILE
+    assert checked == [tmp_path]
+
+
+def test_an_atomic_write_replaces_the_whole_file_or_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "model.json"
+    assert write_atomically(path, b"old") == path and path.read_bytes() == b"old"
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(path, b"new")
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json"]  # no temporary left
 
 
 def test_check_table_target_reports_what_a_merge_would_drop(tmp_path):

@@ -17,7 +17,7 @@ import torch
 from autotune.measure import check_correct, copy_bandwidth, time_rope
 from kernels import RopeSpec, get_provider, list_providers, select_rope
 from kernels.providers import RopeFn
-from kernels.table import device_metadata, library_versions, read_table
+from kernels.table import device_metadata, library_versions, read_table, spec_entries
 
 __all__ = [
     "CSV_COLUMNS",
@@ -206,16 +206,16 @@ def _triton_tuned_resolver(
             return Skipped(TRITON_TUNED, f"no {timing} table entry for this spec", spec.key)
         if choice.source not in tables:
             tables[choice.source] = read_table(choice.source)
-        entry = tables[choice.source]["entries"][timing][choice.spec_key][str(choice.bucket)]
-        if entry["provider"] != "triton":
+        entry = spec_entries(tables[choice.source], timing, choice.spec_key)[choice.bucket]
+        if entry.provider != "triton":
             return Skipped(
                 TRITON_TUNED,
-                f"the table's winner at bucket {choice.bucket} is {entry['provider']}; "
+                f"the table's winner at bucket {choice.bucket} is {entry.provider}; "
                 "it records no tuned Triton config there",
                 spec.key,
                 num_tokens,
             )
-        config = triton.check_config(spec, entry.get("config") or {})
+        config = triton.check_config(spec, entry.config or {})
         text = _config_text(config)
         if choice.spec_key != spec.key:
             text += f" (from {choice.spec_key})"
