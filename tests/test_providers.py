@@ -88,6 +88,7 @@ def test_torch_compile_cpu(case, request):
     check_outputs(_run("torch_compile", with_(case, num_tokens=20), seed + 1), case.dtype)
 
 
+@pytest.mark.slow
 def test_torch_compile_recompiles_at_most_twice_over_20_token_counts(request):
     """The issue's budget: 20 calls, 20 token counts, at most two recompiles (three graphs)."""
     from torch._dynamo.utils import counters

@@ -68,6 +68,7 @@ def test_custom_op_passes_opcheck(rope):
         )
 
 
+@pytest.mark.slow
 def test_compiled_block_matches_eager_without_recompiles(rope):
     """A fused qkv projection with RoPE on its strided q/k slices, plus a key-less call,
     compiled with fullgraph=True and a dynamic token count."""
