@@ -18,6 +18,7 @@ from kernels.table import device_metadata, read_table
 MODEL_FILE = model_file_name(device_metadata("cpu")["device_name"])
 
 
+@pytest.mark.slow
 def test_a_stop_right_after_a_studys_last_trial_keeps_its_bucket(tmp_path):
     """The stop lands after the first study's last trial, before the study is flagged
     complete: its bucket is written now, and a resume finishes the other one."""
