@@ -1,7 +1,8 @@
 """Every provider against the float64 oracle of ``_reference64``, over the contract's matrix.
 
 CPU: ``torch`` and ``triton`` (under ``TRITON_INTERPRET=1``) on the whole matrix,
-``torch_compile`` on a few cases (a compile costs seconds on the CPU) and its recompile budget.
+``torch_compile`` on a few cases (a compile costs seconds on the CPU), and its recompile budget
+under ``-m slow``.
 GPU (``-m gpu``): all five providers on the same matrix plus large token counts.
 """
 
