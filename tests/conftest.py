@@ -60,6 +60,13 @@ def registered():
         unregister_provider(name)
 
 
+@pytest.fixture(autouse=True)
+def fresh_table_warnings(monkeypatch):
+    """Each test sees its own first table warnings: ``select_rope`` warns once per process
+    (``kernels._lookup.warn_once``), so a warning another test raised would hide it."""
+    monkeypatch.setattr(lookup_mod, "_warned", set())
+
+
 # -- tables for select_rope ----------------------------------------------------------------------
 
 # This CPU's table file name (the one select_rope looks for on the CPU).
@@ -75,12 +82,14 @@ def dirs(tmp_path, monkeypatch):
     monkeypatch.setenv(table_mod.CONFIG_DIR_ENV, str(paths["env"]))
     monkeypatch.setattr(table_mod, "user_config_dir", lambda: paths["user"])
     monkeypatch.setattr(table_mod, "shipped_config_dir", lambda: paths["shipped"])
-    monkeypatch.setattr(lookup_mod, "_warned", set())  # each test sees its own first warnings
     return paths
 
 
-def entry(provider: str, config: dict | None = None, median: float = 10.0, **others: float):
-    """A table entry won by ``provider``; ``others`` are the other providers' recorded times."""
+def entry(
+    provider: str = "torch", config: dict | None = None, median: float = 10.0, **others: float
+) -> dict:
+    """A table entry won by ``provider`` in ``median`` us; ``others`` are the other providers'
+    recorded times (us)."""
     return {
         "provider": provider,
         "config": config or {},

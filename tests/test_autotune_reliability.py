@@ -18,6 +18,7 @@ from kernels.table import device_metadata, read_table
 MODEL_FILE = model_file_name(device_metadata("cpu")["device_name"])
 
 
+@pytest.mark.slow
 def test_a_stop_right_after_a_studys_last_trial_keeps_its_bucket(tmp_path):
     """The stop lands after the first study's last trial, before the study is flagged
     complete: its bucket is written now, and a resume finishes the other one."""
@@ -89,6 +90,7 @@ def test_a_study_that_measured_nothing_is_retried_by_the_next_run(
     assert table["entries"]["graph"][TINY.key]["3"]["provider"] == provider.name
 
 
+@pytest.mark.slow
 def test_timed_rounds_hold_no_compile_whatever_ran_before(monkeypatch):
     """torch.compile recompiles when the token count first leaves its specialization (1 to
     16): the warm-up takes that recompile, the timed rounds never do, in either order."""
@@ -111,6 +113,7 @@ def test_timed_rounds_hold_no_compile_whatever_ran_before(monkeypatch):
     assert counters["stats"]["unique_graphs"] >= 2  # the recompile happened, in the warm-up
 
 
+@pytest.mark.slow
 def test_a_new_study_first_measures_the_models_predicted_configs(tmp_path, dirs):
     """With a performance model for the device, each new study measures every provider's
     default, then the model's best predicted Triton configs, before the sampler proposes."""

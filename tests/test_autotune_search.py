@@ -109,6 +109,7 @@ def test_stale_providers_are_read_from_the_recorded_revisions():
 # -- a real search -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_real_search_on_cpu(tmp_path):
     storage = tmp_path / "studies.journal"
     table = tune(
@@ -199,6 +200,7 @@ def test_failed_candidates_are_recorded_and_never_win(tmp_path, broken_providers
 # -- resuming ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_after_interrupt(tmp_path):
     storage_path = tmp_path / "s.journal"
     calls = {"counted": 0}
@@ -346,6 +348,7 @@ def twin_provider(registered):
     return registered(_TorchTwinProvider()).name
 
 
+@pytest.mark.slow
 def test_adding_an_untunable_provider_measures_it_alone(tmp_path, twin_provider):
     storage = open_storage(tmp_path / "s.journal")
     kwargs = dict(device="cpu", storage=storage, seed=3, progress=False, time_kwargs=QUICK)

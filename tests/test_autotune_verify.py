@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import orjson
 import pytest
 import torch
-from conftest import CPU_TABLE, TINY, TINY_GPTJ
+from conftest import CPU_TABLE, TINY, TINY_GPTJ, entry
 
 from autotune import gate, verify
 from autotune.cli import main
@@ -88,18 +88,6 @@ def sleepy(registered):
     return registered(_SleepyTorch()).name
 
 
-def entry(winner, recorded_us, **others):
-    """A table entry: ``winner`` at ``recorded_us``, the ``others`` as recorded providers."""
-    return {
-        "provider": winner,
-        "config": {},
-        "median_us": recorded_us,
-        "p20_us": recorded_us,
-        "p80_us": recorded_us,
-        "providers_us": {winner: recorded_us, **others},
-    }
-
-
 def write_cpu_table(directory, entries, *, device_name=None):
     """``entries``: ``{timing: {spec: {tokens: entry}}}``, written as this CPU's table."""
     table = empty_table(device_metadata(CPU))
@@ -116,11 +104,11 @@ def run_verify(path, *flags):
 
 
 def right(sleepy):
-    return entry("torch", NEVER_REACHED_US, **{sleepy: 2 * NEVER_REACHED_US})
+    return entry("torch", median=NEVER_REACHED_US, **{sleepy: 2 * NEVER_REACHED_US})
 
 
 def beaten(sleepy):
-    return entry(sleepy, UNBEATABLE_US, torch=NEVER_REACHED_US)
+    return entry(sleepy, median=UNBEATABLE_US, torch=NEVER_REACHED_US)
 
 
 # -- verdicts ------------------------------------------------------------------------------------
@@ -161,9 +149,9 @@ def test_a_beaten_winner_is_slower_and_beaten_exits_1(tmp_path, sleepy, capsys):
 @pytest.mark.parametrize("role", ["winner", "runner-up"])
 def test_a_wrong_provider_is_failing(tmp_path, registered, sleepy, capsys, role, keyless_only):
     wrong = registered(_WrongTorch(keyless_only=keyless_only)).name
-    bad = entry(wrong, NEVER_REACHED_US, torch=2 * NEVER_REACHED_US)
+    bad = entry(wrong, median=NEVER_REACHED_US, torch=2 * NEVER_REACHED_US)
     if role == "runner-up":  # the selector's fallback must be right too
-        bad = entry("torch", NEVER_REACHED_US, **{wrong: 2 * NEVER_REACHED_US})
+        bad = entry("torch", median=NEVER_REACHED_US, **{wrong: 2 * NEVER_REACHED_US})
     path = write_cpu_table(tmp_path, {"graph": {TINY: {1: right(sleepy), 8: bad}}})
     assert run_verify(path) == 1
     out = capsys.readouterr().out
@@ -186,7 +174,7 @@ def test_a_provider_that_raises_is_failing(tmp_path, registered, capsys):
             return fail
 
     name = registered(_Raising()).name
-    path = write_cpu_table(tmp_path, {"graph": {TINY: {4: entry(name, NEVER_REACHED_US)}}})
+    path = write_cpu_table(tmp_path, {"graph": {TINY: {4: entry(name, median=NEVER_REACHED_US)}}})
     assert run_verify(path) == 1
     out = capsys.readouterr().out
     assert f"winner {name}: error: RuntimeError: kernel launch failed" in out
@@ -195,8 +183,8 @@ def test_a_provider_that_raises_is_failing(tmp_path, registered, capsys):
 def test_providers_unavailable_here_are_skipped_and_counted(tmp_path, registered, capsys):
     elsewhere = registered(_Elsewhere()).name
     path = write_cpu_table(tmp_path, {"graph": {TINY: {
-        1: entry("torch", NEVER_REACHED_US, **{elsewhere: UNBEATABLE_US}),
-        2: entry(elsewhere, UNBEATABLE_US, torch=1.0),
+        1: entry("torch", median=NEVER_REACHED_US, **{elsewhere: UNBEATABLE_US}),
+        2: entry(elsewhere, median=UNBEATABLE_US, torch=1.0),
     }}})  # fmt: skip
     assert run_verify(path, "--save-path", str(tmp_path)) == 0
     out = capsys.readouterr().out
@@ -233,8 +221,8 @@ def test_plan_is_spec_major_filtered_and_names_the_runner_up(registered, sleepy)
     table["entries"]["graph"] = {
         TINY_GPTJ.key: {"8": right(sleepy)},
         TINY.key: {
-            "64": entry("torch", 5.0, triton=6.0, **{sleepy: 9.0}),
-            "8": entry("torch", 5.0, **{elsewhere: 5.5, sleepy: 9.0}),
+            "64": entry("torch", median=5.0, triton=6.0, **{sleepy: 9.0}),
+            "8": entry("torch", median=5.0, **{elsewhere: 5.5, sleepy: 9.0}),
         },
     }
     table["entries"]["eager"] = {TINY.key: {"2": right(sleepy)}}

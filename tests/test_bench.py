@@ -17,7 +17,6 @@ from autotune import bench
 from autotune.bench import _cli
 from kernels import (
     RopeSpec,
-    _lookup,
     get_provider,
     register_provider,
     select_rope,
@@ -158,8 +157,7 @@ def test_wrong_provider_reported_and_not_timed(key_left_alone, tmp_path, capsys)
 # -- triton_tuned and select_rope follow the table ------------------------------------------------
 
 
-def test_triton_tuned_uses_the_tables_config(tmp_path, monkeypatch):
-    monkeypatch.setattr(_lookup, "_warned", set())
+def test_triton_tuned_uses_the_tables_config(tmp_path):
     spec = RopeSpec(64, 32, 2, 2, True, torch.float32)
     tuned = {"block_t": 1, "block_h": 1, "head_split": 2, "num_warps": 1, "num_stages": 1}
     assert tuned != default_triton_config(spec, 3)
@@ -189,8 +187,7 @@ def test_triton_tuned_uses_the_tables_config(tmp_path, monkeypatch):
     assert "winner at bucket 64 is vllm" in skip.reason
 
 
-def test_triton_tuned_without_table_is_skipped_per_spec(tmp_path, monkeypatch):
-    monkeypatch.setattr(_lookup, "_warned", set())
+def test_triton_tuned_without_table_is_skipped_per_spec(tmp_path):
     spec = RopeSpec(64, 32, 2, 2, True, torch.float32)
     result = bench.run_bench(
         [spec], [1], [3, 5], "cpu", providers=["triton_tuned"], repeats=2, table_dir=tmp_path

@@ -39,6 +39,7 @@ IGNORE = shutil.ignore_patterns(
 SPEC_KEY = "q8_kv1_d64_r32_gptj_float32"
 
 
+@pytest.mark.slow
 def test_shipped_table_found_after_plain_install(tmp_path):
     source = tmp_path / "src"
     shutil.copytree(REPO, source, ignore=IGNORE)

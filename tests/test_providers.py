@@ -1,7 +1,8 @@
 """Every provider against the float64 oracle of ``_reference64``, over the contract's matrix.
 
 CPU: ``torch`` and ``triton`` (under ``TRITON_INTERPRET=1``) on the whole matrix,
-``torch_compile`` on a few cases (a compile costs seconds on the CPU) and its recompile budget.
+``torch_compile`` on a few cases (a compile costs seconds on the CPU), and its recompile budget
+under ``-m slow``.
 GPU (``-m gpu``): all five providers on the same matrix plus large token counts.
 """
 
@@ -88,6 +89,7 @@ def test_torch_compile_cpu(case, request):
     check_outputs(_run("torch_compile", with_(case, num_tokens=20), seed + 1), case.dtype)
 
 
+@pytest.mark.slow
 def test_torch_compile_recompiles_at_most_twice_over_20_token_counts(request):
     """The issue's budget: 20 calls, 20 token counts, at most two recompiles (three graphs)."""
     from torch._dynamo.utils import counters
@@ -185,13 +187,27 @@ def test_triton_default_config_is_valid(case, num_tokens):
 
 
 @pytest.mark.parametrize("name", ["torch", "triton"])
-def test_zero_tokens_is_a_no_op(name):
-    q = torch.randn(0, 4 * 64)
-    k = torch.randn(0, 2 * 64)
+def test_zero_tokens_write_nothing_and_are_still_checked(name):
+    """Zero-token views into the middle of fused qkv buffers ([T] and [B, S] positions): the
+    call returns and every buffer, the cache included, keeps its bits; a call that breaks the
+    contract is refused even without tokens."""
+    provider = get_provider(name)
     cache = torch.randn(16, 64)
-    get_provider(name).apply(
-        torch.zeros(0, dtype=torch.long), q, k, cache, head_size=64, is_neox=True
-    )
+    for shape in ((5,), (2, 5)):
+        qkv = torch.randn(*shape, (4 + 2) * 64)
+        rows = qkv[..., 2:2, :]  # no tokens, at a nonzero offset into the buffer
+        q, k = rows[..., : 4 * 64], rows[..., 4 * 64 :]
+        positions = torch.zeros(rows.shape[:-1], dtype=torch.long)
+        saved = qkv.clone(), cache.clone()
+        for key in (k, None):
+            provider.apply(positions, q, key, cache, head_size=64, is_neox=True)
+        assert q.numel() == 0 and q.storage_offset() > 0
+        assert torch.equal(qkv, saved[0]) and torch.equal(cache, saved[1])
+        with pytest.raises(TypeError, match="query"):
+            provider.apply(positions, q.double(), k, cache, head_size=64, is_neox=True)
+        three_heads = rows[..., 64 : 4 * 64]
+        with pytest.raises(ValueError, match="key: expected a head count dividing"):
+            provider.apply(positions, q, three_heads, cache, head_size=64, is_neox=True)
 
 
 # -- registry --------------------------------------------------------------------------------

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import pytest
 import torch
+from _reference64 import make_cache, rope64
 from conftest import FILE, entry, make_table, put
 from torch.nn.functional import scaled_dot_product_attention
 
@@ -19,9 +19,7 @@ from kernels import (
     RopeTableWarning,
     cos_sin_cache,
     get_provider,
-    register_provider,
     select_rope,
-    unregister_provider,
 )
 from kernels._cast_once import CastOnce
 from kernels._spec import RopeSpec
@@ -87,27 +85,16 @@ class RecordingProvider(TorchProvider):
         return run
 
 
-@contextmanager
-def registered(*providers):
-    """``providers`` in the registry for the duration of the block."""
-    for provider in providers:
-        register_provider(provider)
-    try:
-        yield providers
-    finally:
-        for provider in providers:
-            unregister_provider(provider.name)
-
-
 @pytest.fixture
-def recorders():
+def recorders(registered):
     """Two registered test providers: ``rec_a`` and ``rec_keyed`` (needs a key)."""
     made = {
         "rec_a": RecordingProvider(name="rec_a"),
         "rec_keyed": RecordingProvider(name="rec_keyed", needs_key=True),
     }
-    with registered(*made.values()):
-        yield made
+    for provider in made.values():
+        registered(provider)
+    return made
 
 
 def qk(spec: RopeSpec, n: int, seed: int = 0):
@@ -118,20 +105,19 @@ def qk(spec: RopeSpec, n: int, seed: int = 0):
     return positions, q, k
 
 
-def rope64(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec, base: float = 10000.0):
-    """Independent float64 RoPE from the angles (not from the cache): [T, H, D] -> [T, H, D]."""
-    x = x.double().reshape(x.shape[0], -1, spec.head_size).clone()
-    half = spec.rotary_dim // 2
-    inv_freq = base ** (-torch.arange(half, dtype=torch.float64) * 2 / spec.rotary_dim)
-    angle = positions.double()[:, None, None] * inv_freq
-    if spec.is_neox:
-        i1, i2 = torch.arange(half), torch.arange(half) + half
-    else:
-        i1, i2 = torch.arange(0, spec.rotary_dim, 2), torch.arange(1, spec.rotary_dim, 2)
-    x1, x2 = x[..., i1].clone(), x[..., i2].clone()
-    x[..., i1] = x1 * angle.cos() - x2 * angle.sin()
-    x[..., i2] = x2 * angle.cos() + x1 * angle.sin()
-    return x
+def rope64_of(
+    x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec, cache: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x`` (``[T, H*D]`` or ``[T, H, D]``) rotated by the test oracle, float64 ``[T, H, D]``.
+
+    ``cache`` defaults to the standard angles computed in float64 (``_reference64.make_cache``),
+    independent of ``cos_sin_cache``; pass the cache a call used to compare with its values.
+    """
+    if cache is None:
+        rows = int(positions.max()) + 1
+        cache = make_cache("rope", rows, spec.rotary_dim, torch.float64, torch.Generator())
+    x = x.reshape(x.shape[0], -1, spec.head_size)
+    return rope64(x.cpu(), positions.cpu(), cache.cpu(), spec.is_neox)[0]
 
 
 # -- lookup order --------------------------------------------------------------------------------
@@ -240,15 +226,17 @@ def test_calls_run_the_bucket_provider(dirs, recorders):
     ]
 
 
-def test_hot_path_holds_the_providers_bound_callables(dirs):
+def test_a_tables_config_reaches_its_bucket_checked(dirs):
     config = {"block_t": 2, "block_h": 4, "head_split": 1, "num_warps": 1, "num_stages": 1}
     put(dirs["env"], make_table({SPEC.key: {"4": entry("triton", config), "64": entry("torch")}}))
     rope = no_warnings(select)
-    triton = get_provider("triton")
-    assert rope._fns[0] is triton.callable_for(SPEC, triton.check_config(SPEC, config))
-    assert rope._fns[1] is get_provider("torch").callable_for(SPEC, {})
-    assert rope._thresholds == (16.0,)
-    assert rope.explain(4).config == triton.check_config(SPEC, config)
+    checked = get_provider("triton").check_config(SPEC, config)
+    for n, has_key in ((0, True), (1, True), (16, True), (16, False)):  # 16 = sqrt(4 * 64)
+        route = rope.explain(n, has_key=has_key)
+        assert (route.bucket, route.provider, route.config) == (4, "triton", checked), n
+    for n in (17, 64, 10**6):
+        assert (rope.explain(n).bucket, rope.explain(n).provider) == (64, "torch")
+    assert rope.explain(17).config == {}
 
 
 # -- spec fallback -------------------------------------------------------------------------------
@@ -403,7 +391,7 @@ def test_bad_table_warns_once_and_uses_next_source(dirs, case):
     positions, q, k = qk(SPEC, 16)  # calls run (nothing from the bad table reaches them)
     q0 = q.clone()
     rope(positions, q, k, cos_sin_cache(512, SPEC.rotary_dim))
-    assert_rope_close(q, rope64(q0, positions, SPEC), SPEC.dtype, "query")
+    assert_rope_close(q, rope64_of(q0, positions, SPEC), SPEC.dtype, "query")
 
 
 @pytest.mark.parametrize("value", [4.0, True, "4"])
@@ -469,8 +457,8 @@ def test_unavailable_winner_falls_back_to_best_recorded_available(dirs):
         positions, q, k = qk(SPEC, n, seed=n)
         q0, k0 = q.clone(), k.clone()
         rope(positions, q, k, cache)
-        assert_rope_close(q, rope64(q0, positions, SPEC), SPEC.dtype, "query")
-        assert_rope_close(k, rope64(k0, positions, SPEC), SPEC.dtype, "key")
+        assert_rope_close(q, rope64_of(q0, positions, SPEC), SPEC.dtype, "query")
+        assert_rope_close(k, rope64_of(k0, positions, SPEC), SPEC.dtype, "key")
 
 
 def test_keyless_calls_use_a_provider_that_takes_no_key(dirs, recorders):
@@ -504,8 +492,8 @@ def test_forced_provider_and_config(dirs):
     positions, q, k = qk(SPEC, 5)
     q0, k0 = q.clone(), k.clone()
     forced(positions, q, k, cache)
-    assert_rope_close(q, rope64(q0, positions, SPEC), SPEC.dtype, "query")
-    assert_rope_close(k, rope64(k0, positions, SPEC), SPEC.dtype, "key")
+    assert_rope_close(q, rope64_of(q0, positions, SPEC), SPEC.dtype, "query")
+    assert_rope_close(k, rope64_of(k0, positions, SPEC), SPEC.dtype, "key")
 
 
 def test_forced_provider_errors_name_the_argument(dirs, recorders):
@@ -574,13 +562,8 @@ class Float32CacheProvider(TorchProvider):
         return run
 
 
-def test_bf16_cache_converted_once_across_calls(dirs):
-    provider = Float32CacheProvider()
-    with registered(provider):
-        _bf16_cache_converted_once(provider, dirs)
-
-
-def _bf16_cache_converted_once(provider, dirs):
+def test_bf16_cache_converted_once_across_calls(dirs, registered):
+    provider = registered(Float32CacheProvider())
     spec = RopeSpec(64, 64, 4, 1, False, torch.bfloat16)
     put(dirs["env"], make_table({spec.key: {"1": entry("fp32_cache"), "64": entry("torch")}}))
     rope = no_warnings(select, spec)
@@ -590,12 +573,7 @@ def _bf16_cache_converted_once(provider, dirs):
         q0 = q.clone()
         rope(positions, q, k, cache)
         # The reference rotates with the same bf16 cache values, upcast.
-        expected = q0.double().reshape(n, -1, 64).clone()
-        cs = cache.double()[positions]
-        cos, sin = cs[:, None, :32], cs[:, None, 32:]
-        x1, x2 = expected[..., 0::2].clone(), expected[..., 1::2].clone()
-        expected[..., 0::2], expected[..., 1::2] = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-        assert_rope_close(q, expected, spec.dtype, "query")
+        assert_rope_close(q, rope64_of(q0, positions, spec, cache), spec.dtype, "query")
     assert provider.cast.conversions == 1
     rope(*qk(spec, 2), cos_sin_cache(512, spec.rotary_dim, dtype=torch.bfloat16))
     assert provider.cast.conversions == 2  # a new cache tensor converts once more
@@ -645,7 +623,7 @@ class AttentionBlock(torch.nn.Module):
 def attention64(block: AttentionBlock, x: torch.Tensor, positions: torch.Tensor):
     s = block.spec
     q, k, v = block.split(x.double() @ block.qkv.double())
-    q, k = rope64(q, positions, s), rope64(k, positions, s)
+    q, k = rope64_of(q, positions, s), rope64_of(k, positions, s)
     n, group = x.shape[0], s.num_heads // s.num_kv_heads
     v = v.reshape(n, s.num_kv_heads, s.head_size)
     out = scaled_dot_product_attention(
@@ -691,8 +669,8 @@ def test_attention_block_over_varying_token_counts(dirs, spec):
         ref_out = attention64(block, x, positions)
         # RoPE itself: tight, against the rounded projection rotated in float64.
         proj_q, proj_k, _ = block.split(x @ block.qkv)
-        assert_rope_close(q, rope64(proj_q, positions, spec), spec.dtype, "query")
-        assert_rope_close(k, rope64(proj_k, positions, spec), spec.dtype, "key")
+        assert_rope_close(q, rope64_of(proj_q, positions, spec), spec.dtype, "query")
+        assert_rope_close(k, rope64_of(proj_k, positions, spec), spec.dtype, "key")
         atol, rtol = ATTN_TOL[spec.dtype]
         torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
         assert TOLERANCES[spec.dtype][0] <= atol
@@ -731,8 +709,8 @@ def test_cuda_graph_capture_and_replay(timing):
             q0, k0 = q.clone(), k.clone()
             graph.replay()
             torch.cuda.synchronize()
-            assert_rope_close(q, rope64(q0.cpu(), positions.cpu(), spec), spec.dtype, "query")
-            assert_rope_close(k, rope64(k0.cpu(), positions.cpu(), spec), spec.dtype, "key")
+            assert_rope_close(q, rope64_of(q0, positions, spec), spec.dtype, "query")
+            assert_rope_close(k, rope64_of(k0, positions, spec), spec.dtype, "key")
 
 
 @pytest.mark.gpu
@@ -751,10 +729,5 @@ def test_flashinfer_bf16_cache_converted_once_through_selector():
         k = torch.randn(n, 2 * 128, device="cuda", dtype=spec.dtype)
         q0 = q.clone()
         rope(positions, q, k, cache)
-        expected = q0.double().reshape(n, 8, 128).cpu().clone()
-        cs = cache.double().cpu()[positions.cpu()]
-        cos, sin = cs[:, None, :64], cs[:, None, 64:]
-        x1, x2 = expected[..., :64].clone(), expected[..., 64:].clone()
-        expected[..., :64], expected[..., 64:] = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-        assert_rope_close(q, expected, spec.dtype, "query")
+        assert_rope_close(q, rope64_of(q0, positions, spec, cache), spec.dtype, "query")
     assert flashinfer._to_float32.conversions == before + 1

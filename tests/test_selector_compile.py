@@ -1,17 +1,15 @@
 """select_rope inside torch.compile: one opaque custom op, no graph break, no recompile per token
-count, results equal to eager. Compiles cost seconds on the CPU: one compiled function here."""
+count, results equal to eager. Compiles cost seconds on the CPU: the one compiled function here
+runs under ``-m slow``; the opcheck test only captures a graph."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch._dynamo.testing
+from conftest import entry, make_table, put
 
-import kernels.table as table_mod
-from kernels import _lookup as lookup_mod
-from kernels import cos_sin_cache, select_rope
-from kernels._spec import RopeSpec
-from kernels.table import device_metadata, device_table_name, write_table
+from kernels import RopeSpec, cos_sin_cache, select_rope
 
 SPEC = RopeSpec(
     head_size=64, rotary_dim=32, num_heads=4, num_kv_heads=2, is_neox=False, dtype=torch.float32
@@ -20,29 +18,10 @@ TRITON_CONFIG = {"block_t": 4, "block_h": 2, "head_split": 1, "num_warps": 1, "n
 
 
 @pytest.fixture
-def rope(tmp_path, monkeypatch):
+def rope(dirs):
     """A selector whose table sends small counts to triton and larger ones to torch."""
-    monkeypatch.setenv(table_mod.CONFIG_DIR_ENV, str(tmp_path))
-    monkeypatch.setattr(table_mod, "user_config_dir", lambda: tmp_path / "user")
-    monkeypatch.setattr(table_mod, "shipped_config_dir", lambda: tmp_path / "shipped")
-    monkeypatch.setattr(lookup_mod, "_warned", set())
-
-    def entry(provider, config):
-        return {
-            "provider": provider,
-            "config": config,
-            "median_us": 1.0,
-            "providers_us": {provider: 1.0},
-        }
-
-    table = {
-        "schema_version": table_mod.SCHEMA_VERSION,
-        "metadata": device_metadata("cpu"),
-        "entries": {
-            "graph": {SPEC.key: {"2": entry("triton", TRITON_CONFIG), "64": entry("torch", {})}}
-        },
-    }
-    write_table(tmp_path / device_table_name(device_metadata("cpu")["device_name"]), table)
+    table = make_table({SPEC.key: {"2": entry("triton", TRITON_CONFIG), "64": entry("torch")}})
+    put(dirs["env"], table)
     return select_rope(64, 32, 4, 2, False, torch.float32, "cpu")
 
 
@@ -55,19 +34,39 @@ def test_custom_op_declares_in_place_mutation_of_query_and_key():
     assert str(schema.arguments[2].type) == "Optional[Tensor]"
 
 
+def op_calls_in_graph(fn, *args) -> list[tuple]:
+    """The arguments of each ``rope_autotune::rope`` call in the graph ``torch.compile``
+    captures for ``fn(*args)``: graph inputs as FX nodes, constants (the handle) as values."""
+    op = torch.ops.rope_autotune.rope
+    calls = []
+
+    def backend(graph_module, example_inputs):
+        graph = graph_module.graph
+        calls.extend(n.args for n in graph.nodes if n.target in (op, op.default))
+        return graph_module.forward
+
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return calls
+
+
 def test_custom_op_passes_opcheck(rope):
+    """The op, called with the arguments the compiled selector passes it, passes opcheck."""
     cache = cos_sin_cache(256, SPEC.rotary_dim)
     positions = torch.randint(0, 256, (5,))
     q = torch.randn(5, 4 * 64)
     k = torch.randn(5, 2 * 64)
     for key in (k, None):
+        (args,) = op_calls_in_graph(lambda p, q, k: rope(p, q, k, cache), positions, q, key)
+        handle = args[4]
+        assert isinstance(handle, int)
         torch.library.opcheck(
             torch.ops.rope_autotune.rope.default,
-            (positions, q.clone(), None if key is None else key.clone(), cache, rope._handle),
+            (positions, q.clone(), None if key is None else key.clone(), cache, handle),
             test_utils=("test_schema", "test_faketensor"),
         )
 
 
+@pytest.mark.slow
 def test_compiled_block_matches_eager_without_recompiles(rope):
     """A fused qkv projection with RoPE on its strided q/k slices, plus a key-less call,
     compiled with fullgraph=True and a dynamic token count."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import entry
 
 from kernels import RopeSpec, RopeTableWarning, provider_names
 from kernels.table import (
@@ -33,15 +34,6 @@ DEVICE = "Test GPU"
 FILE = device_table_name(DEVICE)
 SPECS = [RopeSpec(64, 32, h, 1, True, torch.bfloat16).key for h in (1, 2, 4, 8, 16, 32)]
 TRITON = {"block_t": 1, "block_h": 1, "head_split": 1, "num_warps": 4, "num_stages": 1}
-
-
-def entry(provider: str = "torch", median: float = 5.0, config: dict | None = None) -> dict:
-    return {
-        "provider": provider,
-        "config": config or {},
-        "median_us": median,
-        "providers_us": {provider: median},
-    }
 
 
 def table(graph: dict) -> dict:
@@ -91,10 +83,10 @@ def _started(_: int) -> None:
 def test_same_entry_the_later_merge_wins(tmp_path):
     path = tmp_path / FILE
     merge_into_table(path, table({SPECS[0]: {"16": entry(median=9.0)}}))
-    merge_into_table(path, table({SPECS[0]: {"16": entry("triton", 4.0, TRITON)}}))
+    merge_into_table(path, table({SPECS[0]: {"16": entry("triton", TRITON, 4.0)}}))
     merge_into_table(path, table({SPECS[1]: {"16": entry(median=7.0)}}))
     written = read_table(path)["entries"]["graph"]
-    assert written[SPECS[0]] == {"16": entry("triton", 4.0, TRITON)}
+    assert written[SPECS[0]] == {"16": entry("triton", TRITON, 4.0)}
     assert written[SPECS[1]] == {"16": entry(median=7.0)}
 
 
