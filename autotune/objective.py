@@ -32,8 +32,8 @@ __all__ = ["SEARCH_REPEATS", "CandidateError", "Objective"]
 logger = logging.getLogger(__name__)
 
 # Timed rounds per measurement in a search (time_rope's own default, for reports, is 50): the
-# median of 10 rounds ranks configs as well as 50 do (benchmarks/NOTES.md), at a fifth of the
-# cost.
+# median of 10 rounds ranks configs as well as 50 do (docs/DESIGN.md#search-repeats), at a
+# fifth of the cost.
 SEARCH_REPEATS = 10
 
 

@@ -5,8 +5,8 @@ distinct (timing, spec, bucket, provider, config) with the median of its timings
 provider's log-time model with scikit-learn's ``GradientBoostingRegressor`` (well kept, exact
 and seeded, and its trees are public arrays that export to the model file; the runtime
 evaluates them with torch, without scikit-learn). Trees were chosen over a linear log-time
-model on the same features by leave-one-shape-out (``benchmarks/perf_model_loso.py``; the
-numbers are in ``benchmarks/NOTES.md``).
+model on the same features by leave-one-shape-out (``benchmarks/perf_model_loso.py``; why:
+``docs/DESIGN.md#model-trees``).
 
 Command line::
 
@@ -62,10 +62,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Gradient boosting settings, checked by leave-one-shape-out (benchmarks/perf_model_loso.py;
-# depth 7 over 5: the picks 1.018 against 1.022 of the best, and depth 9 barely better than 7 at
-# twice the file; benchmarks/NOTES.md); a fixed seed, so that a refit on the same rows writes
-# the same trees.
+# Gradient boosting settings, chosen by leave-one-shape-out (benchmarks/perf_model_loso.py;
+# docs/DESIGN.md#model-trees); a fixed seed, so that a refit on the same rows writes the same
+# trees.
 GBT_PARAMS: dict[str, Any] = {
     "n_estimators": 200,
     "max_depth": 7,

@@ -48,7 +48,7 @@ DEFAULT_TRIALS = 48
 # Trials per study when the device has a performance model: each study first measures the
 # model's best predicted Triton configs (after every provider's default, see
 # autotune.warm_start), which reach within 2% of a 48-trial search in most buckets
-# (benchmarks/NOTES.md).
+# (docs/DESIGN.md#trial-budget).
 WARM_DEFAULT_TRIALS = 16
 # On the CPU only the untunable providers run (Triton needs the interpreter there): the study
 # is exhausted in a handful of trials anyway.

@@ -55,8 +55,8 @@ __all__ = [
 
 # A winner re-timed more than this fraction above its recorded median is "slower".
 SLOWER_MARGIN = 0.05
-# A runner-up must beat the winner by more than this to count. A search's rounds spread 0.25%
-# (p20-p80) and a second quiet timing lands within 0.4% (README): 2% leaves room for fewer rounds.
+# A runner-up must beat the winner by more than this to count: well above the spread of repeated
+# timings, with room for fewer rounds (docs/DESIGN.md#verify-margins).
 BEATEN_MARGIN = 0.02
 # Rounds per measurement and their least length: fewer and shorter than a search's (a verdict
 # against a 2-5% margin, not a ranking of close configs), so a whole table takes minutes.

@@ -28,7 +28,7 @@ __all__ = ["WARM_START_CONFIGS", "Donors", "model_candidates"]
 logger = logging.getLogger(__name__)
 
 # Predicted-best Triton configs a new study measures first: the model's top 8 reach within 2%
-# of a 48-trial search's best in 475 of 494 recorded buckets (benchmarks/NOTES.md).
+# of a 48-trial search's best in nearly every recorded bucket (docs/DESIGN.md#warm-start-size).
 WARM_START_CONFIGS = 8
 
 

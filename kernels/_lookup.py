@@ -134,7 +134,7 @@ def nearest_spec_key(spec: RopeSpec, keys: Iterable[str]) -> str | None:
     kernel's memory traffic and inner loop: bf16 and fp16 are interchangeable); among them the
     one with the smallest ``|log(Hq/Hq')| + |log(Hk/Hk')|`` wins (head counts differing by the
     same factor are equally near), then the one of ``spec``'s own dtype, then the smaller key
-    (``benchmarks/NOTES.md`` has the measurements behind the rule).
+    (why: ``docs/DESIGN.md#nearest-spec-rule``).
     """
     best: tuple[float, bool, str] | None = None
     for key in keys:

@@ -20,9 +20,9 @@ FEATURES_VERSION = 2
 
 _MAX_WARPS_PER_SM = 64
 _MAX_PROGRAMS_PER_SM = 32
-# HBM serves a head row's rotated slice in whole 64-byte accesses: on the H200 a 32-byte slice
-# (rotary 16 in fp16) takes as long per row as a 64-byte one (benchmarks/NOTES.md, unseen
-# shapes), so traffic, not the bytes a call needs, is what carries to small rotary dims.
+# HBM serves a head row's rotated slice in whole 64-byte accesses: a 32-byte slice (rotary 16
+# in fp16) takes as long per row as a 64-byte one (docs/DESIGN.md#sub-64-byte-rows), so
+# traffic, not the bytes a call needs, is what carries to small rotary dims.
 _DRAM_ACCESS_BYTES = 64
 
 CALL_FEATURES = (

@@ -85,7 +85,7 @@ def _facts(spec: RopeSpec, config: Config) -> dict[str, Any]:
 # -- defaults ------------------------------------------------------------------------------------
 
 # Below this many tokens a call is latency-bound: spreading head blocks over programs beats
-# streaming whole tokens (benchmarks/NOTES.md, the small-token sweep).
+# streaming whole tokens (docs/DESIGN.md#default-config).
 _FEW_TOKENS = 4096
 # Below this many tokens, and with at least this many heads, one head per program is fastest.
 _VERY_FEW_TOKENS = 1024
@@ -99,8 +99,7 @@ def _floor_pow2(n: int) -> int:
 def default_triton_config(spec: RopeSpec, num_tokens: int | None = None) -> Config:
     """A sound config without tuning, used when no table has an entry.
 
-    The rule (measurements behind it: ``benchmarks/NOTES.md``, ``benchmarks/roofline.py
-    --sweep``):
+    The rule (why: ``docs/DESIGN.md#default-config``):
 
     - 4096 tokens or more (or unknown): one token per program and up to 4096 elements per head
       step (bandwidth-bound: whole tokens streamed).

@@ -32,7 +32,7 @@ __all__ = [
 # Triton releases (major.minor) whose CompiledKernel.run takes
 # (grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook,
 # exit_hook, *kernel arguments in signature order, constexprs included), as their own
-# JITFunction.run passes them: 3.6 on the GPU machine, 3.9 on the CPU one.
+# JITFunction.run passes them (docs/DESIGN.md#fast-launch).
 FAST_LAUNCH_VERSIONS = ("3.6", "3.9")
 
 
