@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from autotune.measure import check_correct, time_rope
 from kernels import RopeSpec, get_provider, select_rope
-from kernels._lookup import device_traits
 from kernels.perf_model import PerfModel, find_model, find_transferred_model, model_file_name
 from kernels.table import device_table_name, hardware_metadata, shipped_config_dir
+from kernels.transfer import DeviceTraits
 
 # What select_rope reads in each --data variant: (hide this device's files, transfer).
 DATA = {"own": (False, True), "transfer": (True, True), "default": (True, False)}
@@ -140,7 +140,8 @@ def model_read(table_dir: str | Path, device: str, transfer: bool) -> PerfModel 
     torch_device = torch.device(device)
     model = find_model(table_dir, torch_device)
     if model is None and transfer:
-        model, _ = find_transferred_model(table_dir, device_traits(torch_device))
+        this = DeviceTraits.from_metadata(hardware_metadata(torch_device))
+        model, _ = find_transferred_model(table_dir, this)
     return model
 
 

@@ -369,7 +369,7 @@ class _DeviceData:
 
     tables: list[tuple[Path, dict]]
     model: PerfModel | None
-    table_from: TransferChoice | None = None  # the tables are this device's
+    table_from: TransferChoice | None = None  # whose tables stand in; None: this device's own
     refused: str | None = None  # why nothing transferred to a GPU without data of its own
 
     @property
