@@ -3,6 +3,7 @@ metadata a device reports, and select_rope on the CPU made to report a fabricate
 (conftest.GPUS): which device's table and model it uses, what explain() and the warning say,
 and what a GPU of another architecture gets."""
 
+import importlib
 import math
 import types
 import warnings
@@ -12,6 +13,7 @@ import torch
 from conftest import (
     FILE,
     GPUS,
+    ROOT,
     entry,
     make_table,
     perf_model_data,
@@ -21,8 +23,10 @@ from conftest import (
     put_model,
 )
 
+import kernels.perf_model as perf_model_mod
 import kernels.table as table_mod
 from kernels import RopeSpec, RopeTableWarning, select_rope
+from kernels import _lookup as lookup_mod
 from kernels.perf_model import PerfModel
 from kernels.table import read_table, shipped_config_dir
 from kernels.transfer import (
@@ -208,7 +212,7 @@ def selected(**kwargs):
     return rope, [str(w.message) for w in caught if issubclass(w.category, RopeTableWarning)]
 
 
-def test_a_gpu_without_a_table_uses_the_nearest_devices_table(dirs, fake_gpu):
+def test_a_gpu_without_a_table_uses_the_nearest_devices_table(dirs, fake_gpu, monkeypatch):
     fake_gpu("H100")
     path = put_device_table(dirs["shipped"], "H200", {SPEC.key: {"16": entry("torch")}})
     rope, messages = selected()
@@ -221,6 +225,11 @@ def test_a_gpu_without_a_table_uses_the_nearest_devices_table(dirs, fake_gpu):
     ) in explained.why
     # One warning per process: no table here, whose data, how to tune in one command.
     assert len(messages) == 1
+    with warnings.catch_warnings(record=True) as caught:  # it names select_rope's caller
+        warnings.simplefilter("always")
+        monkeypatch.setattr(lookup_mod, "_warned", set())
+        select()
+    assert [w.filename for w in caught] == [__file__]
     assert messages[0].startswith(
         "rope-autotune: no tuning table for NVIDIA H100 80GB HBM3 (looked for "
         "NVIDIA_H100_80GB_HBM3.json); using the table of NVIDIA H200 (same compute capability "
@@ -274,7 +283,7 @@ def test_a_gpu_without_data_uses_the_nearest_model(dirs, fake_gpu):
     assert "using the model of NVIDIA H200" in messages[0]
 
 
-def test_a_transferred_model_counts_this_devices_sms():
+def test_a_transferred_model_counts_this_devices_sms(monkeypatch):
     data = perf_model_data(torch_log_us=1.0, triton_log_us=1.0)
     data["metadata"] = {**data["metadata"], "sm_count": 132}
     model = PerfModel(data)
@@ -282,6 +291,14 @@ def test_a_transferred_model_counts_this_devices_sms():
     assert (moved.sm_count, moved.transfer) == (114, "model of X transferred: because")
     assert (model.sm_count, model.transfer) == (132, None)
     assert model.transferred(None, "why").sm_count == 132
+    # The features of its predictions are computed with this device's SM count.
+    seen = []
+    real = perf_model_mod.features
+    monkeypatch.setattr(perf_model_mod, "features", lambda *a, sm_count: seen.append(sm_count)
+                        or real(*a, sm_count=sm_count))  # fmt: skip
+    moved.predict_us("torch", SPEC, 64)
+    model.predict_us("torch", SPEC, 64)
+    assert seen == [114, 132]
 
 
 def test_the_table_and_model_of_one_device_together(dirs, fake_gpu):
@@ -377,3 +394,18 @@ def test_unreadable_candidates_are_skipped(dirs, fake_gpu):
     (dirs["env"] / ".NVIDIA_H200.json.1234.tmp.json").write_text("{")
     path = put_device_table(dirs["shipped"], "H200", {SPEC.key: {"16": entry("torch")}})
     assert selected()[0].source == path
+
+
+def test_the_benchmark_hides_this_devices_files(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # a script with dataclasses
+    unseen = importlib.import_module("unseen_shapes")
+    source, into = tmp_path / "source", tmp_path / "into"
+    source.mkdir(), into.mkdir()
+    for name in ("NVIDIA_H100_80GB_HBM3.json", "NVIDIA_H100_80GB_HBM3.model.json",
+                 "NVIDIA_H200.json", "NVIDIA_H200.model.json"):  # fmt: skip
+        (source / name).write_text("{}")
+    unseen.hide_own(source, "NVIDIA H100 80GB HBM3", into)
+    assert sorted(p.name for p in into.iterdir()) == ["NVIDIA_H200.json", "NVIDIA_H200.model.json"]
+    assert unseen.short_tag("NVIDIA H100 80GB HBM3") == "h100"
+    assert unseen.short_tag("NVIDIA H200") == "h200"
+    assert unseen.DATA == {"own": (False, True), "transfer": (True, True), "default": (True, False)}
