@@ -5,10 +5,18 @@ Every call is checked against the float64 reference first, then timed by CUDA-gr
 rotating inputs larger than the L2 (``autotune.measure.time_rope``); q and k are column views of
 a fused qkv tensor, as a serving stack hands them over. Columns: ``select_rope`` with the
 shipped table only (what a user gets out of the box), the performance model's own pick bound
-directly (``configs/<device>.model.json``; ``-`` without one), FlashInfer, vLLM, and the speedup
-of ``select_rope`` over the faster of the two.
+directly (the model that ``select_rope`` reads: ``configs/<device>.model.json``, else the one
+transferred from the nearest device; ``-`` without one), FlashInfer, vLLM, and the speedup of
+``select_rope`` over the faster of the two.
 
-    python benchmarks/unseen_shapes.py --device cuda:0            # H200: writes $OUT/... too
+``--data`` times ``select_rope`` on other data too, each in its own column, against the same
+vendor timings: ``own`` (the table directory as it is: this device's table and model, else the
+nearest device's, see ``kernels.transfer``), ``transfer`` (this device's table and model hidden,
+so the nearest device's stand in: a GPU nobody measured) and ``default`` (hidden, transfer off:
+the untuned default).
+
+    python benchmarks/unseen_shapes.py --device cuda:0            # writes $OUT/... too
+    python benchmarks/unseen_shapes.py --device cuda:0 --data own,transfer,default
     TRITON_INTERPRET=1 python benchmarks/unseen_shapes.py --cpu-smoke   # tiny, on the CPU
 
 The smoke run uses the H200 model file (``--model``) to exercise the model's pick on the CPU.
@@ -20,8 +28,10 @@ import argparse
 import csv
 import math
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from autotune.measure import check_correct, time_rope
 from kernels import RopeSpec, get_provider, select_rope
-from kernels.perf_model import PerfModel, model_file_name
-from kernels.table import shipped_config_dir
+from kernels.perf_model import PerfModel, find_model, find_transferred_model, model_file_name
+from kernels.table import device_table_name, hardware_metadata, shipped_config_dir
+from kernels.transfer import DeviceTraits
+
+# What select_rope reads in each --data variant: (hide this device's files, transfer).
+DATA = {"own": (False, True), "transfer": (True, True), "default": (True, False)}
 
 
 @dataclass(frozen=True)
@@ -97,15 +111,44 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def selector_for(spec: RopeSpec, device: str, table_dir: str | None = None):
+def selector_for(
+    spec: RopeSpec, device: str, table_dir: str | None = None, transfer: bool | None = None
+):
     """``select_rope`` for ``spec`` as a user gets it, without the fallback warning these
     unseen shapes expect."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return select_rope(
             spec.head_size, spec.rotary_dim, spec.num_heads, spec.num_kv_heads, spec.is_neox,
-            spec.dtype, device, table_dir=table_dir,
+            spec.dtype, device, table_dir=table_dir, transfer=transfer,
         )  # fmt: skip
+
+
+def hide_own(table_dir: str | Path, device_name: str, into: Path) -> Path:
+    """A copy of ``table_dir``'s files in ``into`` without ``device_name``'s table and model:
+    what ``select_rope`` reads on a GPU nobody measured."""
+    own = {device_table_name(device_name), model_file_name(device_name)}
+    for path in sorted(Path(table_dir).glob("*.json")):
+        if path.name not in own:
+            shutil.copy2(path, into / path.name)
+    return into
+
+
+def model_read(table_dir: str | Path, device: str, transfer: bool) -> PerfModel | None:
+    """The model ``select_rope`` reads from ``table_dir`` on ``device``: its own, else (with
+    ``transfer``) the nearest device's."""
+    torch_device = torch.device(device)
+    model = find_model(table_dir, torch_device)
+    if model is None and transfer:
+        this = DeviceTraits.from_metadata(hardware_metadata(torch_device))
+        model, _ = find_transferred_model(table_dir, this)
+    return model
+
+
+def short_tag(device_name: str) -> str:
+    """``NVIDIA H200`` -> ``h200``, ``NVIDIA H100 80GB HBM3`` -> ``h100``: result file names."""
+    words = [w for w in device_name.split() if w.upper() != "NVIDIA"] or ["device"]
+    return device_table_name(words[0]).removesuffix(".json").lower()
 
 
 def _available(name: str, device: str, spec: RopeSpec, with_key: bool) -> bool:
@@ -127,28 +170,59 @@ def main() -> int:
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--table-dir", default=str(shipped_config_dir()))
-    parser.add_argument("--model", help="model file (default: the device's, beside the table)")
+    parser.add_argument("--model", help="model file (default: the one select_rope reads)")
+    parser.add_argument(
+        "--data",
+        default="own",
+        help="comma list of what select_rope reads, a column each: own (the table directory), "
+        "transfer (this device's table and model hidden), default (hidden, transfer off); "
+        "e.g. --data own,transfer,default",
+    )
+    parser.add_argument("--tag", help="result file tag (default: from the device, e.g. h100)")
     args = parser.parse_args()
+    variants = args.data.split(",")
+    if not variants or any(v not in DATA for v in variants) or len(set(variants)) < len(variants):
+        parser.error(f"--data: expected a comma list of {', '.join(DATA)}, got {args.data!r}")
     if args.cpu_smoke:
         device, todo, timing = "cpu", smoke_cases(), {"repeats": 3, "min_round_s": 0.0}
     else:
         device, todo, timing = args.device, cases(), {"repeats": args.repeats}
-    device_name = (
-        torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
-    )
-    smoke_model = Path(args.table_dir) / model_file_name("NVIDIA H200")
-    default_model = smoke_model if args.cpu_smoke else None
-    model_path = Path(
-        args.model or default_model or Path(args.table_dir) / model_file_name(device_name)
-    )
-    model = PerfModel.load(model_path) if model_path.exists() else None
+    device_name = hardware_metadata(device)["device_name"]
+    hidden = Path(tempfile.mkdtemp(prefix="unseen-shapes-"))
+    try:
+        return run(args, variants, device, device_name, todo, timing, hidden)
+    finally:
+        shutil.rmtree(hidden, ignore_errors=True)
+
+
+def run(args, variants, device, device_name, todo, timing, hidden: Path) -> int:
+    sources = {}  # variant -> (table_dir, transfer)
+    for variant in variants:
+        hide, transfer = DATA[variant]
+        where = hide_own(args.table_dir, device_name, hidden) if hide else args.table_dir
+        sources[variant] = (str(where), transfer)
+    if args.model:
+        model_path, model = Path(args.model), PerfModel.load(args.model)
+    elif args.cpu_smoke:  # the CPU has no model: exercise the H200's
+        model_path = Path(args.table_dir) / model_file_name("NVIDIA H200")
+        model = PerfModel.load(model_path) if model_path.exists() else None
+    else:
+        model = model_read(*sources[variants[0]], device)
+        model_path = None if model is None else model.source
+
+    def column(variant: str, field: str) -> str:
+        own = {"us": "ours_us", "choice": "ours_choice", "speedup": "speedup"}
+        return own[field] if variant == "own" else f"{variant}_{field}"
 
     rows = []
     for case in todo:
         s = case.spec
-        rope = selector_for(s, device, args.table_dir)
-        ours = _measure(rope, case, device, timing)
-        choice = rope.explain(case.tokens, has_key=case.with_key)
+        row = {"model": case.model, "spec": s.key, "key": case.with_key, "tokens": case.tokens}
+        for variant in variants:
+            rope = selector_for(s, device, *sources[variant])
+            row[column(variant, "us")] = _measure(rope, case, device, timing)
+            choice = rope.explain(case.tokens, has_key=case.with_key)
+            row[column(variant, "choice")] = f"{choice.provider} {dict(choice.config)}"
         picked = "-"
         if model is not None:
             names = [n for n in model.providers if _available(n, device, s, case.with_key)]
@@ -162,48 +236,58 @@ def main() -> int:
                 fn = get_provider(name).callable_for(s, None)
                 vendor[name] = _measure(fn, case, device, timing)
         faster = min(vendor.values(), default=None)
-        rows.append(
-            {
-                "model": case.model,
-                "spec": s.key,
-                "key": case.with_key,
-                "tokens": case.tokens,
-                "ours_us": ours,
-                "ours_choice": f"{choice.provider} {dict(choice.config)}",
-                "model_pick_us": picked,
-                "flashinfer_us": vendor.get("flashinfer", "-"),
-                "vllm_us": vendor.get("vllm", "-"),
-                "speedup": (faster / ours) if faster else "-",
-            }
-        )
+        row["model_pick_us"] = picked
+        row["flashinfer_us"] = vendor.get("flashinfer", "-")
+        row["vllm_us"] = vendor.get("vllm", "-")
+        for variant in variants:
+            ours = row[column(variant, "us")]
+            row[column(variant, "speedup")] = (faster / ours) if faster else "-"
+        rows.append(row)
 
     def fmt(v):
         return f"{v:.2f}" if isinstance(v, float) else str(v)
 
+    def speed(v):
+        return f"{v:.2f}x" if isinstance(v, float) else "-"
+
+    heads = ["select_rope" if v == "own" else f"select_rope ({v})" for v in variants]
+    speed_heads = ["speedup over faster" + ("" if v == "own" else f" ({v})") for v in variants]
+    data = "; ".join(f"{v}: {d}" + ("" if t else ", transfer off") for v, (d, t) in sources.items())
     lines = [
-        f"device {device_name}; select_rope with {args.table_dir} (table + model as the selector "
-        f"reads them); model pick from {model_path if model else '-'}; "
+        f"device {device_name}; select_rope with {data} (table + model as the selector "
+        f"reads them); model pick from {model_path or '-'}; "
         + ("CUDA-graph replay" if device.startswith("cuda") else "wall-clock")
         + " medians over rotating inputs (us)",
-        "| model | spec | key | tokens | select_rope | model pick | flashinfer | vllm | "
-        "speedup over faster |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | spec | key | tokens | "
+        + " | ".join(heads[:1])
+        + " | model pick | "
+        + "".join(f"{h} | " for h in heads[1:])
+        + "flashinfer | vllm | "
+        + " | ".join(speed_heads)
+        + " |",
+        "|---" * (7 + 2 * len(variants)) + "|",
     ]
     for r in rows:
-        speed = f"{r['speedup']:.2f}x" if isinstance(r["speedup"], float) else "-"
+        times = [fmt(r[column(v, "us")]) for v in variants]
         lines.append(
             f"| {r['model']} | {r['spec']} | {'yes' if r['key'] else 'no'} | {r['tokens']} | "
-            f"{fmt(r['ours_us'])} | {fmt(r['model_pick_us'])} | {fmt(r['flashinfer_us'])} | "
-            f"{fmt(r['vllm_us'])} | {speed} |"
+            f"{times[0]} | {fmt(r['model_pick_us'])} | "
+            + "".join(f"{t} | " for t in times[1:])
+            + f"{fmt(r['flashinfer_us'])} | {fmt(r['vllm_us'])} | "
+            + " | ".join(speed(r[column(v, "speedup")]) for v in variants)
+            + " |"
         )
-    speedups = [r["speedup"] for r in rows if isinstance(r["speedup"], float)]
-    if speedups:
-        geo = geomean(speedups)
-        lines.append(
-            f"\nselect_rope over the faster of FlashInfer and vLLM: geomean {geo:.3f}x, worst "
-            f"{min(speedups):.3f}x, {sum(v < 0.97 for v in speedups)} of {len(speedups)} below "
-            "0.97x"
-        )
+    for variant, head in zip(variants, heads, strict=True):
+        speedups = [r[column(variant, "speedup")] for r in rows]
+        speedups = [v for v in speedups if isinstance(v, float)]
+        if speedups:
+            geo = geomean(speedups)
+            lines.append(
+                ("\n" if variant == variants[0] else "")
+                + f"{head} over the faster of FlashInfer and vLLM: geomean {geo:.3f}x, worst "
+                f"{min(speedups):.3f}x, {sum(v < 0.97 for v in speedups)} of {len(speedups)} "
+                "below 0.97x"
+            )
     picks = [
         (r["flashinfer_us"], r["vllm_us"], r["model_pick_us"])
         for r in rows
@@ -224,7 +308,9 @@ def main() -> int:
     print(text)
     out = os.environ.get("OUT")
     if out:
-        tag = "cpu_smoke" if args.cpu_smoke else "h200"
+        tag = args.tag or ("cpu_smoke" if args.cpu_smoke else short_tag(device_name))
+        if variants != ["own"]:
+            tag += "_" + "_".join(variants)
         Path(out, f"unseen_shapes_{tag}.txt").write_text(text + "\n")
         write_csv(Path(out, f"unseen_shapes_{tag}.csv"), rows)
     return 0

@@ -5,10 +5,15 @@ The file named after the device (``NVIDIA H200`` -> ``NVIDIA_H200.json``) in eac
 is skipped with one :class:`~kernels.table.RopeTableWarning`, a stale one (other library
 versions) is used with one. In a timing mode's entries: the exact spec in the first table that
 has it, else the nearest spec (:func:`nearest_spec_key`) in the first table that has one.
+
+Without a table of its own, a GPU may use another device's (:func:`transferred_tables`): every
+table and model file in the same directories is a candidate (:func:`device_files`), chosen by
+:func:`kernels.transfer.choose_device` on the files' metadata.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import warnings
@@ -16,22 +21,30 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import orjson
 import torch
 
 from . import table as _table  # module attributes: tests redirect the search path
 from ._spec import RopeSpec
 from .providers import provider_names
 from .table import RopeTableWarning, TableError, read_table
+from .transfer import DeviceTraits, TransferChoice, choose_device
 
 __all__ = [
+    "device_files",
     "device_name",
+    "device_traits",
     "find_entries",
     "nearest_spec_key",
     "read_tables",
+    "search_directories",
     "table_files",
+    "transferred_tables",
     "warn_if_stale",
     "warn_once",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Library versions compared with a table's metadata: the ones its measurements depend on.
 _VERSIONED_LIBRARIES = ("torch", "triton", "cuda", "flashinfer", "vllm")
@@ -54,9 +67,12 @@ def warn_once(key: tuple[str, ...], message: str, stacklevel: int) -> None:
 
 def device_name(device: torch.device) -> str:
     """The name a device's table is filed under (``NVIDIA H200``, ``CPU x86_64``)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).name
-    return _table.device_metadata(device)["device_name"]
+    return _table.hardware_metadata(device)["device_name"]
+
+
+def device_traits(device: torch.device) -> DeviceTraits:
+    """This device as the transfer rule sees it (:func:`kernels.table.hardware_metadata`)."""
+    return DeviceTraits.from_metadata(_table.hardware_metadata(device))
 
 
 def table_files(table_dir: str | Path | None, file_name: str) -> list[Path]:
@@ -68,8 +84,78 @@ def table_files(table_dir: str | Path | None, file_name: str) -> list[Path]:
     return [directory / file_name for directory in _table.table_search_path()]
 
 
-def read_tables(paths: list[Path]) -> list[tuple[Path, dict]]:
-    """Every readable, valid table among ``paths``, in order; bad ones warned about and skipped."""
+def search_directories(table_dir: str | Path | None) -> list[Path]:
+    """The directories whose files may be another device's data: ``table_dir`` (the directory
+    of the ``.json`` file it names), else the search path."""
+    if table_dir is not None:
+        path = Path(table_dir).expanduser()
+        return [path.parent if path.suffix == ".json" else path]
+    return _table.table_search_path()
+
+
+# Traits of data files by (path, modification time, size): selections repeat the scan.
+_traits: dict[tuple[str, int, int], DeviceTraits | None] = {}
+_traits_lock = threading.Lock()
+
+
+def _file_traits(path: Path) -> DeviceTraits | None:
+    try:
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        with _traits_lock:
+            if key in _traits:
+                return _traits[key]
+        metadata = orjson.loads(path.read_bytes()).get("metadata")
+        traits = DeviceTraits.from_metadata(metadata) if isinstance(metadata, dict) else None
+    except Exception as exc:  # OSError, JSON, not an object: not a candidate, never an error
+        logger.debug("%s: not a transfer candidate (%r)", path, exc)
+        return None
+    with _traits_lock:
+        _traits[key] = traits
+    return traits
+
+
+def device_files(directories: Iterable[Path], kind: str) -> list[tuple[Path, DeviceTraits]]:
+    """Every ``kind`` file (``"table"``: ``*.json``; ``"model"``: ``*.model.json``) in
+    ``directories`` with a readable metadata header and its device's traits, in directory
+    order, then by file name; hidden files (writers' temporaries) left out."""
+    if kind not in ("table", "model"):
+        raise ValueError(f"kind: expected 'table' or 'model', got {kind!r}")
+    found = []
+    for directory in directories:
+        try:
+            names = sorted(p for p in directory.glob("*.json") if not p.name.startswith("."))
+        except OSError:
+            continue
+        for path in names:
+            if path.name.endswith(".model.json") != (kind == "model"):
+                continue
+            traits = _file_traits(path)
+            if traits is not None and traits.name:
+                found.append((path, traits))
+    return found
+
+
+def transferred_tables(
+    table_dir: str | Path | None, this: DeviceTraits
+) -> tuple[list[tuple[Path, dict]], TransferChoice]:
+    """The tables of the device nearest ``this`` one (:func:`kernels.transfer.choose_device`)
+    among the table files of :func:`search_directories`, in search order, and the choice; no
+    tables when none may transfer."""
+    if this.capability is None:  # nothing may transfer: no need to look
+        return [], choose_device(this, ())
+    files = device_files(search_directories(table_dir), "table")
+    choice = choose_device(this, (traits for _, traits in files))
+    if choice.device is None:
+        return [], choice
+    chosen = [path for path, traits in files if traits.name == choice.device.name]
+    # Warnings name select_rope's caller: through here, the selector's data, select_rope.
+    return read_tables(chosen, stacklevel=5), choice
+
+
+def read_tables(paths: list[Path], *, stacklevel: int = 3) -> list[tuple[Path, dict]]:
+    """Every readable, valid table among ``paths``, in order; bad ones warned about and skipped
+    (``stacklevel`` counts from this function to ``select_rope``'s caller)."""
     known = provider_names()
     tables = []
     for path in paths:
@@ -82,7 +168,7 @@ def read_tables(paths: list[Path]) -> list[tuple[Path, dict]]:
             warn_once(
                 ("bad-table", str(path), fault),
                 f"rope-autotune: skipping tuning table {fault}; trying the next source",
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
     return tables
 

@@ -6,7 +6,8 @@ token counts between two of its buckets get the faster (predicted) of the neighb
 winners and the model's own pick (which must be predicted a margin faster, since the winners
 were measured and it was not). The model file lies beside the table
 (``NVIDIA_H200.model.json``) in the same search path (:func:`kernels.perf_model.find_model`);
-a bad one warns once and is not used.
+a bad one warns once and is not used. A model transferred from another device
+(:func:`kernels.perf_model.find_transferred_model`) says so in every route's ``why``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def _servable(
     ]
 
 
+def _predicted_by(model: PerfModel) -> str:
+    return f"predicted by {model.source}" + (f" ({model.transfer})" if model.transfer else "")
+
+
 def _route(
     spec: RopeSpec,
     bucket: int,
@@ -54,7 +59,7 @@ def predicted_route(
     pick = model.best(spec, bucket, _servable(model, spec, has_key, unavailable))
     if pick is None:
         return None
-    why = f"predicted by {model.source}: {pick.provider} at {pick.predicted_us:.3g} us"
+    why = f"{_predicted_by(model)}: {pick.provider} at {pick.predicted_us:.3g} us"
     return _route(spec, bucket, pick.provider, pick.config, has_key, unavailable, why)
 
 
@@ -75,7 +80,7 @@ def between_route(
         return None
     tuned = " and ".join(str(b) for b in neighbours)
     why = (
-        f"between tuned buckets {tuned}, predicted by {model.source}: {pick.provider} at "
+        f"between tuned buckets {tuned}, {_predicted_by(model)}: {pick.provider} at "
         f"{pick.predicted_us:.3g} us"
     )
     return _route(spec, bucket, pick.provider, pick.config, has_key, unavailable, why)

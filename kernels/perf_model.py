@@ -7,7 +7,9 @@ row...) rather than from spec identities; each provider names and computes its o
 (:meth:`kernels.providers.Provider.features`). Each provider's model is a sum of regression
 trees predicting ``log(time in us)`` (gradient boosting, fit offline by
 :mod:`autotune.perf_model_fit`); it is evaluated here with torch on the CPU, no fitting library
-needed, once per selection, never per call. :func:`find_model` finds a device's model file.
+needed, once per selection, never per call. :func:`find_model` finds a device's model file;
+:func:`find_transferred_model`, for a GPU without one, the nearest device's
+(:mod:`kernels.transfer`).
 
 The file (``NVIDIA H200`` -> ``NVIDIA_H200.model.json``, beside the table) and its validation
 are :mod:`kernels._perf_model_format`'s; :meth:`PerfModel.load` warns with
@@ -17,6 +19,7 @@ callers fall back to the table's rules.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import warnings
@@ -29,7 +32,7 @@ import orjson
 import torch
 
 from . import table as _table  # module attributes: tests redirect the search path
-from ._lookup import device_name
+from ._lookup import device_files, device_name, search_directories
 from ._perf_model_format import (
     SCHEMA_VERSION,
     PerfModelError,
@@ -42,6 +45,7 @@ from ._perf_model_format import (
 from ._spec import RopeSpec
 from .perf_features import FEATURES_VERSION
 from .table import RopeTableWarning
+from .transfer import DeviceTraits, TransferChoice, choose_device
 
 __all__ = [
     "FEATURES_VERSION",
@@ -53,6 +57,7 @@ __all__ = [
     "feature_names",
     "features",
     "find_model",
+    "find_transferred_model",
     "model_file_name",
     "validate_model",
 ]
@@ -65,10 +70,25 @@ _models: dict[tuple[str, int, int], PerfModel | None] = {}
 _models_lock = threading.Lock()
 
 
+def _load_shared(path: Path) -> tuple[tuple[str, int, int], PerfModel | None]:
+    """The file version's key and the model in ``path`` (None: missing, or unusable and
+    warned once per file version)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return (str(path), 0, 0), None
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    with _models_lock:
+        if key not in _models:
+            _models[key] = PerfModel.load(path)
+        return key, _models[key]
+
+
 def find_model(table_dir: str | os.PathLike | None, device: torch.device) -> PerfModel | None:
-    """The device's model: beside ``table_dir``'s table (or in that directory), else the first
-    model file of the search path (:func:`kernels.table.table_search_path`); None when there
-    is none or it cannot be used (warned once per file version). Loaded models are shared."""
+    """The device's own model: beside ``table_dir``'s table (or in that directory), else the
+    first model file of the search path (:func:`kernels.table.table_search_path`); None when
+    there is none or it cannot be used (warned once per file version). Loaded models are
+    shared."""
     name = model_file_name(device_name(device))
     if table_dir is not None:
         path = Path(table_dir).expanduser()
@@ -76,18 +96,45 @@ def find_model(table_dir: str | os.PathLike | None, device: torch.device) -> Per
     else:
         paths = [directory / name for directory in _table.table_search_path()]
     for path in paths:
-        try:
-            stat = path.stat()
-        except OSError:
-            continue
-        key = (str(path), stat.st_mtime_ns, stat.st_size)
-        with _models_lock:
-            if key not in _models:
-                _models[key] = PerfModel.load(path)
-            model = _models[key]
+        _, model = _load_shared(path)
         if model is not None:
             return model
     return None
+
+
+# Transferred models by (file version, SM count, why): selections repeat, and rankings are
+# memoized on the model.
+_transferred: dict[tuple[tuple[str, int, int], int | None, str], PerfModel] = {}
+
+
+def find_transferred_model(
+    table_dir: str | os.PathLike | None, this: DeviceTraits
+) -> tuple[PerfModel | None, TransferChoice]:
+    """For a device without a model of its own: the model of the nearest device
+    (:func:`kernels.transfer.choose_device` over the ``*.model.json`` files of
+    :func:`kernels._lookup.search_directories`), evaluated with this device's SM count, with
+    :attr:`PerfModel.transfer` saying whose it is and why; None when none may transfer (the
+    choice says why) or the chosen device's model files cannot be used."""
+    if this.capability is None:  # nothing may transfer: no need to look
+        return None, choose_device(this, ())
+    files = device_files(search_directories(table_dir), "model")
+    choice = choose_device(this, (traits for _, traits in files))
+    if choice.device is None:
+        return None, choice
+    why = f"model of {choice.device.name} transferred: {choice.why}"
+    sm_count = None if this.sm_count is None else int(this.sm_count)
+    for path, traits in files:
+        if traits.name != choice.device.name:
+            continue
+        version, model = _load_shared(path)
+        if model is None:
+            continue
+        key = (version, sm_count, why)
+        with _models_lock:
+            if key not in _transferred:
+                _transferred[key] = model.transferred(sm_count, why)
+            return _transferred[key], choice
+    return None, choice
 
 
 # -- evaluation --------------------------------------------------------------------------------
@@ -161,6 +208,8 @@ class PerfModel:
         self.source = source
         self.metadata: Mapping[str, Any] = data["metadata"]
         self.sm_count: int = self.metadata.get("sm_count") or 1
+        # Whose model this is and why, when another device's (see transferred()).
+        self.transfer: str | None = None
         self._forests = {name: _Forest(part) for name, part in data["providers"].items()}
         self._candidates: dict[tuple[str, RopeSpec], list[dict[str, Any]]] = {}
         # Rankings asked again (a selector's buckets, the tuner's studies): bounded memo.
@@ -179,6 +228,16 @@ class PerfModel:
                 f"performance model {path} not used: {exc}", RopeTableWarning, stacklevel=2
             )
             return None
+
+    def transferred(self, sm_count: int | None, why: str) -> PerfModel:
+        """This model used for another device: the same trees, with that device's
+        ``sm_count`` in the features (what a config does on it: programs per SM, waves; the
+        model's own when None), and :attr:`transfer` set to ``why`` (said by ``explain()``)."""
+        other = copy.copy(self)
+        other.sm_count = sm_count or self.sm_count
+        other.transfer = why
+        other._ranked = {}  # rankings depend on the SM count (valid configs do not)
+        return other
 
     @property
     def providers(self) -> tuple[str, ...]:

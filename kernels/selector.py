@@ -4,7 +4,9 @@ Lookup, first match wins (:mod:`kernels._lookup`):
 
 1. Table files, in :func:`kernels.table.table_search_path` order (``$ROPE_AUTOTUNE_CONFIG_DIR``,
    the user config directory, the shipped ``configs/``), the file named by the normalized device
-   name (``NVIDIA H200`` -> ``NVIDIA_H200.json``). A bad file is skipped with one warning.
+   name (``NVIDIA H200`` -> ``NVIDIA_H200.json``). A bad file is skipped with one warning. A GPU
+   without a table or model of its own uses the nearest device's (:mod:`kernels.transfer`): its
+   tables when it has neither, its model when it has no model; one warning says whose.
 2. In the requested timing mode's entries, the exact spec (:attr:`RopeSpec.key`) in the first
    table that has it (eager timing without eager entries takes the graph entries). With a
    performance model for the device (``NVIDIA_H200.model.json`` in the same directories,
@@ -38,10 +40,11 @@ import torch
 from . import _custom_op
 from ._checks import call_checker, check_spec_args
 from ._lookup import (
-    device_name,
+    device_traits,
     find_entries,
     read_tables,
     table_files,
+    transferred_tables,
     warn_if_stale,
     warn_once,
 )
@@ -59,8 +62,9 @@ from ._routes import (
 )
 from ._spec import RopeSpec
 from .devices import normalize_device
-from .perf_model import PerfModel, find_model
+from .perf_model import PerfModel, find_model, find_transferred_model
 from .table import TIMING_MODES, RopeTableWarning, device_table_name
+from .transfer import DeviceTraits, TransferChoice, transfer_enabled
 
 __all__ = ["Explanation", "RopeSelector", "RopeTableWarning", "select_rope"]
 
@@ -250,6 +254,7 @@ def select_rope(
     config: Mapping[str, Any] | None = None,
     timing: str = "graph",
     table_dir: str | Path | None = None,
+    transfer: bool | None = None,
     debug: bool = False,
 ) -> RopeSelector:
     """Return the RoPE callable tuned for this spec on ``device``.
@@ -268,6 +273,9 @@ def select_rope(
             stacks run) or ``"eager"`` (host launch cost included).
         table_dir: Search only this directory (or this ``.json`` file) instead of the search
             path.
+        transfer: Whether a GPU without a table or model of its own may use the nearest
+            device's (:mod:`kernels.transfer`); None: ``$ROPE_AUTOTUNE_TRANSFER`` decides (on
+            unless ``0``/``off``). Off, such a GPU runs the untuned fallback.
         debug: Also check on every call that each position indexes a row of the cache: reads
             the positions, so a host-device sync per call (and no CUDA graph capture). For
             finding a bad caller, not for serving.
@@ -292,16 +300,20 @@ def select_rope(
         buckets, routes, keyless = forced_routes(spec, device, provider, config)
         return RopeSelector(spec, device, timing, buckets, routes, keyless, None, None, debug=debug)
 
-    file_name = device_table_name(device_name(device))
-    tables = read_tables(table_files(table_dir, file_name))
-    model = find_model(table_dir, device)
+    this = device_traits(device)
+    file_name = device_table_name(this.name)
+    tables = read_tables(table_files(table_dir, file_name))  # warns naming select_rope's caller
+    data = _device_data(table_dir, this, device, file_name, tables, transfer_enabled(transfer))
+    tables, model = data.tables, data.model
     found = _find_entries(tables, spec, timing, nearest=model is None)
     unavailable = Availability(device)
     if found is not None:
         path, table, spec_key, used = found
         warn_if_stale(path, table)
         exact = model if spec_key == spec.key else None
-        routes, keyless = _table_routes(spec, device, table, spec_key, used, path, exact)
+        routes, keyless = _table_routes(
+            spec, device, table, spec_key, used, path, exact, data.table_note
+        )
         buckets = tuple(sorted(routes))
         selector = RopeSelector(
             spec,
@@ -315,7 +327,7 @@ def select_rope(
             debug=debug,
         )
     elif model is not None:
-        why = f"no {timing} entry for {spec.key} in any {file_name}"
+        why = f"no {timing} entry for {spec.key} in {data.looked_in(file_name)}"
         routes, keyless = [], []
         for bucket in FALLBACK_BUCKETS:
             for has_key, out in ((True, routes), (False, keyless)):
@@ -330,14 +342,16 @@ def select_rope(
         )  # fmt: skip
     else:
         fallback = fallback_description(device)
-        why = f"fallback: no {timing} entry for {spec.key} in any {file_name}"
+        why = f"fallback: no {timing} entry for {spec.key} in {data.looked_in(file_name)}"
+        not_used = f"; other devices' data not used: {data.refused}" if data.refused else ""
         warn_once(
             ("no-table", file_name, spec.key, timing),
             f"rope-autotune: no tuning table entry for {spec.key} ({timing}) on this device "
-            f"(looked for {file_name}); using {fallback}. Tune this device with: "
+            f"(looked for {file_name}{not_used}); using {fallback}. Tune this device with: "
             f"{_tune_command(spec, device)}",
             stacklevel=2,
         )
+        why += not_used
         buckets = fallback_buckets(device)
         routes = tuple(fallback_route(spec, device, b, True, why) for b in buckets)
         keyless = tuple(fallback_route(spec, device, b, False, why) for b in buckets)
@@ -346,6 +360,77 @@ def select_rope(
         )
     logger.debug("select_rope %s on %s: %s", spec.key, device, selector)
     return selector
+
+
+@dataclass(frozen=True)
+class _DeviceData:
+    """What a selection reads: tables and model (this device's, or another's standing in),
+    and where another device's data stands in."""
+
+    tables: list[tuple[Path, dict]]
+    model: PerfModel | None
+    table_from: TransferChoice | None = None  # whose tables stand in; None: this device's own
+    refused: str | None = None  # why nothing transferred to a GPU without data of its own
+
+    @property
+    def table_note(self) -> str | None:
+        """What a transferred table's routes say, else None."""
+        if self.table_from is None:
+            return None
+        return f"table of {self.table_from.device.name} transferred: {self.table_from.why}"
+
+    def looked_in(self, file_name: str) -> str:
+        """Where a spec's entries were looked for, for a ``why``."""
+        if self.table_from is None:
+            return f"any {file_name}"
+        return f"any {file_name} or {self.table_from.device.name}'s table"
+
+
+def _device_data(
+    table_dir: str | Path | None,
+    this: DeviceTraits,
+    device: torch.device,
+    file_name: str,
+    tables: list[tuple[Path, dict]],
+    use_transfer: bool,
+) -> _DeviceData:
+    """This device's ``tables`` and model; with ``use_transfer``, the nearest device's standing
+    in for what it lacks (:mod:`kernels.transfer`): the tables when it has neither tables nor a
+    model, the model when it has none. Warns once when this device has no table and another
+    device's data is used."""
+    model = find_model(table_dir, device)
+    if not use_transfer or this.capability is None:
+        return _DeviceData(tables, model)
+    own_tables, own_model = bool(tables), model is not None
+    table_from = model_from = None
+    refused = []
+    if not own_tables and not own_model:
+        tables, choice = transferred_tables(table_dir, this)
+        table_from = choice if tables else None
+        refused.append(choice.why)
+    if not own_model:
+        model, choice = find_transferred_model(table_dir, this)
+        model_from = choice if model is not None else None
+        refused.append(choice.why)
+    used = [(what, c) for what, c in (("table", table_from), ("model", model_from)) if c]
+    if used and not own_tables:
+        names = {c.device.name for _, c in used}
+        what = (
+            f"the {' and '.join(w for w, _ in used)} of {names.pop()}"
+            if len(names) == 1
+            else " and ".join(f"the {w} of {c.device.name}" for w, c in used)
+        )
+        warn_once(
+            ("transfer", this.name, what),
+            f"rope-autotune: no tuning table for {this.name} (looked for {file_name}); using "
+            f"{what} ({used[0][1].why}). Tune this device in one command: "
+            f"python -m autotune --device {device}",
+            stacklevel=3,
+        )
+    elif used:
+        logger.info("select_rope on %s: %s", this.name, model.transfer)
+    no_data = not tables and model is None
+    return _DeviceData(tables, model, table_from, refused[0] if no_data and refused else None)
 
 
 def _find_entries(
@@ -371,12 +456,16 @@ def _table_routes(
     timing: str,
     path: Path,
     model: PerfModel | None,
+    note: str | None = None,
 ) -> tuple[dict[int, Route], dict[int, Route]]:
     """Routes per bucket (with a key, without one) from a table's entries for ``spec_key``; with
-    ``model``, also for the power-of-two token counts between the tuned buckets."""
+    ``model``, also for the power-of-two token counts between the tuned buckets. ``note`` (a
+    transferred table's origin) is added to each entry's place in ``why``."""
     entries = table["entries"][timing][spec_key]
     tuned = sorted(int(b) for b in entries)
     match = "exact spec" if spec_key == spec.key else f"nearest spec to {spec.key}"
+    if note:
+        match += f"; {note}"
     unavailable = Availability(device)
     routes: dict[int, Route] = {}
     keyless: dict[int, Route] = {}

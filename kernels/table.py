@@ -11,7 +11,7 @@ and safe writing.
   checked once per run, :class:`OutputDir`; with :func:`existing_ancestor` and
   :func:`unwritable_reason`) and :func:`write_atomically`.
 - Here: the search path (:func:`table_search_path`) and the metadata header
-  (:func:`device_metadata`, :func:`library_versions`).
+  (:func:`device_metadata`: :func:`hardware_metadata`, :func:`library_versions`).
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ __all__ = [
     "device_table_name",
     "empty_table",
     "existing_ancestor",
+    "hardware_metadata",
     "library_versions",
     "merge_into_table",
     "merge_tables",
@@ -163,24 +164,48 @@ def library_versions() -> dict[str, str | None]:
     }
 
 
-def device_metadata(device: torch.device | str) -> dict[str, Any]:
-    """The metadata header for a table measured on ``device``."""
+def _positive(value: Any) -> Any:
+    """``value`` when it is a positive number, else None (a property this driver reports as 0
+    or does not have)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    return value if ok else None
+
+
+def hardware_metadata(device: torch.device | str) -> dict[str, Any]:
+    """What a device is, as a table's metadata records it: ``device_name``,
+    ``compute_capability`` (``"9.0"``; None for a CPU), ``sm_count``, ``l2_cache_bytes`` and
+    ``memory_bandwidth_gb_s`` (the theoretical peak, memory clock times bus width, in 1e9
+    bytes/s); None for what the device or this torch does not report."""
     device = torch.device(device)
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        name, capability, sms = (
-            props.name,
-            f"{props.major}.{props.minor}",
-            props.multi_processor_count,
-        )
-    else:
+    if device.type != "cuda":
         import platform
 
-        name, capability, sms = f"CPU {platform.machine()}", None, None
+        return {
+            "device_name": f"CPU {platform.machine()}",
+            "compute_capability": None,
+            "sm_count": None,
+            "l2_cache_bytes": None,
+            "memory_bandwidth_gb_s": None,
+        }
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = _positive(getattr(props, "memory_clock_rate", None))
+    bus_bits = _positive(getattr(props, "memory_bus_width", None))
+    # Double data rate: two transfers of the bus width per memory clock.
+    bandwidth = None if not (clock_khz and bus_bits) else 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
     return {
-        "device_name": name,
-        "compute_capability": capability,
-        "sm_count": sms,
+        "device_name": props.name,
+        "compute_capability": f"{props.major}.{props.minor}",
+        "sm_count": props.multi_processor_count,
+        "l2_cache_bytes": _positive(getattr(props, "L2_cache_size", None)),
+        "memory_bandwidth_gb_s": None if bandwidth is None else round(bandwidth, 1),
+    }
+
+
+def device_metadata(device: torch.device | str) -> dict[str, Any]:
+    """The metadata header for a table measured on ``device``: :func:`hardware_metadata`,
+    the library versions and the time (UTC)."""
+    return {
+        **hardware_metadata(device),
         "versions": library_versions(),
         "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

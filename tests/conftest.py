@@ -141,6 +141,67 @@ def put_model(directory, data) -> None:
     (directory / name).write_bytes(data if isinstance(data, bytes) else orjson.dumps(data))
 
 
+# -- fabricated GPUs (the transfer rule, tested on the CPU) ----------------------------------------
+
+# Metadata headers of GPUs as kernels.table.hardware_metadata would report them: compute
+# capability and SM count as the vendors publish them, L2 and bandwidth in round figures.
+# Fabricated for the tests; nothing here is a measurement.
+GPUS = {
+    "H200": {"device_name": "NVIDIA H200", "compute_capability": "9.0", "sm_count": 132,
+             "l2_cache_bytes": 60 << 20, "memory_bandwidth_gb_s": 4800.0},
+    "H100": {"device_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
+             "sm_count": 132, "l2_cache_bytes": 50 << 20, "memory_bandwidth_gb_s": 3350.0},
+    "H100 PCIe": {"device_name": "NVIDIA H100 PCIe", "compute_capability": "9.0",
+                  "sm_count": 114, "l2_cache_bytes": 50 << 20, "memory_bandwidth_gb_s": 2000.0},
+    "A100": {"device_name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0",
+             "sm_count": 108, "l2_cache_bytes": 40 << 20, "memory_bandwidth_gb_s": 2040.0},
+    "A10G": {"device_name": "NVIDIA A10G", "compute_capability": "8.6", "sm_count": 80,
+             "l2_cache_bytes": 6 << 20, "memory_bandwidth_gb_s": 600.0},
+    "L40S": {"device_name": "NVIDIA L40S", "compute_capability": "8.9", "sm_count": 142,
+             "l2_cache_bytes": 96 << 20, "memory_bandwidth_gb_s": 864.0},
+    "B200": {"device_name": "NVIDIA B200", "compute_capability": "10.0", "sm_count": 148,
+             "l2_cache_bytes": 126 << 20, "memory_bandwidth_gb_s": 8000.0},
+}  # fmt: skip
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """``fake_gpu(name)`` makes this CPU report the ``GPUS[name]`` metadata (so select_rope on
+    ``"cpu"`` looks for that GPU's table and model, and may transfer); the kernels still run on
+    the CPU. Returns the metadata."""
+
+    def fake(name: str) -> dict:
+        metadata = dict(GPUS[name])
+        monkeypatch.setattr(table_mod, "hardware_metadata", lambda device: dict(metadata))
+        return metadata
+
+    return fake
+
+
+def gpu_metadata(name: str) -> dict:
+    """A table's metadata header for the fabricated ``GPUS[name]``."""
+    return {**GPUS[name], "versions": table_mod.library_versions(), "updated": "2026-01-01"}
+
+
+def put_device_table(directory, name: str, graph: dict) -> Path:
+    """Write the fabricated GPU ``name``'s table (graph entries ``graph``) in ``directory``."""
+    metadata = gpu_metadata(name)
+    table = {"schema_version": table_mod.SCHEMA_VERSION, "metadata": metadata,
+             "entries": {"graph": graph, "eager": {}}}  # fmt: skip
+    path = directory / device_table_name(metadata["device_name"])
+    write_table(path, table)
+    return path
+
+
+def put_device_model(directory, name: str, torch_log_us: float, triton_log_us: float) -> Path:
+    """Write the fabricated GPU ``name``'s model (:func:`perf_model_data`) in ``directory``."""
+    data = perf_model_data(torch_log_us, triton_log_us)
+    data["metadata"] = gpu_metadata(name)
+    path = directory / model_file_name(data["metadata"]["device_name"])
+    path.write_bytes(orjson.dumps(data))
+    return path
+
+
 def case_spec(case) -> RopeSpec:
     """The spec of a test-matrix case (``tests/_reference64.Case``)."""
     return RopeSpec(case.head_size, case.rotary_dim, case.num_heads,
