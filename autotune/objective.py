@@ -20,18 +20,15 @@ import torch
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from kernels import RopeSpec, get_provider
+from kernels.measure import GATE_TOKENS, check_correct, time_rope
 
-from .measure import check_correct, time_rope
 from .space import Candidate, candidate_key, config_key
 from .studies import COUNTED_OUTCOMES, StudyKey, live_trials
 
-__all__ = ["GATE_TOKENS", "SEARCH_REPEATS", "CandidateError", "Objective", "is_transient"]
+__all__ = ["SEARCH_REPEATS", "CandidateError", "Objective", "is_transient"]
 
 logger = logging.getLogger(__name__)
 
-# The correctness gate's token count: odd, and more than the largest token block (64), so a
-# full block and a masked partial block are both checked.
-GATE_TOKENS = 101
 # Timed rounds per measurement in a search (time_rope's own default, for reports, is 50): the
 # median of 10 rounds ranks configs as well as 50 do (benchmarks/NOTES.md), at a fifth of the
 # cost.
@@ -59,7 +56,7 @@ class Objective:
     Attributes:
         device: Where candidates run.
         seed: Seeds the random inputs; None for fresh randomness.
-        time_kwargs: Extra arguments to :func:`autotune.measure.time_rope`; ``repeats``
+        time_kwargs: Extra arguments to :func:`kernels.measure.time_rope`; ``repeats``
             defaults to :data:`SEARCH_REPEATS`.
     """
 
