@@ -177,14 +177,15 @@ def candidates(
     device: torch.device,
     model: PerfModel | None,
     *,
-    model_configs: int = MODEL_CONFIGS,
+    model_configs: int | None = None,
     unavailable: Availability | None = None,
 ) -> list[Candidate]:
     """What first use times for ``spec`` at ``bucket`` tokens on ``device``: every registered
     provider available here that computes the spec with a key (those of :data:`NOT_TIMED_ON`
     left out), in registration order; a tunable one with its default config then the
-    ``model_configs`` configs ``model`` predicts fastest (when the model knows it), without
-    repeats."""
+    ``model_configs`` (default :data:`MODEL_CONFIGS`) configs ``model`` predicts fastest (when
+    the model knows it), without repeats."""
+    model_configs = MODEL_CONFIGS if model_configs is None else model_configs
     unavailable = unavailable or Availability(device)
     skipped = NOT_TIMED_ON.get(device.type, ())
     out: list[Candidate] = []
@@ -220,15 +221,17 @@ class TuneResult:
     Attributes:
         table: A table (this device's metadata) holding the spec's entries in the timing mode,
             one per bucket where a candidate passed; no entries when none did.
-        timed: Candidates timed, over all buckets.
+        timed: Timings taken, over all buckets.
         failed: ``"<provider> <config>: <why>"`` for each candidate rejected, wrong or failing.
         seconds: Host seconds the whole measurement took.
+        phases: Host seconds per phase: ``compile`` (ahead, in parallel), ``gate``, ``time``.
     """
 
     table: dict[str, Any]
     timed: int
-    failed: tuple[str, ...] = field(default=())
+    failed: tuple[str, ...] = ()
     seconds: float = 0.0
+    phases: Mapping[str, float] = field(default_factory=dict)
 
     def entries(self, spec: RopeSpec, timing: str) -> dict[str, Any]:
         """The spec's entries by bucket (empty when nothing passed)."""
@@ -245,65 +248,44 @@ def tune_spec(
     timing: str = "graph",
     model: PerfModel | None = None,
     buckets: Sequence[int] | None = None,
-    model_configs: int = MODEL_CONFIGS,
+    model_configs: int | None = None,
     timer: Timer | None = None,
 ) -> TuneResult:
     """Measure :func:`candidates` for ``spec`` at each of ``buckets`` (default
     :data:`BUCKETS`) on ``device`` and return the winners as a table; writes nothing.
 
-    Every distinct candidate is gated once (fresh random inputs, :data:`GATE_TOKENS` tokens),
-    after one parallel compile of them all; only those that pass are timed, with ``timer``
-    (default :func:`kernels.measure.time_rope`, called as it is, with ``mode=timing``,
-    ``repeats`` and ``min_round_s``). An entry records the fastest median, its p20/p80, and
-    each timed provider's best median (``providers_us``), as the tuner's entries do.
+    Every distinct candidate is built and its Triton kernels compiled in one parallel pass, then
+    gated once (fresh random inputs, :data:`GATE_TOKENS` tokens); only those that pass are
+    timed, with ``timer`` (default :func:`kernels.measure.time_rope`, called with
+    ``mode=timing``, ``repeats=REPEATS`` and ``min_round_s=ROUND_S``). An entry records the
+    fastest median, its p20/p80, and each timed provider's best median (``providers_us``), as
+    the tuner's entries do. ``model_configs`` defaults to :data:`MODEL_CONFIGS`.
     """
     timer = timer if timer is not None else time_rope
     buckets = BUCKETS if buckets is None else tuple(buckets)
+    model_configs = MODEL_CONFIGS if model_configs is None else model_configs
     start = time.perf_counter()
     unavailable = Availability(device)
     per_bucket = {
         b: candidates(spec, b, device, model, model_configs=model_configs, unavailable=unavailable)
         for b in buckets
     }
+    distinct = list({c.key: c for cs in per_bucket.values() for c in cs}.values())
     failed: list[str] = []
-    fns: dict[tuple[str, bytes], RopeFn] = {}
-    for candidate in {c.key: c for cs in per_bucket.values() for c in cs}.values():
-        try:
-            fns[candidate.key] = get_provider(candidate.provider).callable_for(
-                spec, candidate.config
-            )
-        except Exception as exc:  # a config the provider rejects, a build that fails
-            failed.append(_failure(candidate, f"rejected: {exc}"))
+    fns = _build(spec, distinct, failed)
     keyless = {
         name: get_provider(name).unsupported_reason(spec, has_key=False) is None
-        for name in {c.provider for cs in per_bucket.values() for c in cs}
+        for name in {c.provider for c in distinct}
     }
-    jobs = [(fn, spec, keyless[key[0]]) for key, fn in fns.items()]
-    compile_ahead(jobs, device, GATE_TOKENS)
-    passed: set[tuple[str, bytes]] = set()
-    seed = secrets.randbits(62)  # fresh inputs, without touching the process's RNG state
-    for candidate in {c.key: c for cs in per_bucket.values() for c in cs}.values():
-        fn = fns.get(candidate.key)
-        if fn is None:
-            continue
-        try:
-            check_correct(
-                fn, spec, GATE_TOKENS, device, keyless=keyless[candidate.provider], seed=seed
-            )
-        except AssertionError as exc:
-            failed.append(_failure(candidate, f"wrong result: {exc}"))
-        except Exception as exc:  # compile error, launch failure, out of memory
-            failed.append(_failure(candidate, f"error: {type(exc).__name__}: {exc}"))
-        else:
-            passed.add(candidate.key)
-    table = empty_table(device_metadata(device))
+    compile_ahead([(fn, spec, keyless[key[0]]) for key, fn in fns.items()], device, GATE_TOKENS)
+    compiled = time.perf_counter()
+    passed = _gate(spec, device, distinct, fns, keyless, failed)
+    gated = time.perf_counter()
     entries: dict[str, Any] = {}
     timed = 0
     for bucket, cands in per_bucket.items():
         results: list[tuple[Candidate, Timing]] = []
-        for candidate in cands:
-            if candidate.key not in passed:
-                continue
+        for candidate in (c for c in cands if c.key in passed):
             try:
                 result = timer(fns[candidate.key], spec, bucket, device, mode=timing,
                                repeats=REPEATS, min_round_s=ROUND_S)  # fmt: skip
@@ -318,11 +300,57 @@ def tune_spec(
                 failed.append(_failure(candidate, f"no positive time at {bucket}: {result}"))
         if results:
             entries[str(bucket)] = _entry(results)
+    table = empty_table(device_metadata(device))
     if entries:
         table["entries"][timing][spec.key] = entries
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the input buffers go back to the serving stack
-    return TuneResult(table, timed, tuple(failed), time.perf_counter() - start)
+    end = time.perf_counter()
+    phases = {"compile": compiled - start, "gate": gated - compiled, "time": end - gated}
+    return TuneResult(table, timed, tuple(failed), end - start, phases)
+
+
+def _build(
+    spec: RopeSpec, distinct: Sequence[Candidate], failed: list[str]
+) -> dict[tuple[str, bytes], RopeFn]:
+    """Each candidate's callable; a rejected config or failed build goes to ``failed``."""
+    fns = {}
+    for candidate in distinct:
+        provider = get_provider(candidate.provider)
+        try:
+            fns[candidate.key] = provider.callable_for(spec, candidate.config)
+        except Exception as exc:
+            failed.append(_failure(candidate, f"rejected: {exc}"))
+    return fns
+
+
+def _gate(
+    spec: RopeSpec,
+    device: torch.device,
+    distinct: Sequence[Candidate],
+    fns: Mapping[tuple[str, bytes], RopeFn],
+    keyless: Mapping[str, bool],
+    failed: list[str],
+) -> set[tuple[str, bytes]]:
+    """The keys of the candidates that match the float64 reference on fresh random inputs;
+    the others go to ``failed``."""
+    passed = set()
+    seed = secrets.randbits(62)  # fresh inputs, without touching the process's RNG state
+    for candidate in distinct:
+        fn = fns.get(candidate.key)
+        if fn is None:
+            continue
+        try:
+            check_correct(
+                fn, spec, GATE_TOKENS, device, keyless=keyless[candidate.provider], seed=seed
+            )
+        except AssertionError as exc:
+            failed.append(_failure(candidate, f"wrong result: {exc}"))
+        except Exception as exc:  # compile error, launch failure, out of memory
+            failed.append(_failure(candidate, f"error: {type(exc).__name__}: {exc}"))
+        else:
+            passed.add(candidate.key)
+    return passed
 
 
 def _failure(candidate: Candidate, why: str) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FILE, TINY, entry, make_table, perf_model_data, put, put_model
+from conftest import FILE, ROOT, TINY, entry, make_table, perf_model_data, put, put_model
 
 import kernels.table as table_mod
 from kernels import Provider, RopeTableWarning, get_provider, select_rope
@@ -420,3 +422,19 @@ def test_torch_compile_and_the_interpreted_triton_kernel_are_tuned_for_real(dirs
     for tokens in (2, 8):
         _runs_correctly(rope, tokens)
         assert "tuned on first use by this process" in rope.explain(tokens).why
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_on_the_cpu(tmp_path):
+    """benchmarks/first_use.py --cpu-smoke: first use on a tiny spec, its choices re-timed
+    against a stand-in full table, the report and the CSV written."""
+    out, table = tmp_path / "report.txt", tmp_path / "buckets.csv"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, str(ROOT / "benchmarks" / "first_use.py"), "--cpu-smoke",
+               "--out", str(out), "--csv", str(table)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = out.read_text()
+    assert TINY.key in report and "first-use / full tuning over 2 buckets" in report
+    rows = table.read_text().splitlines()
+    assert rows[0].startswith("spec,bucket,") and len(rows) == 3
