@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -438,3 +439,37 @@ def test_the_benchmark_runs_on_the_cpu(tmp_path):
     assert TINY.key in report and "first-use / full tuning over 2 buckets" in report
     rows = table.read_text().splitlines()
     assert rows[0].startswith("spec,bucket,") and len(rows) == 3
+
+
+@pytest.mark.slow
+def test_a_runtime_without_the_tuners_libraries_tunes_on_first_use(tmp_path):
+    """A fresh process where Optuna, scikit-learn, matplotlib and tqdm cannot be imported,
+    switched on by the variable alone, with the default buckets: torch and torch_compile timed
+    at all 17, the table written to the user config directory."""
+    code = textwrap.dedent(f"""
+        import sys
+
+        for name in ("optuna", "sklearn", "matplotlib", "tqdm"):
+            sys.modules[name] = None  # as if not installed: importing it raises ImportError
+        import warnings
+        import torch
+        from kernels import select_rope
+        from kernels.table import read_table, user_config_dir
+        warnings.simplefilter("ignore")
+        rope = select_rope(*{ARGS!r}, "cpu")
+        why = rope.explain(100).why
+        assert "tuned on first use by this process" in why, why
+        table = read_table(next(user_config_dir().glob("*.json")))
+        entries = table["entries"]["graph"][{TINY.key!r}]
+        print(sorted({{p for e in entries.values() for p in e["providers_us"]}}))
+        print(sorted(map(int, entries)))
+    """).replace("torch.float32", "'float32'")
+    env = {k: v for k, v in os.environ.items() if k not in (table_mod.CONFIG_DIR_ENV,
+                                                          "TRITON_INTERPRET")}  # fmt: skip
+    env.update({"PYTHONPATH": str(ROOT), "XDG_CONFIG_HOME": str(tmp_path / "config"),
+                fu.TUNE_ENV: "first-use"})  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    timed, buckets = done.stdout.split("\n")[-3:-1]
+    assert timed == str(["torch", "torch_compile"]) and buckets == str(list(fu.BUCKETS))
