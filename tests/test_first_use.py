@@ -173,10 +173,10 @@ def test_candidates_are_the_default_and_the_models_best_configs_without_repeats(
         if triton.check_config(TINY, config) not in expected:
             expected.append(triton.check_config(TINY, config))
     assert len(expected) >= 3  # the model brings configs of its own
-    assert [c.provider for c in got] == ["torch", "torch_compile"] + [TRITON] * len(expected)
+    assert sorted(c.provider for c in got if c.provider != TRITON) == ["torch", "torch_compile"]
     assert [dict(c.config) for c in got if c.provider == TRITON] == expected
     without_model = fu.candidates(TINY, 64, torch.device("cpu"), None)
-    assert [c.provider for c in without_model] == ["torch", "torch_compile", TRITON]
+    assert sorted(c.provider for c in without_model) == ["torch", "torch_compile", TRITON]
 
 
 def test_the_buckets_are_the_tuners_default_buckets():
