@@ -11,17 +11,13 @@ from typing import Any
 import torch
 
 from kernels import RopeSpec, get_provider
+from kernels.measure import GATE_TOKENS, check_correct
 from kernels.providers import RopeFn
 
-from .measure import check_correct
 from .outcome import Outcome, TrialOutcome
 from .space import config_key
 
-__all__ = ["GATE_TOKENS", "CorrectnessGate", "failure_of"]
-
-# The gate's token count: odd, and more than the largest token block (64), so a full block and a
-# masked partial block are both checked.
-GATE_TOKENS = 101
+__all__ = ["CorrectnessGate", "failure_of"]
 
 
 def failure_of(exc: BaseException, device: torch.device) -> TrialOutcome:
@@ -34,7 +30,7 @@ def failure_of(exc: BaseException, device: torch.device) -> TrialOutcome:
 
 @dataclass
 class CorrectnessGate:
-    """Checks candidates against the float64 reference (:func:`autotune.measure.check_correct`
+    """Checks candidates against the float64 reference (:func:`kernels.measure.check_correct`
     on :data:`GATE_TOKENS` tokens, key-less calls too where the provider takes them), each
     (spec, provider, config) once: a config shared by several buckets compiles and is checked
     once.

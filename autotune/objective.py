@@ -20,9 +20,9 @@ import torch
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from kernels import get_provider
+from kernels.measure import time_rope
 
 from .gate import CorrectnessGate, failure_of
-from .measure import time_rope
 from .outcome import Outcome, TrialOutcome
 from .space import Candidate, candidate_key
 from .studies import StudyKey, is_counted, live_trials
@@ -49,7 +49,7 @@ class Objective:
     Attributes:
         device: Where candidates run.
         seed: Seeds the random inputs; None for fresh randomness.
-        time_kwargs: Extra arguments to :func:`autotune.measure.time_rope`; ``repeats``
+        time_kwargs: Extra arguments to :func:`kernels.measure.time_rope`; ``repeats``
             defaults to :data:`SEARCH_REPEATS`.
     """
 

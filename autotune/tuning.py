@@ -106,7 +106,7 @@ def tune(
         seed: Seeds the samplers and the random inputs; None for fresh randomness.
         progress: Show a progress bar with ETA.
         callbacks: Extra Optuna trial callbacks, called after each trial.
-        time_kwargs: Extra arguments to :func:`autotune.measure.time_rope` (e.g. fewer
+        time_kwargs: Extra arguments to :func:`kernels.measure.time_rope` (e.g. fewer
             ``repeats`` for a quick run).
         devices: Run one worker process per device instead (``["cuda:0", "cuda:1"]``, or
             ``["cpu", "cpu"]``); all of one device type, since they fill one table. Not with

@@ -4,7 +4,7 @@ line is :mod:`autotune.verify_cli`.)
 After a driver, torch, Triton, FlashInfer or vLLM upgrade a table's winners may no longer win.
 Each entry's winner and runner-up (the next fastest provider in ``providers_us``; one that cannot
 run here is skipped and counted) go through the float64 correctness gate on fresh random inputs
-(key-less too where the provider takes key-less calls), then :func:`autotune.measure.time_rope`
+(key-less too where the provider takes key-less calls), then :func:`kernels.measure.time_rope`
 in the entry's timing mode; :attr:`Check.problems` judges. :func:`fix_table` re-tunes the
 buckets that are not right and merges them into the table.
 """
@@ -24,6 +24,8 @@ import orjson
 import torch
 
 from kernels import RopeSpec, get_provider
+from kernels.compile_ahead import compile_ahead
+from kernels.measure import GATE_TOKENS, Timing, time_rope
 from kernels.providers import RopeFn
 from kernels.table import (
     TableEntry,
@@ -34,9 +36,7 @@ from kernels.table import (
     table_search_path,
 )
 
-from .compile_ahead import compile_ahead
-from .gate import GATE_TOKENS, CorrectnessGate
-from .measure import Timing, time_rope
+from .gate import CorrectnessGate
 from .space import config_key
 from .tuning import tune
 
@@ -167,7 +167,7 @@ class Verifier:
 
     Attributes:
         device: Where contenders run.
-        time_kwargs: ``repeats`` and ``min_round_s`` for :func:`autotune.measure.time_rope`.
+        time_kwargs: ``repeats`` and ``min_round_s`` for :func:`kernels.measure.time_rope`.
         phases: Host seconds spent so far: ``gate``, and time_rope's ``inputs``, ``warmup``
             and ``measure``.
     """
@@ -184,7 +184,7 @@ class Verifier:
 
     def compile_ahead(self, checks: Sequence[Check]) -> None:
         """Compile the Triton kernels that ``checks`` will gate and time, on a pool of threads
-        (:func:`autotune.compile_ahead.compile_ahead`): on a cold cache compiling is most of
+        (:func:`kernels.compile_ahead.compile_ahead`): on a cold cache compiling is most of
         a run, and one at a time it leaves the host's other cores idle."""
         jobs: dict[tuple, tuple[RopeFn, RopeSpec, bool]] = {}
         for check in checks:

@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from autotune.measure import make_inputs
 from kernels import RopeSpec, get_provider, list_providers
+from kernels.measure import make_inputs
 from kernels.providers import launch_hooks_active, launch_rope
 
 

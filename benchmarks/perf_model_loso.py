@@ -100,7 +100,7 @@ def summary(name: str, ratios: list[float]) -> str:
 def measure(listing: str, device: str, out: str, repeats: int, index: int, count: int) -> int:
     """Time each (spec, tokens, provider, config) of ``listing`` on ``device``; ``out`` is
     rewritten after each one, so a run stopped by a time limit keeps what it measured."""
-    from autotune.measure import check_correct, time_rope
+    from kernels.measure import check_correct, time_rope
 
     rows = []
     with open(listing, newline="") as f:

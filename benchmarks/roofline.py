@@ -26,9 +26,9 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from autotune.measure import check_correct, copy_bandwidth, time_rope
 from autotune.models import MODEL_PRESETS
 from kernels import RopeSpec, get_provider, list_providers
+from kernels.measure import check_correct, copy_bandwidth, time_rope
 from kernels.providers import TritonGeometry
 from kernels.table import library_versions
 

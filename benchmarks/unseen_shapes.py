@@ -2,7 +2,7 @@
 the bucket grid, against FlashInfer and vLLM, side by side in one run.
 
 Every call is checked against the float64 reference first, then timed by CUDA-graph replay over
-rotating inputs larger than the L2 (``autotune.measure.time_rope``); q and k are column views of
+rotating inputs larger than the L2 (``kernels.measure.time_rope``); q and k are column views of
 a fused qkv tensor, as a serving stack hands them over. Columns: ``select_rope`` with the
 shipped table only (what a user gets out of the box), the performance model's own pick bound
 directly (the model that ``select_rope`` reads: ``configs/<device>.model.json``, else the one
@@ -40,8 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from autotune.measure import check_correct, time_rope
 from kernels import RopeSpec, get_provider, select_rope
+from kernels.measure import check_correct, time_rope
 from kernels.perf_model import PerfModel, find_model, find_transferred_model, model_file_name
 from kernels.table import device_table_name, hardware_metadata, shipped_config_dir
 from kernels.transfer import DeviceTraits

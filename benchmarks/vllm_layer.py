@@ -8,7 +8,7 @@ same inputs (q and k column slices of a fused qkv tensor, random positions):
   difference) and both against a float64 reference on the layer's cache (within the dtype's
   tolerance or FAIL);
 - times of ``forward_cuda`` (vLLM's CUDA op vs the override's selector): CUDA graph replay and
-  eager back-to-back calls (median, microseconds; ``autotune.measure.time_rope``);
+  eager back-to-back calls (median, microseconds; ``kernels.measure.time_rope``);
 - under ``torch.compile`` (Inductor, ``fullgraph=True``): vLLM's ``forward_native`` (what vLLM
   compiles when custom ops are off, its default with Inductor) against the override (custom op
   ``+rotary_embedding``), graph replay, and the number of graphs Dynamo has compiled for the
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from autotune.measure import make_inputs, time_rope
 from kernels import RopeSpec, get_provider
 from kernels.integrations.vllm import selector_for
+from kernels.measure import make_inputs, time_rope
 from kernels.table import library_versions
 from kernels.testing import assert_rope_close, rope_reference
 

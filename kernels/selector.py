@@ -20,6 +20,9 @@ Lookup, first match wins (:mod:`kernels._lookup`):
    on CUDA), else the reference provider (``torch``, on the CPU), with one warning naming the
    command that tunes this device (:mod:`kernels._routes`).
 
+With tuning on first use on (``tune="first-use"`` or ``$ROPE_AUTOTUNE_TUNE``), a spec without an
+exact entry is measured before step 3 and its entries persisted (:mod:`kernels.first_use`).
+
 Per call, the arguments' metadata is checked against the spec, then the token count picks the
 bucket nearest in log scale (boundaries at the geometric midpoints between the table's buckets)
 and runs that bucket's provider, built at selection time (:mod:`kernels._routes`).
@@ -27,6 +30,7 @@ and runs that bucket's provider, built at selection time (:mod:`kernels._routes`
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from bisect import bisect_left
@@ -37,7 +41,7 @@ from typing import Any
 
 import torch
 
-from . import _custom_op
+from . import _custom_op, first_use
 from ._checks import call_checker, check_spec_args
 from ._lookup import (
     device_traits,
@@ -127,6 +131,7 @@ class RopeSelector:
         "buckets",
         "debug",
         "device",
+        "first_use",
         "source",
         "spec",
         "spec_key",
@@ -145,8 +150,10 @@ class RopeSelector:
         spec_key: str | None,
         *,
         debug: bool = False,
+        first_use: str | None = None,
     ) -> None:
         self.spec, self.device, self.timing, self.debug = spec, device, timing, debug
+        self.first_use = first_use
         self.buckets, self.source, self.spec_key = buckets, source, spec_key
         self._routes, self._keyless_routes = routes, keyless_routes
         # The hot path's only data: the check, boundaries and callables, in tuples.
@@ -203,7 +210,7 @@ class RopeSelector:
             bucket=self.buckets[index],
             source=self.source,
             spec_key=self.spec_key,
-            why=route.why,
+            why=route.why if self.first_use is None else f"{route.why}; {self.first_use}",
         )
 
     def check(
@@ -256,6 +263,7 @@ def select_rope(
     table_dir: str | Path | None = None,
     transfer: bool | None = None,
     debug: bool = False,
+    tune: str | None = None,
 ) -> RopeSelector:
     """Return the RoPE callable tuned for this spec on ``device``.
 
@@ -279,14 +287,21 @@ def select_rope(
         debug: Also check on every call that each position indexes a row of the cache: reads
             the positions, so a host-device sync per call (and no CUDA graph capture). For
             finding a bad caller, not for serving.
+        tune: ``"first-use"``: when the tables have no entry for this exact spec (in
+            ``timing``'s entries), measure a few candidates per token bucket now and write the
+            winners to the user table directory (``table_dir``'s table when given), so the next
+            process starts tuned (:mod:`kernels.first_use`; seconds per spec on a GPU, skipped
+            inside CUDA graph capture and ``torch.compile`` tracing). ``"off"``: never. None:
+            as ``$ROPE_AUTOTUNE_TUNE`` says (off when unset).
 
     Returns:
         A :class:`RopeSelector`: ``rope(positions, query, key, cos_sin_cache)`` rotates in place;
         ``rope.explain(num_tokens)`` says what runs and why.
 
     Raises:
-        ValueError, TypeError: a bad spec, timing, device, or a forced provider/config that cannot
-            run here. A bad or missing table never raises: it warns and falls back.
+        ValueError, TypeError: a bad spec, timing, device, ``tune``, or a forced provider/config
+            that cannot run here. A bad or missing table, or a failed tuning, never raises: it
+            warns and falls back.
         KeyError: ``provider`` names no registered provider.
     """
     spec = RopeSpec(head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype)
@@ -295,6 +310,7 @@ def select_rope(
     device = normalize_device(device)
     if config is not None and provider is None:
         raise ValueError("config: a forced config needs provider= too")
+    tuning = first_use.tune_mode(tune)
 
     if provider is not None:
         buckets, routes, keyless = forced_routes(spec, device, provider, config)
@@ -306,6 +322,16 @@ def select_rope(
     data = _device_data(table_dir, this, device, file_name, tables, transfer_enabled(transfer))
     tables, model = data.tables, data.model
     found = _find_entries(tables, spec, timing, nearest=model is None)
+    note = None
+    if tuning is not None:
+        if found is not None and found[2] == spec.key and data.table_from is None:
+            note = "first-use tuning not needed: the table has this spec"
+        else:  # no exact entry of this device's own (another device's may stand in)
+            tuned, note = _first_use(spec, device, timing, table_dir, file_name, model)
+            tuned_found = _find_entries(tuned, spec, timing, nearest=False)
+            if tuned_found is not None:
+                data = dataclasses.replace(data, tables=tuned, table_from=None)
+                tables, found = tuned, tuned_found
     unavailable = Availability(device)
     if found is not None:
         path, table, spec_key, used = found
@@ -325,6 +351,7 @@ def select_rope(
             path,
             spec_key,
             debug=debug,
+            first_use=note,
         )
     elif model is not None:
         why = f"no {timing} entry for {spec.key} in {data.looked_in(file_name)}"
@@ -338,7 +365,7 @@ def select_rope(
         )
         selector = RopeSelector(
             spec, device, timing, FALLBACK_BUCKETS, tuple(routes), tuple(keyless),
-            model.source, None, debug=debug,
+            model.source, None, debug=debug, first_use=note,
         )  # fmt: skip
     else:
         fallback = fallback_description(device)
@@ -356,8 +383,9 @@ def select_rope(
         routes = tuple(fallback_route(spec, device, b, True, why) for b in buckets)
         keyless = tuple(fallback_route(spec, device, b, False, why) for b in buckets)
         selector = RopeSelector(
-            spec, device, timing, buckets, routes, keyless, None, None, debug=debug
-        )
+            spec, device, timing, buckets, routes, keyless, None, None, debug=debug,
+            first_use=note,
+        )  # fmt: skip
     logger.debug("select_rope %s on %s: %s", spec.key, device, selector)
     return selector
 
@@ -431,6 +459,30 @@ def _device_data(
         logger.info("select_rope on %s: %s", this.name, model.transfer)
     no_data = not tables and model is None
     return _DeviceData(tables, model, table_from, refused[0] if no_data and refused else None)
+
+
+def _first_use(
+    spec: RopeSpec,
+    device: torch.device,
+    timing: str,
+    table_dir: str | Path | None,
+    file_name: str,
+    model: PerfModel | None,
+) -> tuple[list[tuple[Path, dict]], str]:
+    """Tune ``spec`` on first use (:func:`kernels.first_use.tune_on_first_use`), then the tables
+    to select from (read again; a tuning that could not be written comes first) and the note
+    for ``explain()``."""
+    paths = table_files(table_dir, file_name)
+
+    def tuned_already() -> bool:
+        return _find_entries(read_tables(paths), spec, timing, nearest=False) is not None
+
+    target = first_use.target_path(table_dir, file_name)
+    done = first_use.tune_on_first_use(spec, device, timing, target, model, tuned_already)
+    tables = read_tables(paths)
+    if done.unwritten is not None:
+        tables.insert(0, (target, done.unwritten))
+    return tables, done.note
 
 
 def _find_entries(

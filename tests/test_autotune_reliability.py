@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import CPU_TABLE, QUICK, TINY, perf_model_data, put_model
 
-from autotune import measure, open_storage, tune
+from autotune import open_storage, tune
 from autotune.studies import is_counted
 from autotune.warm_start import WARM_START_CONFIGS
-from kernels import get_provider
+from kernels import get_provider, measure
 from kernels.perf_model import PerfModel, model_file_name
 from kernels.providers import Provider
 from kernels.table import device_metadata, read_table

@@ -18,7 +18,6 @@ from conftest import CPU_TABLE, TINY, TINY_GPTJ, entry
 
 from autotune import gate, verify
 from autotune.cli import main
-from autotune.measure import Timing
 from autotune.verify import (
     BEATEN_MARGIN,
     SLOWER_MARGIN,
@@ -28,6 +27,7 @@ from autotune.verify import (
     plan_checks,
 )
 from kernels import get_provider
+from kernels.measure import Timing
 from kernels.providers._torch import TorchProvider
 from kernels.table import device_metadata, empty_table, read_table, write_table
 

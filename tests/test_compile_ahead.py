@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import TINY, TINY_GPTJ
 
-from autotune.compile_ahead import compile_ahead, default_compile_threads
-from autotune.measure import check_correct
+from kernels.compile_ahead import compile_ahead, default_compile_threads
+from kernels.measure import check_correct
 from kernels.providers._triton import default_triton_config
 from kernels.providers._triton_kernel import rope_kernel
 from kernels.providers._triton_launch import TritonLauncher

@@ -18,7 +18,7 @@ Each call gets ``T = batch_size * seq_len`` tokens: positions ``[T]`` int64, q a
 ``[T, H*D]`` strided column views of one fused ``[T, (Hq + 2*Hk)*D]`` qkv tensor, a float32
 ``[8192, rotary_dim]`` cos/sin cache. Timing is CUDA graph replay by default (``--timing
 eager``: back-to-back calls, host launch cost included), rotating input sets larger than the L2,
-median and p20/p80 over rounds (:func:`autotune.measure.time_rope`). A token count reached by
+median and p20/p80 over rounds (:func:`kernels.measure.time_rope`). A token count reached by
 several (batch, sequence) pairs is measured once and reported on each pair's row.
 
 The floor of a call is :meth:`kernels.RopeSpec.bytes_moved` (rotated part of every q and k head

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from autotune.measure import check_correct, copy_bandwidth, time_rope
 from kernels import RopeSpec, get_provider, list_providers, select_rope
+from kernels.measure import check_correct, copy_bandwidth, time_rope
 from kernels.providers import RopeFn
 from kernels.table import device_metadata, library_versions, read_table, spec_entries
 
@@ -272,11 +272,11 @@ def run_bench(
     """Check and time RoPE providers over a grid of specs, batch sizes and sequence lengths.
 
     Each call gets ``num_tokens = batch_size * seq_len`` tokens: positions ``[T]`` and q/k as
-    ``[T, H*D]`` strided views of a fused qkv tensor (:func:`autotune.measure.make_inputs`), so
+    ``[T, H*D]`` strided views of a fused qkv tensor (:func:`kernels.measure.make_inputs`), so
     every provider rotates tokens as tokens. A token count reached by several (batch, sequence)
     pairs is measured once and reported on each pair's row. Per spec, token count and provider:
-    the float64 correctness gate on fresh inputs (:func:`autotune.measure.check_correct`), then
-    :func:`autotune.measure.time_rope`. A provider that fails the gate or raises is skipped at
+    the float64 correctness gate on fresh inputs (:func:`kernels.measure.check_correct`), then
+    :func:`kernels.measure.time_rope`. A provider that fails the gate or raises is skipped at
     that point with the reason, never timed.
 
     Args:

@@ -17,9 +17,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import vllm_layer as vl  # noqa: E402
 
-from autotune.measure import make_inputs  # noqa: E402
 from kernels import RopeSpec  # noqa: E402
 from kernels.integrations import vllm as plugin  # noqa: E402
+from kernels.measure import make_inputs  # noqa: E402
 
 
 def describe(name: str, t: torch.Tensor | None) -> str:

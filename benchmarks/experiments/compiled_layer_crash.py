@@ -17,7 +17,7 @@ VARIANT = r"""
 import sys, torch
 sys.path.insert(0, {root!r}); sys.path.insert(0, {root!r} + "/benchmarks")
 import vllm_layer as vl
-from autotune.measure import time_rope, make_inputs
+from kernels.measure import time_rope, make_inputs
 import dataclasses
 from kernels import RopeSpec, get_provider, register_provider
 mode, fast, tokens_list, compiled, fused = {mode!r}, {fast!r}, {tokens!r}, {compiled!r}, {fused!r}

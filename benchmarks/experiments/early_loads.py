@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from unseen_shapes import Case, cases, geomean, selector_for, smoke_cases, write_csv
 
-from autotune.measure import check_correct, time_rope
+from kernels.measure import check_correct, time_rope
 from kernels.providers import TritonLauncher
 
 

@@ -32,13 +32,12 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from autotune._device import resolve_device
-from autotune.gate import GATE_TOKENS
-from autotune.measure import check_correct, time_rope
 from autotune.objective import Objective
 from autotune.runner import StudyRunner
 from autotune.space import CandidateSpace
 from autotune.tuning import DEFAULT_TRIALS
 from kernels import RopeSpec, get_provider
+from kernels.measure import GATE_TOKENS, check_correct, time_rope
 from kernels.table import device_metadata
 
 DEFAULT_SPECS = (

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from unseen_shapes import cases, geomean, selector_for
 
-from autotune.measure import check_correct, time_rope
 from kernels import RopeSpec, get_provider
+from kernels.measure import check_correct, time_rope
 from kernels.providers import TritonGeometry
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from autotune.compile_ahead import compile_ahead
-from autotune.measure import check_correct, time_rope
 from kernels import get_provider
+from kernels.compile_ahead import compile_ahead
+from kernels.measure import check_correct, time_rope
 from kernels.perf_model import PerfModel, model_file_name
 from kernels.table import shipped_config_dir
 

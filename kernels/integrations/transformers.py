@@ -317,7 +317,9 @@ def patch_model(
         model: A transformers ``PreTrainedModel`` (or any module holding one).
         timing: The table entries to follow; ``"eager"`` (default: transformers runs eagerly)
             or ``"graph"``.
-        table_dir, provider, config: Passed to :func:`kernels.select_rope`.
+        table_dir, provider, config: Passed to :func:`kernels.select_rope`
+            (``ROPE_AUTOTUNE_TUNE=first-use`` in the environment tunes a spec the tables lack
+            when its selector is built, at the first forward: :mod:`kernels.first_use`).
 
     Returns:
         A :class:`RopePatch`: ``.remove()`` undoes the patch; ``.calls`` counts the RoPE calls

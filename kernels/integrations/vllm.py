@@ -12,7 +12,9 @@ The override's ``forward_cuda`` converts the layer's cache exactly as vLLM's doe
 ``query`` and ``key`` (or only ``query`` when ``key`` is None) in place with the selector for
 the call's spec, and returns ``(query, key)``. Selectors are built on first use, one per spec
 (head size, rotary dim, heads read from the tensors, style, dtype, device) and shared by every
-layer with that spec. Inside ``torch.compile`` the call is one opaque op,
+layer with that spec. With ``ROPE_AUTOTUNE_TUNE=first-use`` in the environment, a spec the
+tables lack is tuned then, in vLLM's warm-up run, and persisted for the next start
+(:mod:`kernels.first_use`). Inside ``torch.compile`` the call is one opaque op,
 ``torch.ops.rope_autotune.vllm_rotary_embedding``, with vLLM's rotary op's signature and a fake
 implementation, so the graph does not break.
 

@@ -1,5 +1,9 @@
 """Correctness gate and timing for one RoPE callable on one spec and token count.
 
+The one measurement of the project: the tuner (``autotune``), ``verify``, the benchmarks and
+tuning on first use (:mod:`kernels.first_use`) all gate and time through it. It needs torch
+alone.
+
 Inputs imitate a serving stack: q and k are column slices of a fused ``[T, (Hq + 2*Hk) * D]``
 qkv tensor (the layout vLLM hands to its rotary op), positions are random in a
 ``max_position``-row cache, and nothing is zero. Timing never builds or clones inputs inside
@@ -15,11 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import RopeSpec, cos_sin_cache
-from kernels.providers import RopeFn
-from kernels.testing import assert_rope_close, rope_reference
+from ._cos_sin_cache import cos_sin_cache
+from ._spec import RopeSpec
+from .providers import RopeFn
+from .testing import assert_rope_close, rope_reference
 
 __all__ = [
+    "GATE_TOKENS",
+    "MAX_POSITION",
     "RopeInputs",
     "Timing",
     "check_correct",
@@ -28,7 +35,11 @@ __all__ = [
     "time_rope",
 ]
 
+# Rows of the cos/sin cache the inputs index (positions are random below it).
 MAX_POSITION = 8192
+# The correctness gate's token count: odd, and more than the largest token block (64), so a
+# full block and a masked partial block are both checked.
+GATE_TOKENS = 101
 # Input sets are rotated until they cover this many times the L2, so each call reads HBM.
 _L2_COVER = 3
 _MAX_SETS = 64

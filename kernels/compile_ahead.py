@@ -5,7 +5,8 @@ threads overlap. Inside ``triton.AsyncCompileMode`` a callable's ``compile_for``
 provider's launcher has one) hands its compile to the mode's executor, and Triton's in-memory
 kernel cache holds the result when the mode ends: the first real call on inputs of the same
 layout finds its kernel ready. Worth it where the kernels to run are known before the first
-runs and compiling dominates, as in ``python -m autotune verify`` on a cold cache.
+runs and compiling dominates, as in ``python -m autotune verify`` on a cold cache and in
+tuning on first use (:mod:`kernels.first_use`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import triton
 
-from kernels import RopeSpec
-from kernels.providers import RopeFn
-
+from ._spec import RopeSpec
 from .measure import make_inputs
+from .providers import RopeFn
 
 __all__ = ["compile_ahead", "default_compile_threads"]
 
@@ -40,7 +40,7 @@ def compile_ahead(
     threads: int | None = None,
 ) -> int:
     """Compile the kernels each ``(fn, spec, keyless)`` job's calls will run on ``spec``'s
-    inputs of ``num_tokens`` tokens (:func:`autotune.measure.make_inputs`' layout), with a key
+    inputs of ``num_tokens`` tokens (:func:`kernels.measure.make_inputs`' layout), with a key
     and, where ``keyless``, without; on ``threads`` threads (default
     :func:`default_compile_threads`).
 
