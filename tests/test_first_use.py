@@ -19,7 +19,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FILE, ROOT, TINY, entry, make_table, perf_model_data, put, put_model
+from conftest import (
+    FILE,
+    GPUS,
+    ROOT,
+    TINY,
+    entry,
+    make_table,
+    perf_model_data,
+    put,
+    put_device_table,
+    put_model,
+)
 
 import kernels.table as table_mod
 from kernels import Provider, RopeTableWarning, get_provider, select_rope
@@ -27,7 +38,7 @@ from kernels import first_use as fu
 from kernels.measure import Timing, make_inputs
 from kernels.providers import TRITON
 from kernels.providers._torch import TorchProvider
-from kernels.table import read_table
+from kernels.table import device_table_name, read_table
 from kernels.testing import assert_rope_close, rope_reference
 
 # TINY as select_rope's arguments.
@@ -473,3 +484,16 @@ def test_a_runtime_without_the_tuners_libraries_tunes_on_first_use(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     timed, buckets = done.stdout.split("\n")[-3:-1]
     assert timed == str(["torch", "torch_compile"]) and buckets == str(list(fu.BUCKETS))
+
+
+def test_another_devices_exact_entry_does_not_stop_first_use(dirs, timings, fake_gpu):
+    fake_gpu("H100")  # no table of its own; the H200's has this very spec
+    put_device_table(dirs["shipped"], "H200", {TINY.key: {"4": entry("torch", median=2.0)}})
+    with pytest.warns(RopeTableWarning, match="table of NVIDIA H200"):
+        rope = select_rope(*ARGS, "cpu", tune="first-use")
+    assert sorted(tokens for _, tokens in timings) == list(QUICK_BUCKETS)
+    own = dirs["user"] / device_table_name(GPUS["H100"]["device_name"])
+    assert sorted(map(int, read_table(own)["entries"]["graph"][TINY.key])) == list(QUICK_BUCKETS)
+    explained = rope.explain(4)
+    assert explained.source == own
+    assert "transferred" not in explained.why
