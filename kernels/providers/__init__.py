@@ -16,6 +16,7 @@ from . import (
     _triton,  # noqa: F401
     _triton_mrope,  # noqa: F401
     _vllm,  # noqa: F401
+    _vllm_mrope,  # noqa: F401
 )
 from ._base import (
     MROPE,
