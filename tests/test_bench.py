@@ -306,7 +306,7 @@ def test_rotary_dim_any_even_value_up_to_head_size(rotary_dim):
         (("--save-path", "{file}/out"), "--save-path: {file}/out is under a file"),
         (("--save-path", ""), "--save-path: expected a directory, got an empty string"),
         (("--model-config", "{config}"), "model_config: head_dim: expected a positive integer"),
-        (("--model-config", "{mrope}"), "mRoPE is not supported yet"),
+        (("--model-config", "{mrope}"), "mrope_section: expected three non-negative integers"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(flags, message, tmp_path, monkeypatch, capsys):
