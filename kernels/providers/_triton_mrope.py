@@ -32,8 +32,9 @@ class MropeLauncher(TritonLauncher):
     with the RoPE launcher's grid, constexprs and fast path (:class:`TritonLauncher`).
 
     Per call it adds the spec's stream map on the call's device (made on the first call there:
-    make that call outside CUDA graph capture), the positions' stride between streams, and
-    whether they are ``[3, T]`` or text-only ``[T]`` (a constexpr, in the fast path's key).
+    make that call outside CUDA graph capture), the positions' stride between streams (never
+    specialized on), and whether they are ``[3, T]`` or text-only ``[T]`` (a constexpr, in the
+    fast path's key).
 
     Raises:
         ValueError: ``spec`` is not an mRoPE spec.
@@ -69,7 +70,7 @@ class MropeLauncher(TritonLauncher):
                 k_heads, streams, positions.dtype, cos_sin_cache.dtype, query.device.index,
                 positions.data_ptr() % 16 == 0, query.data_ptr() % 16 == 0,
                 k.data_ptr() % 16 == 0, cos_sin_cache.data_ptr() % 16 == 0,
-                *[(v == 1, v % 16 == 0, v < 2**31) for v in ints],
+                *[(v == 1, v % 16 == 0, v < 2**31) for v in ints[1:]],  # not pos_stride_s
             )  # fmt: skip
             entry = self.compiled.get(specialization)
             if entry is not None:

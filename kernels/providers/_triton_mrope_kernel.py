@@ -19,8 +19,10 @@ from ._triton_kernel import _rotate_block
 __all__ = ["mrope_kernel"]
 
 
-# num_tokens changes every call: specializing on it (== 1, % 16) would only multiply compiles.
-@triton.jit(do_not_specialize=["num_tokens"])
+# num_tokens changes every call, and so does the positions' stride between streams when they
+# are a [3, T] tensor of their own: specializing on them (== 1, % 16) would only multiply
+# compiles (a position is loaded once per token, alignment buys nothing).
+@triton.jit(do_not_specialize=["num_tokens", "pos_stride_s"])
 def mrope_kernel(
     pos_ptr,
     q_ptr,
