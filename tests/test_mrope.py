@@ -485,3 +485,10 @@ def test_table_validates_mrope_entries(dirs):
 
 def test_tolerances_cover_every_dtype():
     assert {s.dtype for s in SPECS} <= set(TOLERANCES)
+
+
+def test_bench_refuses_mrope_specs():
+    from autotune.bench import run_bench
+
+    with pytest.raises(ValueError, match=r"multimodal \(mRoPE\).*benchmarks/mrope.py"):
+        run_bench([SPECS[0]], [1], [1], "cpu")
