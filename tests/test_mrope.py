@@ -492,3 +492,57 @@ def test_bench_refuses_mrope_specs():
 
     with pytest.raises(ValueError, match=r"multimodal \(mRoPE\).*benchmarks/mrope.py"):
         run_bench([SPECS[0]], [1], [1], "cpu")
+
+
+# -- on a GPU (pytest -m gpu) --------------------------------------------------------------------
+
+# The shapes benchmarks/mrope.py times, and a partial-rotary GPT-J one in every dtype.
+GPU_SPECS = [
+    RopeSpec(128, 128, 28, 4, True, torch.bfloat16, (16, 24, 24)),  # Qwen2.5-VL 7B
+    RopeSpec(128, 128, 32, 8, True, torch.float16, (24, 20, 20), True),  # Qwen3-VL 8B
+    RopeSpec(128, 128, 12, 2, False, torch.bfloat16, (16, 24, 24)),  # Qwen2-VL 2B, GPT-J
+    RopeSpec(256, 64, 16, 2, False, torch.float32, (11, 11, 10), True),  # partial rotary
+]
+GPU_CONFIGS = [
+    None,
+    {"block_t": 4, "block_h": 4, "head_split": 2, "num_warps": 4, "num_stages": 2},
+    {"block_t": 1, "block_h": 32, "head_split": 1, "num_warps": 8, "num_stages": 1},
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", GPU_SPECS, ids=spec_id)
+@pytest.mark.parametrize("name", ["torch", TRITON_MROPE, "vllm_mrope"])
+def test_providers_gpu(name, spec):
+    from autotune.measure import check_correct, time_rope
+
+    provider = get_provider(name)
+    reason = provider.unavailable_reason("cuda:0") or provider.unsupported_reason(spec)
+    if reason is not None:
+        pytest.skip(f"{name}: {reason}")
+    configs = GPU_CONFIGS if provider.tunable else [None]
+    for config in configs:
+        if config is not None and provider.config_problems(spec, config):
+            continue
+        fn = provider.callable_for(spec, config)
+        # Fresh inputs at 101 tokens ([3, T] sliced, text-only [T], key-less): twice, so the
+        # second call takes the fast launch path where there is one.
+        for _ in range(2):
+            check_correct(fn, spec, 101, "cuda:0", keyless=provider.supports(spec, has_key=False))
+        # Captured in a CUDA graph (the stream map exists by then) and replayed.
+        time_rope(fn, spec, 257, "cuda:0", repeats=2, min_round_s=0.0)
+
+
+@pytest.mark.gpu
+def test_selector_gpu_runs_triton_mrope_untuned(tmp_path):
+    spec = GPU_SPECS[1]
+    with pytest.warns(RopeTableWarning, match="no tuning table entry"):
+        rope = select_rope(
+            spec.head_size, spec.rotary_dim, spec.num_heads, spec.num_kv_heads, spec.is_neox,
+            spec.dtype, "cuda:0", mrope_section=spec.mrope_section,
+            mrope_interleaved=spec.mrope_interleaved, table_dir=tmp_path,
+        )  # fmt: skip
+    assert rope.explain(16).provider == TRITON_MROPE
+    from autotune.measure import check_correct
+
+    check_correct(rope, spec, 101, "cuda:0")
