@@ -21,6 +21,7 @@ from .cli_args import (
     dtype_list,
     even_int,
     logging_from_args,
+    mrope_section,
     positive_int,
     provider_list,
     seed,
@@ -121,6 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="rope style of the explicit spec or --model-config, e.g. "
         "--no-is-neox-style for GPT-J style (default: NeoX, or the "
         "model's own)",
+    )
+    shapes.add_argument(
+        "--mrope-section",
+        type=mrope_section,
+        metavar="T,H,W",
+        help="explicit spec: multimodal RoPE (Qwen2-VL family), the rotary frequencies taking "
+        "their angle from the time, height and width positions, summing to --rotary-dim / 2, "
+        "e.g. --mrope-section 16,24,24",
+    )
+    shapes.add_argument(
+        "--mrope-interleaved",
+        action="store_true",
+        help="with --mrope-section: the sections interleave THWTHW... (Qwen3-VL), e.g. "
+        "--mrope-section 24,20,20 --mrope-interleaved",
     )
     shapes.add_argument(
         "--dtype",
@@ -230,7 +245,7 @@ def _list_models() -> str:
     for preset in MODEL_PRESETS.values():
         style = "neox" if preset.is_neox else "gptj"
         lines.append(
-            f"{preset.name:<14} head {preset.head_size:>3}, rotary {preset.rotary_dim:>3}, "
+            f"{preset.name:<16} head {preset.head_size:>3}, rotary {preset.rotary_dim:>3}, "
             f"heads {preset.num_heads:>3}/{preset.num_kv_heads:<3} {style:<4} "
             f"TP {','.join(map(str, preset.tp_sizes)):<8} {preset.description}"
         )

@@ -47,6 +47,7 @@ __all__ = [
     "dtype_list",
     "even_int",
     "logging_from_args",
+    "mrope_section",
     "positive_int",
     "positive_int_list",
     "provider_list",
@@ -92,6 +93,21 @@ def positive_int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"expected positive integers like 1,4, got {text!r}"
         ) from None
+
+
+def mrope_section(text: str) -> tuple[int, int, int]:
+    """``"16,24,24"`` -> a multimodal RoPE section: three non-negative integers (time, height,
+    width frequencies)."""
+    items = text.split(",")
+    try:
+        values = tuple(int(item) for item in items)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected three non-negative integers like 16,24,24, got {text!r}"
+        )
+    return values
 
 
 def token_list(text: str) -> list[int]:
@@ -265,9 +281,11 @@ def specs_from_args(
 
     Reads ``model``, ``model_config``, ``tensor_parallel_size``, ``head_size``, ``rotary_dim``,
     ``num_heads`` and ``num_kv_heads`` (each an int or a list of ints), ``is_neox_style`` and
-    ``dtype`` (a list, or None) from ``args``; a missing ``--num-kv-heads`` is ``--num-heads``,
-    one value applies to every ``--num-heads`` value, and a missing ``--is-neox-style`` is NeoX
-    (the model config's own for ``--model-config``).
+    ``dtype`` (a list, or None) from ``args``, and where the command has them
+    ``mrope_section`` and ``mrope_interleaved`` (the explicit spec's multimodal layout); a
+    missing ``--num-kv-heads`` is ``--num-heads``, one value applies to every ``--num-heads``
+    value, and a missing ``--is-neox-style`` is NeoX (the model config's own for
+    ``--model-config``).
 
     Without ``grid`` (the tuner), presets, model configs and an explicit spec (both
     ``--head-size`` and ``--num-heads``) combine, ``--tensor-parallel-size`` splits the heads of
@@ -297,6 +315,11 @@ def specs_from_args(
         explicit, tp = not has_models, tp or 1
     if args.is_neox_style is not None and not (explicit or args.model_config):
         raise ValueError("--is-neox-style: applies to an explicit spec or --model-config")
+    section = getattr(args, "mrope_section", None)
+    if getattr(args, "mrope_interleaved", False) and section is None:
+        raise ValueError("--mrope-interleaved: needs --mrope-section")
+    if section is not None and not explicit:
+        raise ValueError("--mrope-section: applies to an explicit spec")
     specs = model_specs(
         args.model or (),
         args.model_config or (),
@@ -343,11 +366,24 @@ def _explicit_specs(args: argparse.Namespace, base: SpecGrid, tp: int) -> list[R
             raise ValueError(f"--num-kv-heads: expected a divisor of --num-heads {h}, got {k}")
     pairs = [shard_heads(h, k, tp) for h, k in zip(heads, kv, strict=True)]
     is_neox = True if args.is_neox_style is None else args.is_neox_style
-    return [
-        RopeSpec(head_size, rotary_dim, h, k, is_neox, dtype)
-        for dtype in args.dtype or [torch.bfloat16]
-        for h, k in pairs
-    ]
+    section = getattr(args, "mrope_section", None)
+    layout = {
+        "mrope_section": section,
+        "mrope_interleaved": bool(getattr(args, "mrope_interleaved", False)),
+    }
+    if section is not None and sum(section) != rotary_dim // 2:
+        raise ValueError(
+            f"--mrope-section: expected sections summing to --rotary-dim / 2 = "
+            f"{rotary_dim // 2}, got {','.join(map(str, section))}"
+        )
+    try:
+        return [
+            RopeSpec(head_size, rotary_dim, h, k, is_neox, dtype, **layout)
+            for dtype in args.dtype or [torch.bfloat16]
+            for h, k in pairs
+        ]
+    except ValueError as exc:  # a layout the interleaved rule cannot place
+        raise ValueError(f"--mrope-section: {str(exc).removeprefix('mrope_section: ')}") from None
 
 
 def _default_space(

@@ -4,6 +4,10 @@ A model's attention layer becomes one :class:`~kernels.RopeSpec` per tensor-para
 dtype. Tensor parallelism splits query heads evenly and key heads the way vLLM does: each GPU
 holds ``max(1, num_kv_heads // tp)`` key heads (a kv head is replicated when there are fewer kv
 heads than GPUs).
+
+The presets are of two kinds, kept apart so that they can be tuned and reported apart: plain
+RoPE (text models) and multimodal RoPE (vision-language models with ``mrope_section``:
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL); :func:`default_specs` takes either or both.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import torch
 
 from kernels import RopeSpec, parse_dtype
+from kernels.providers import MROPE, ROPE
 
 __all__ = [
     "CPU_DEFAULT_MODELS",
@@ -25,6 +30,7 @@ __all__ = [
     "DEFAULT_TOKENS",
     "MAX_TOKENS",
     "MODEL_PRESETS",
+    "MROPE_MODELS",
     "ModelPreset",
     "default_specs",
     "get_preset",
@@ -62,6 +68,9 @@ class ModelPreset:
         num_kv_heads: Key heads of the whole model.
         is_neox: NeoX style (True) or GPT-J style (False).
         tp_sizes: Tensor-parallel sizes tuned by default.
+        mrope_section: Multimodal RoPE's frequencies per position stream (time, height,
+            width); None for plain RoPE.
+        mrope_interleaved: The sections interleave ``THWTHW...`` (Qwen3-VL).
     """
 
     name: str
@@ -72,6 +81,13 @@ class ModelPreset:
     num_kv_heads: int
     is_neox: bool = True
     tp_sizes: tuple[int, ...] = (1,)
+    mrope_section: tuple[int, int, int] | None = None
+    mrope_interleaved: bool = False
+
+    @property
+    def layout(self) -> str:
+        """``"mrope"`` for a multimodal preset, else ``"rope"``."""
+        return ROPE if self.mrope_section is None else MROPE
 
     def specs(
         self,
@@ -84,11 +100,20 @@ class ModelPreset:
             ValueError: a tensor-parallel size does not divide the query heads.
         """
         specs = []
+        layout = {"mrope_section": self.mrope_section, "mrope_interleaved": self.mrope_interleaved}
         for tp in self.tp_sizes if tp_sizes is None else tp_sizes:
             heads, kv_heads = shard_heads(self.num_heads, self.num_kv_heads, tp)
             for dtype in dtypes:
                 specs.append(
-                    RopeSpec(self.head_size, self.rotary_dim, heads, kv_heads, self.is_neox, dtype)
+                    RopeSpec(
+                        self.head_size,
+                        self.rotary_dim,
+                        heads,
+                        kv_heads,
+                        self.is_neox,
+                        dtype,
+                        **layout,
+                    )
                 )
         return specs
 
@@ -140,7 +165,36 @@ _PRESETS = (
         is_neox=False,
     ),
 )
-MODEL_PRESETS: dict[str, ModelPreset] = {preset.name: preset for preset in _PRESETS}
+# Vision-language models (mRoPE): head counts of their language model, at the tensor-parallel
+# sizes they are served at.
+_QWEN_VL_CHUNKED = (16, 24, 24)  # Qwen2-VL and Qwen2.5-VL: T, H, W in contiguous chunks
+_QWEN3_VL_INTERLEAVED = (24, 20, 20)  # Qwen3-VL: THWTHW..., the time stream taking the rest
+_MROPE_PRESETS = (
+    ModelPreset("qwen2-vl-2b", "Qwen2-VL 2B (mRoPE 16/24/24)", 128, 128, 12, 2,
+                mrope_section=_QWEN_VL_CHUNKED),
+    ModelPreset("qwen2-vl-7b", "Qwen2-VL 7B (mRoPE 16/24/24)", 128, 128, 28, 4, tp_sizes=(1, 2),
+                mrope_section=_QWEN_VL_CHUNKED),
+    ModelPreset("qwen2.5-vl-3b", "Qwen2.5-VL 3B (mRoPE 16/24/24)", 128, 128, 16, 2,
+                mrope_section=_QWEN_VL_CHUNKED),
+    ModelPreset("qwen2.5-vl-7b", "Qwen2.5-VL 7B (mRoPE 16/24/24)", 128, 128, 28, 4,
+                tp_sizes=(1, 2), mrope_section=_QWEN_VL_CHUNKED),
+    ModelPreset("qwen2.5-vl-32b", "Qwen2.5-VL 32B (mRoPE 16/24/24)", 128, 128, 40, 8,
+                tp_sizes=(1, 2, 4), mrope_section=_QWEN_VL_CHUNKED),
+    ModelPreset("qwen2.5-vl-72b", "Qwen2.5-VL 72B (also Qwen2-VL 72B; mRoPE 16/24/24)", 128, 128,
+                64, 8, tp_sizes=(2, 4, 8), mrope_section=_QWEN_VL_CHUNKED),
+    ModelPreset("qwen3-vl-8b", "Qwen3-VL 8B (interleaved mRoPE 24/20/20)", 128, 128, 32, 8,
+                tp_sizes=(1, 2), mrope_section=_QWEN3_VL_INTERLEAVED, mrope_interleaved=True),
+    ModelPreset("qwen3-vl-32b", "Qwen3-VL 32B (interleaved mRoPE 24/20/20)", 128, 128, 64, 8,
+                tp_sizes=(1, 2, 4), mrope_section=_QWEN3_VL_INTERLEAVED, mrope_interleaved=True),
+    ModelPreset("qwen3-vl-30b-a3b", "Qwen3-VL 30B-A3B MoE (interleaved mRoPE 24/20/20)", 128, 128,
+                32, 4, tp_sizes=(1, 2, 4), mrope_section=_QWEN3_VL_INTERLEAVED,
+                mrope_interleaved=True),
+)  # fmt: skip
+MODEL_PRESETS: dict[str, ModelPreset] = {
+    preset.name: preset for preset in (*_PRESETS, *_MROPE_PRESETS)
+}
+# The multimodal (mRoPE) presets' names, e.g. for ``--model`` to tune them alone.
+MROPE_MODELS: tuple[str, ...] = tuple(p.name for p in _MROPE_PRESETS)
 
 
 def get_preset(name: str) -> ModelPreset:
@@ -204,12 +258,30 @@ def unique_specs(specs: Iterable[RopeSpec]) -> list[RopeSpec]:
     return list(dict.fromkeys(specs))
 
 
-def default_specs(device: torch.device | str) -> list[RopeSpec]:
-    """The default shape space: every preset on a GPU; a few models in bfloat16 on the CPU."""
+def default_specs(
+    device: torch.device | str, layouts: Iterable[str] = (ROPE, MROPE)
+) -> list[RopeSpec]:
+    """The default shape space: every preset on a GPU; a few text models in bfloat16 on the CPU.
+
+    Args:
+        layouts: The kinds of preset to include: ``"rope"`` (text models) and/or ``"mrope"``
+            (vision-language models); plain RoPE specs come first.
+
+    Raises:
+        ValueError: an unknown layout.
+    """
+    layouts = tuple(layouts)
+    unknown = sorted(set(layouts) - {ROPE, MROPE})
+    if unknown:
+        raise ValueError(f"layouts: expected {ROPE!r} and/or {MROPE!r}, got {unknown}")
     if torch.device(device).type == "cpu":
         presets = [MODEL_PRESETS[name] for name in CPU_DEFAULT_MODELS]
-        return unique_specs(s for p in presets for s in p.specs((torch.bfloat16,), (1,)))
-    return unique_specs(s for p in _PRESETS for s in p.specs())
+        return unique_specs(
+            s for p in presets if p.layout in layouts for s in p.specs((torch.bfloat16,), (1,))
+        )
+    return unique_specs(
+        s for p in (*_PRESETS, *_MROPE_PRESETS) if p.layout in layouts for s in p.specs()
+    )
 
 
 def parse_tokens(text: str | Sequence[int]) -> list[int]:
@@ -299,20 +371,34 @@ def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
     }
 
 
-def _check_plain_rope(config: Mapping[str, Any]) -> None:
-    """Refuse multimodal RoPE (Qwen2-VL family): positions are 3-D, sections of each head
-    rotated by a different position."""
+def _mrope_layout(config: Mapping[str, Any]) -> tuple[tuple[int, int, int], bool] | None:
+    """The multimodal RoPE layout (``mrope_section``, ``mrope_interleaved``) of a config's
+    ``rope_scaling`` or ``rope_parameters`` (Qwen2-VL family), or None for plain RoPE.
+
+    Raises:
+        ValueError: ``mrope_section`` is not three non-negative integers.
+    """
     for field in ("rope_scaling", "rope_parameters"):
         params = config.get(field)
         if not isinstance(params, Mapping):
             continue
         # rope_parameters may hold one dict per attention type (full, sliding).
         nested = [params, *(v for v in params.values() if isinstance(v, Mapping))]
-        if any("mrope_section" in p for p in nested):
-            raise ValueError(
-                f"model_config: {field} has mrope_section (multimodal RoPE, Qwen2-VL family): "
-                "mRoPE is not supported yet"
-            )
+        for p in nested:
+            if "mrope_section" not in p:
+                continue
+            section = p["mrope_section"]
+            if (
+                not isinstance(section, (list, tuple))
+                or len(section) != 3
+                or any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in section)
+            ):
+                raise ValueError(
+                    f"model_config: {field}.mrope_section: expected three non-negative integers "
+                    f"(time, height, width), got {section!r}"
+                )
+            return tuple(section), bool(p.get("mrope_interleaved", False))
+    return None
 
 
 def spec_from_hf_config(
@@ -338,14 +424,18 @@ def spec_from_hf_config(
         is_neox: Rope style; default from ``model_type`` (GPT-J style for GPT-J, CodeGen,
             ChatGLM and DeepSeek-V2/V3, NeoX style otherwise).
 
+    A multimodal RoPE model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) gets an mRoPE spec: its
+    ``rope_scaling`` or ``rope_parameters`` (at the top level or in ``text_config``) gives
+    ``mrope_section`` and ``mrope_interleaved``.
+
     Raises:
         ValueError: a field is missing, not a positive integer (a list, ``127.5``, ``0``), or
-            inconsistent, the message naming it; or the model uses mRoPE (``mrope_section``),
-            which is not supported yet.
+            inconsistent, the message naming it (``mrope_section`` too: three non-negative
+            integers summing to half the rotary dim).
     """
-    _check_plain_rope(config)
+    layout = _mrope_layout(config)
     config = _text_config(config)
-    _check_plain_rope(config)
+    layout = layout or _mrope_layout(config)
     model_type = str(config.get("model_type", "")).lower()
     name, num_heads = _first(config, "num_attention_heads", "n_head", "num_heads")
     if num_heads is None:
@@ -373,7 +463,16 @@ def spec_from_hf_config(
     if is_neox is None:
         is_neox = model_type not in _GPTJ_STYLE_MODEL_TYPES
     heads, kv_heads = shard_heads(num_heads, num_kv_heads, tensor_parallel_size)
-    return RopeSpec(head_size, rotary_dim, heads, kv_heads, is_neox, parse_dtype(dtype))
+    section, interleaved = layout or (None, False)
+    try:
+        return RopeSpec(
+            head_size, rotary_dim, heads, kv_heads, is_neox, parse_dtype(dtype),
+            mrope_section=section, mrope_interleaved=interleaved,
+        )  # fmt: skip
+    except ValueError as exc:
+        if section is None:
+            raise
+        raise ValueError(f"model_config: {exc}") from None
 
 
 def _rotary_dim(config: Mapping[str, Any], head_size: int) -> int:

@@ -106,6 +106,8 @@ def measurements_from_storage(
 
     A study started from another holds copies of its trials; copies and repeats of one
     (spec, bucket, provider, config) become one row with the median of the distinct timings.
+    Multimodal (mRoPE) specs are left out: the features do not describe their layout, so
+    their rows would read as slower plain-RoPE calls (the selector uses no model for them).
 
     Returns:
         The rows sorted by (spec, tokens, provider, config), and the newest study metadata
@@ -122,6 +124,8 @@ def measurements_from_storage(
         if key is None or key.timing != timing or key.stale():
             continue
         if device_name is not None and key.device_name != device_name:
+            continue
+        if key.spec.is_mrope:
             continue
         meta = attrs.get("metadata") or {}
         if meta.get("updated", "") >= metadata.get("updated", ""):

@@ -10,7 +10,7 @@ carries ``__rope_autotune__ = True`` so that callers can tell them apart.
 
 from ._cos_sin_cache import cos_sin_cache
 from ._lookup import nearest_spec_key
-from ._spec import DTYPE_NAMES, RopeSpec, parse_dtype
+from ._spec import DTYPE_NAMES, RopeSpec, mrope_stream_map, parse_dtype
 from .providers import (
     Provider,
     ProviderStatus,
@@ -36,6 +36,7 @@ __all__ = [
     "cos_sin_cache",
     "get_provider",
     "list_providers",
+    "mrope_stream_map",
     "nearest_spec_key",
     "parse_dtype",
     "provider_names",

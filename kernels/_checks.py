@@ -93,11 +93,19 @@ def check_rope_args(
     head_size: int,
     is_neox: bool,
     expected: RopeSpec | None = None,
+    *,
+    mrope_section: tuple[int, int, int] | None = None,
+    mrope_interleaved: bool = False,
 ) -> tuple[RopeSpec, Layout, Layout | None]:
     """Validate one RoPE call against the contract and return its spec and layouts.
 
     With ``expected``, the query's dtype and the head counts must be its own, checked as soon
-    as each is read (so a query with too few heads is named, not the key it no longer fits).
+    as each is read (so a query with too few heads is named, not the key it no longer fits);
+    its multimodal layout, if any, replaces ``mrope_section`` and ``mrope_interleaved``.
+
+    A multimodal (mRoPE) call takes positions ``[3, T]`` (time, height and width streams; the
+    last dimension contiguous, any stride between streams, as a slice of a longer buffer is)
+    or ``[T]`` (text only: all three streams equal), never ``[B, S]``.
 
     Raises:
         TypeError: a dtype or argument type is wrong.
@@ -128,9 +136,14 @@ def check_rope_args(
         if t is not None and t.device != device:
             raise ValueError(f"{name}: expected the query's device {device}, got {t.device}")
 
-    if positions.dim() not in (1, 2):
+    if expected is not None:
+        mrope_section, mrope_interleaved = expected.mrope_section, expected.mrope_interleaved
+    if mrope_section is not None:
+        num_tokens = _mrope_positions_tokens(positions)
+    elif positions.dim() not in (1, 2):
         raise ValueError(f"positions: expected [T] or [B, S], got shape {tuple(positions.shape)}")
-    num_tokens = positions.numel()
+    else:
+        num_tokens = positions.numel()
     q_layout = qk_layout("query", query, head_size, num_tokens)
     if q_layout[0] != num_tokens:
         raise ValueError(
@@ -140,7 +153,7 @@ def check_rope_args(
     if expected is not None and q_layout[1] != expected.num_heads:
         raise ValueError(f"query: expected {expected.num_heads} heads, got {q_layout[1]}")
     # Kernels (ours, vLLM's, FlashInfer's) read positions as a dense [T] array.
-    if not positions.is_contiguous():
+    if mrope_section is None and not positions.is_contiguous():
         raise ValueError(
             f"positions: expected a contiguous tensor, got shape {tuple(positions.shape)} with "
             f"strides {positions.stride()}"
@@ -181,8 +194,31 @@ def check_rope_args(
         num_kv_heads=k_layout[1] if k_layout is not None else q_layout[1],
         is_neox=is_neox,
         dtype=query.dtype,
+        mrope_section=mrope_section,
+        mrope_interleaved=mrope_interleaved,
     )
     return spec, q_layout, k_layout
+
+
+def _mrope_positions_tokens(positions: torch.Tensor) -> int:
+    """The token count of a multimodal call's positions (``[3, T]`` or ``[T]``), after checking
+    their shape and strides."""
+    shape = tuple(positions.shape)
+    if positions.dim() == 1:
+        tokens = shape[0]
+    elif positions.dim() == 2 and shape[0] == 3:
+        tokens = shape[1]
+    else:
+        raise ValueError(
+            f"positions: expected [3, T] (time, height, width) or [T] (text only) for mRoPE, "
+            f"got shape {shape}"
+        )
+    if tokens > 1 and positions.stride(-1) != 1:
+        raise ValueError(
+            f"positions: expected a contiguous last dimension, got shape {shape} with strides "
+            f"{positions.stride()}"
+        )
+    return tokens
 
 
 def check_spec_args(
@@ -300,6 +336,8 @@ def call_checker(spec: RopeSpec, device: torch.device, *, debug: bool = False) -
         check_spec_args(spec, device, positions, query, key, cos_sin_cache)
         return positions.numel()
 
+    if spec.is_mrope:
+        check = _mrope_checker(spec, device, cache_ok, passed_cache)
     if not debug:
         return check
 
@@ -309,3 +347,53 @@ def call_checker(spec: RopeSpec, device: torch.device, *, debug: bool = False) -
         return num_tokens
 
     return check_debug
+
+
+def _mrope_checker(
+    spec: RopeSpec,
+    device: torch.device,
+    cache_ok: Callable[[torch.Tensor], bool],
+    passed_cache: list,
+) -> CallCheck:
+    """:func:`call_checker`'s per-call check for a multimodal spec: positions ``[3, T]`` (a
+    slice of a longer buffer too) or ``[T]``; the token count is their last dimension. Shares
+    the plain check's memo of the last cache that passed (``cache_ok``, ``passed_cache``)."""
+    dtype = spec.dtype
+    q_width, k_width = spec.num_heads * spec.head_size, spec.num_kv_heads * spec.head_size
+    on_cpu = device.type == "cpu"
+    device_index = device.index if device.type == "cuda" else -1 if on_cpu else None
+
+    def check(positions, query, key, cos_sin_cache) -> int:
+        try:
+            num_tokens = positions.shape[-1]
+            if (
+                positions.dtype in _POSITION_DTYPES
+                and (positions.dim() == 1 or (positions.dim() == 2 and positions.shape[0] == 3))
+                and (num_tokens <= 1 or positions.stride(-1) == 1)
+                and positions.get_device() == device_index
+                and query.dtype is dtype
+                and query.get_device() == device_index
+                and query.shape == (num_tokens, q_width)
+                and query.stride()[1] == 1
+                and (
+                    key is None
+                    or (
+                        key.dtype is dtype
+                        and key.get_device() == device_index
+                        and key.shape == (num_tokens, k_width)
+                        and key.stride()[1] == 1
+                    )
+                )
+                and (cos_sin_cache is passed_cache[0] or cache_ok(cos_sin_cache))
+                and (
+                    not on_cpu
+                    or (query.is_cpu and positions.is_cpu and (key is None or key.is_cpu))
+                )
+            ):
+                return num_tokens
+        except (AttributeError, IndexError):  # not a tensor, or 0-d positions: the full check
+            pass
+        check_spec_args(spec, device, positions, query, key, cos_sin_cache)
+        return positions.shape[-1]
+
+    return check

@@ -216,8 +216,9 @@ def _spec_distance(a: RopeSpec, b: RopeSpec) -> float:
 def nearest_spec_key(spec: RopeSpec, keys: Iterable[str]) -> str | None:
     """The table spec closest to ``spec``, or None.
 
-    Candidates share ``spec``'s head size, rotary dim, style and element size (what decides the
-    kernel's memory traffic and inner loop: bf16 and fp16 are interchangeable); among them the
+    Candidates share ``spec``'s head size, rotary dim, style, element size (what decides the
+    kernel's memory traffic and inner loop: bf16 and fp16 are interchangeable) and multimodal
+    layout (its stream map, or none); among them the
     one with the smallest ``|log(Hq/Hq')| + |log(Hk/Hk')|`` wins (head counts differing by the
     same factor are equally near), then the one of ``spec``'s own dtype, then the smaller key
     (why: ``docs/DESIGN.md#nearest-spec-rule``).
@@ -233,7 +234,7 @@ def nearest_spec_key(spec: RopeSpec, keys: Iterable[str]) -> str | None:
             spec.rotary_dim,
             spec.is_neox,
             spec.dtype.itemsize,
-        ):
+        ) or other.mrope_streams != spec.mrope_streams:
             continue
         candidate = (_spec_distance(spec, other), other.dtype != spec.dtype, key)
         if best is None or candidate < best:

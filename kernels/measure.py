@@ -6,8 +6,9 @@ alone.
 
 Inputs imitate a serving stack: q and k are column slices of a fused ``[T, (Hq + 2*Hk) * D]``
 qkv tensor (the layout vLLM hands to its rotary op), positions are random in a
-``max_position``-row cache, and nothing is zero. Timing never builds or clones inputs inside
-the timed region.
+``max_position``-row cache, and nothing is zero. An mRoPE spec's positions are ``[3, T]``, a
+column slice of a longer buffer as vLLM's ``mrope_positions`` are. Timing never builds or
+clones inputs inside the timed region.
 """
 
 from __future__ import annotations
@@ -80,18 +81,26 @@ def make_inputs(
     with_key: bool = True,
     generator: torch.Generator | None = None,
     cache: torch.Tensor | None = None,
+    text_only: bool = False,
 ) -> RopeInputs:
     """Random inputs for one call, q and k as strided views of a fused qkv tensor (``key`` None
-    without ``with_key``), a float32 cos/sin cache unless ``cache`` is given."""
+    without ``with_key``), a float32 cos/sin cache unless ``cache`` is given.
+
+    An mRoPE spec's positions are ``[3, T]`` (three independent streams, a column slice of a
+    ``[3, T + 1]`` buffer), or ``[T]`` with ``text_only``."""
     device = torch.device(device)
     q_width = spec.num_heads * spec.head_size
     kv_width = spec.num_kv_heads * spec.head_size
     qkv = torch.randn(
         num_tokens, q_width + 2 * kv_width, generator=generator, device=device, dtype=torch.float32
     ).to(spec.dtype)
+    streams = 3 if spec.is_mrope and not text_only else 1
     positions = torch.randint(
-        0, MAX_POSITION, (num_tokens,), generator=generator, device=device, dtype=torch.int64
-    )
+        0, MAX_POSITION, (streams, num_tokens + (streams > 1)), generator=generator,
+        device=device, dtype=torch.int64,
+    )[:, :num_tokens]  # fmt: skip
+    if streams == 1:
+        positions = positions[0].contiguous()
     if cache is None:
         cache = cos_sin_cache(MAX_POSITION, spec.rotary_dim, dtype=torch.float32, device=device)
     query = qkv[:, :q_width]
@@ -109,7 +118,8 @@ def check_correct(
     seed: int | None = None,
 ) -> None:
     """Run ``fn`` on fresh random inputs, with a key and (with ``keyless``, for providers that
-    take calls without one) without, and compare with the float64 reference.
+    take calls without one) without, and compare with the float64 reference. An mRoPE spec is
+    also checked with text-only ``[T]`` positions (with a key).
 
     Also checks that everything outside the rotated slices (head tails, the v columns) is
     bit-identical.
@@ -124,11 +134,17 @@ def check_correct(
     for with_key in (True, False) if keyless else (True,):
         inputs = make_inputs(spec, num_tokens, device, with_key=with_key, generator=gen)
         _check_once(fn, spec, inputs)
+    if spec.is_mrope:
+        inputs = make_inputs(spec, num_tokens, device, generator=gen, text_only=True)
+        _check_once(fn, spec, inputs)
 
 
 def _check_once(fn: RopeFn, spec: RopeSpec, inputs: RopeInputs) -> None:
     before = inputs.qkv.clone()
-    expected_q, expected_k = rope_reference(*inputs.args, spec.head_size, spec.is_neox)
+    expected_q, expected_k = rope_reference(
+        *inputs.args, spec.head_size, spec.is_neox,
+        mrope_section=spec.mrope_section, mrope_interleaved=spec.mrope_interleaved,
+    )  # fmt: skip
     fn(*inputs.args)
     if inputs.qkv.device.type == "cuda":
         torch.cuda.synchronize(inputs.qkv.device)

@@ -174,7 +174,8 @@ class RopeSelector:
 
         Args:
             positions: int64 or int32, ``[T]`` or ``[B, S]``, contiguous, on the spec's device;
-                each below ``cos_sin_cache.shape[0]`` (checked only in debug mode).
+                each below ``cos_sin_cache.shape[0]`` (checked only in debug mode). For an mRoPE
+                spec ``[3, T]`` (last dimension contiguous) or ``[T]`` (text only).
             query: ``[T, Hq*D]``, ``[T, Hq, D]``, ``[B, S, Hq*D]`` or ``[B, S, Hq, D]`` in the
                 spec's dtype; strided views allowed, last dimension contiguous.
             key: The same with ``Hk`` heads, or None.
@@ -241,11 +242,16 @@ class RopeSelector:
 
 def _tune_command(spec: RopeSpec, device: torch.device) -> str:
     style = "--is-neox-style" if spec.is_neox else "--no-is-neox-style"
-    return (
+    command = (
         f"python -m autotune --device {device} --head-size {spec.head_size} "
         f"--rotary-dim {spec.rotary_dim} --num-heads {spec.num_heads} "
         f"--num-kv-heads {spec.num_kv_heads} {style} --dtype {spec.dtype_name}"
     )
+    if spec.mrope_section is not None:
+        command += " --mrope-section " + ",".join(str(s) for s in spec.mrope_section)
+        if spec.mrope_interleaved:
+            command += " --mrope-interleaved"
+    return command
 
 
 def select_rope(
@@ -264,6 +270,8 @@ def select_rope(
     transfer: bool | None = None,
     debug: bool = False,
     tune: str | None = None,
+    mrope_section: tuple[int, int, int] | None = None,
+    mrope_interleaved: bool = False,
 ) -> RopeSelector:
     """Return the RoPE callable tuned for this spec on ``device``.
 
@@ -293,6 +301,12 @@ def select_rope(
             process starts tuned (:mod:`kernels.first_use`; seconds per spec on a GPU, skipped
             inside CUDA graph capture and ``torch.compile`` tracing). ``"off"``: never. None:
             as ``$ROPE_AUTOTUNE_TUNE`` says (off when unset).
+        mrope_section: Multimodal RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): how many of the
+            ``rotary_dim // 2`` frequencies take their angle from the time, height and width
+            position streams, e.g. ``(16, 24, 24)``; calls then pass positions ``[3, T]`` (or
+            ``[T]``, text only). None for plain RoPE.
+        mrope_interleaved: The sections interleave ``THWTHW...`` (Qwen3-VL) instead of lying
+            in contiguous chunks (:func:`kernels.mrope_stream_map`).
 
     Returns:
         A :class:`RopeSelector`: ``rope(positions, query, key, cos_sin_cache)`` rotates in place;
@@ -304,7 +318,10 @@ def select_rope(
             warns and falls back.
         KeyError: ``provider`` names no registered provider.
     """
-    spec = RopeSpec(head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype)
+    spec = RopeSpec(
+        head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype,
+        mrope_section=mrope_section, mrope_interleaved=mrope_interleaved,
+    )  # fmt: skip
     if timing not in TIMING_MODES:
         raise ValueError(f"timing: expected one of {TIMING_MODES}, got {timing!r}")
     device = normalize_device(device)
@@ -321,6 +338,11 @@ def select_rope(
     tables = read_tables(table_files(table_dir, file_name))  # warns naming select_rope's caller
     data = _device_data(table_dir, this, device, file_name, tables, transfer_enabled(transfer))
     tables, model = data.tables, data.model
+    if spec.is_mrope:
+        # The model's features do not describe a multimodal layout (its cos/sin reads): mRoPE
+        # specs follow their table entries, the nearest tuned mRoPE spec, or the fallback.
+        data = dataclasses.replace(data, model=None)
+        model = None
     found = _find_entries(tables, spec, timing, nearest=model is None)
     note = None
     if tuning is not None:

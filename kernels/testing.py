@@ -28,18 +28,37 @@ def rope_reference(
     cos_sin_cache: torch.Tensor,
     head_size: int,
     is_neox: bool,
+    *,
+    mrope_section: tuple[int, int, int] | None = None,
+    mrope_interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Out-of-place float64 RoPE: returns ``(query, key)`` as float64 ``[T, H, head_size]``.
 
     Inputs are left untouched. The cache's values are used as given (upcast), so the only error
     a provider may add is its own arithmetic and final rounding.
+
+    With ``mrope_section`` (multimodal RoPE), frequency ``j`` of token ``t`` takes its angle
+    from the cache row ``positions[stream(j), t]``, ``stream`` being the layout's map
+    (:attr:`kernels.RopeSpec.mrope_streams`); ``[T]`` positions stand for all three streams.
     """
-    spec, _, _ = check_rope_args(positions, query, key, cos_sin_cache, head_size, is_neox)
-    num_tokens = positions.numel()
-    pos = positions.reshape(-1).long()
+    spec, _, _ = check_rope_args(
+        positions, query, key, cos_sin_cache, head_size, is_neox,
+        mrope_section=mrope_section, mrope_interleaved=mrope_interleaved,
+    )  # fmt: skip
     half = spec.rotary_dim // 2
-    cache = cos_sin_cache.double()[pos]
-    cos, sin = cache[:, None, :half], cache[:, None, half:]
+    if spec.is_mrope:
+        num_tokens = positions.shape[-1]
+        streams = positions.long().reshape(-1, num_tokens).expand(3, num_tokens)
+        stream_of = torch.tensor(spec.mrope_streams, device=positions.device)
+    else:
+        num_tokens = positions.numel()
+        streams = positions.reshape(1, -1).long()
+        stream_of = torch.zeros(half, dtype=torch.long, device=positions.device)
+    # [T, half]: the position each frequency of each token takes its angle from.
+    pos = streams[stream_of].T
+    freq = torch.arange(half, device=positions.device)
+    cache = cos_sin_cache.double()
+    cos, sin = cache[pos, freq][:, None, :], cache[pos, freq + half][:, None, :]
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(num_tokens, -1, head_size).double().clone()

@@ -294,9 +294,9 @@ def bad_inputs(tmp_path, read_only_dir):
             "positive integer",
         ),
         "config-mrope": (
-            ["--model-config", str(FIXTURES / "hf_qwen2_vl_7b.json")],
+            ["--model-config", write_config(tmp_path / "f", rope_scaling={"mrope_section": [8]})],
             "mrope_section",
-            "mRoPE is not supported yet",
+            "three non-negative integers",
         ),
     }
 
@@ -311,7 +311,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_one_line_before_tuning(case, tmp_path, read_only_dir, no_tuning, capsys):
-    for sub in "abcde":
+    for sub in "abcdef":
         (tmp_path / sub).mkdir()
     flags, names, reason = bad_inputs(tmp_path, read_only_dir)[case]
     argv = ["--device", "cpu", "--tokens", "1", "--output", str(tmp_path / "out"), *flags]

@@ -1,5 +1,6 @@
 """The shape space: presets, tensor-parallel splits, Hugging Face configs, token buckets."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from autotune.models import (
     DEFAULT_TOKENS,
     MAX_TOKENS,
     MODEL_PRESETS,
+    MROPE_MODELS,
     default_specs,
     get_preset,
     load_hf_config,
@@ -114,15 +116,40 @@ def test_hf_config_integral_floats_are_counts():
         {"text_config": {**LLAMA, "rope_scaling": {"mrope_section": [16, 24, 24]}}},
     ],
 )
-def test_hf_config_mrope_is_refused(rope):
+def test_hf_config_mrope_section_is_read(rope):
     config = rope if "text_config" in rope else {**LLAMA, **rope}
-    with pytest.raises(ValueError, match="mRoPE is not supported yet"):
+    assert spec_from_hf_config(config) == RopeSpec(
+        128, 128, 32, 8, True, BF16, mrope_section=(16, 24, 24)
+    )
+
+
+def test_hf_config_qwen2_vl():
+    spec = spec_from_hf_config(load_hf_config(FIXTURES / "hf_qwen2_vl_7b.json"))
+    assert spec.key == "q28_kv4_d128_r128_neox_bfloat16_mrope16-24-24"
+
+
+def test_hf_config_qwen3_vl_interleaved():
+    # Qwen3-VL's layout: text_config with rope_scaling holding the interleaved flag.
+    text = {**LLAMA, "head_dim": 128, "rope_scaling": {"rope_type": "default",
+            "mrope_section": [24, 20, 20], "mrope_interleaved": True}}  # fmt: skip
+    spec = spec_from_hf_config({"model_type": "qwen3_vl", "text_config": text})
+    assert spec.mrope_section == (24, 20, 20) and spec.mrope_interleaved
+    assert spec.key.endswith("_mropei24-20-20")
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ([8], "three non-negative integers"),
+        ([16, 24, "24"], "three non-negative integers"),
+        ([16, 24, -1], "three non-negative integers"),
+        ([16, 24, 20], "summing to rotary_dim // 2 = 64"),
+    ],
+)
+def test_hf_config_bad_mrope_section_is_named(section, message):
+    config = {**LLAMA, "rope_scaling": {"mrope_section": section}}
+    with pytest.raises(ValueError, match=rf"^model_config: .*mrope_section.*{message}"):
         spec_from_hf_config(config)
-
-
-def test_hf_config_qwen2_vl_is_refused():
-    with pytest.raises(ValueError, match=r"mrope_section .* mRoPE is not supported yet"):
-        spec_from_hf_config(load_hf_config(FIXTURES / "hf_qwen2_vl_7b.json"))
 
 
 def test_hf_config_tp_must_divide_heads():
@@ -183,11 +210,29 @@ def test_default_specs():
     gpu = default_specs("cuda:0")
     assert len(gpu) == len(set(gpu))  # Mistral 7B and Llama-3 8B share a spec: listed once
     assert {s.dtype for s in gpu} == {BF16, FP16}
-    assert len(gpu) == 2 * len({s.key.rsplit("_", 1)[0] for s in gpu})
+    assert len(gpu) == 2 * len({dataclasses.replace(s, dtype=BF16) for s in gpu})
     cpu = default_specs("cpu")
     assert len(cpu) == len(CPU_DEFAULT_MODELS) < len(gpu)
     assert {s.dtype for s in cpu} == {BF16}
     assert tuple(2**i for i in range(17)) == DEFAULT_TOKENS
+
+
+def test_default_specs_by_layout():
+    plain, mrope = default_specs("cuda:0", ["rope"]), default_specs("cuda:0", ["mrope"])
+    assert default_specs("cuda:0") == plain + mrope
+    assert not any(s.is_mrope for s in plain) and all(s.is_mrope for s in mrope)
+    keys = {s.key for s in mrope}
+    for key in [
+        "q28_kv4_d128_r128_neox_bfloat16_mrope16-24-24",  # Qwen2.5-VL 7B, Qwen2-VL 7B
+        "q12_kv2_d128_r128_neox_float16_mrope16-24-24",  # Qwen2-VL 2B
+        "q32_kv8_d128_r128_neox_bfloat16_mropei24-20-20",  # Qwen3-VL 8B
+        "q32_kv4_d128_r128_neox_bfloat16_mropei24-20-20",  # Qwen3-VL 30B-A3B
+    ]:
+        assert key in keys
+    assert {get_preset(name).layout for name in MROPE_MODELS} == {"mrope"}
+    assert default_specs("cpu", ["mrope"]) == []
+    with pytest.raises(ValueError, match="layouts"):
+        default_specs("cuda:0", ["vision"])
 
 
 @pytest.mark.parametrize(

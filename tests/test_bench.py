@@ -303,7 +303,8 @@ def test_rotary_dim_any_even_value_up_to_head_size(rotary_dim):
         (("--save-path", "{file}/out"), "--save-path: {file}/out is under a file"),
         (("--save-path", ""), "--save-path: expected a directory, got an empty string"),
         (("--model-config", "{config}"), "model_config: head_dim: expected a positive integer"),
-        (("--model-config", "{mrope}"), "mRoPE is not supported yet"),
+        (("--model-config", "{mrope}"), "mrope_section: expected three non-negative integers"),
+        (("--model", "qwen2-vl-2b"), "--model: q12_kv2_d128_r128_neox_bfloat16_mrope16-24-24 is"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(flags, message, tmp_path, monkeypatch, capsys):

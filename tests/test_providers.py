@@ -34,6 +34,8 @@ COMPILE_CASES = [MATRIX[i] for i in (3, 10, 13, 35)]
 # multiplies and subtracts in scalar_t): extra error allowed, in epsilons of the terms' size.
 ARITH_ULPS = {"vllm": 2.0}
 NAMES = ("torch", "torch_compile", "triton", "flashinfer", "vllm")
+# The multimodal-only providers (tests/test_mrope.py checks them).
+MROPE_NAMES = ("triton_mrope", "vllm_mrope")
 
 
 def _run(name: str, case: Case, seed: int, device: str = "cpu", config=None):
@@ -213,9 +215,9 @@ def test_zero_tokens_write_nothing_and_are_still_checked(name):
 # -- registry --------------------------------------------------------------------------------
 
 
-def test_registry_has_exactly_the_five_providers():
-    assert sorted(provider_names()) == sorted(NAMES)
-    for name in NAMES:
+def test_registry_has_exactly_the_builtin_providers():
+    assert sorted(provider_names()) == sorted(NAMES + MROPE_NAMES)
+    for name in NAMES + MROPE_NAMES:
         assert get_provider(name).name == name
 
 
@@ -239,10 +241,10 @@ def test_get_provider_unknown_name_lists_the_registered():
 
 def test_list_providers_cpu_gives_availability_and_reasons():
     statuses = {s.name: s for s in list_providers("cpu")}
-    assert set(statuses) == set(NAMES)
-    for name in ("torch", "torch_compile", "triton"):  # triton: under TRITON_INTERPRET=1
+    assert set(statuses) == set(NAMES + MROPE_NAMES)
+    for name in ("torch", "torch_compile", "triton", "triton_mrope"):  # triton: interpreted
         assert statuses[name].available and statuses[name].reason is None, statuses[name]
-    for name in ("flashinfer", "vllm"):
+    for name in ("flashinfer", "vllm", "vllm_mrope"):
         assert not statuses[name].available
         assert isinstance(statuses[name].reason, str) and "CUDA" in statuses[name].reason
 

@@ -196,9 +196,17 @@ def specs_from_args(args: argparse.Namespace) -> list[RopeSpec]:
     not given from :data:`DEFAULT_GRID` (:func:`autotune.cli_args.specs_from_args`).
 
     Raises:
-        ValueError: flags that do not fit together; the message names them.
+        ValueError: flags that do not fit together, or a multimodal (mRoPE) model, which the
+            bench does not measure; the message names them.
     """
-    return _specs_from_args(args, grid=DEFAULT_GRID)
+    specs = _specs_from_args(args, grid=DEFAULT_GRID)
+    mrope = [s.key for s in specs if s.is_mrope]
+    if mrope:
+        flag = "--model" if args.model else "--model-config"
+        raise ValueError(
+            f"{flag}: {mrope[0]} is multimodal RoPE (mRoPE); measure it with benchmarks/mrope.py"
+        )
+    return specs
 
 
 def main(argv: Sequence[str] | None = None) -> int:

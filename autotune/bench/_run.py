@@ -299,10 +299,17 @@ def run_bench(
         bandwidth of the floor.
 
     Raises:
-        ValueError: an unknown provider, timing mode, or a non-positive size.
+        ValueError: an unknown provider, timing mode, or a non-positive size; or an mRoPE spec
+            (its CSV rows have no layout columns: ``benchmarks/mrope.py`` measures mRoPE).
     """
     device = torch.device(device)
     specs = list(dict.fromkeys(specs))
+    mrope = [s.key for s in specs if s.is_mrope]
+    if mrope:
+        raise ValueError(
+            f"specs: {', '.join(mrope)} are multimodal (mRoPE); the bench measures plain RoPE, "
+            "benchmarks/mrope.py measures mRoPE"
+        )
     if timing not in ("graph", "eager"):
         raise ValueError(f"timing: expected 'graph' or 'eager', got {timing!r}")
     for name, values in (("batch_sizes", batch_sizes), ("seq_lens", seq_lens)):

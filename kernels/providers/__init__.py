@@ -14,9 +14,13 @@ from . import (
     _torch,  # noqa: F401
     _torch_compile,  # noqa: F401
     _triton,  # noqa: F401
+    _triton_mrope,  # noqa: F401
     _vllm,  # noqa: F401
+    _vllm_mrope,  # noqa: F401
 )
 from ._base import (
+    MROPE,
+    ROPE,
     Provider,
     ProviderStatus,
     Restriction,
@@ -32,9 +36,14 @@ from ._base import (
 from ._triton import TRITON, default_triton_config
 from ._triton_geometry import TritonGeometry
 from ._triton_launch import TritonLauncher, launch_hooks_active, launch_rope
+from ._triton_mrope import TRITON_MROPE, MropeLauncher
 
 __all__ = [
+    "MROPE",
+    "ROPE",
     "TRITON",
+    "TRITON_MROPE",
+    "MropeLauncher",
     "Provider",
     "ProviderStatus",
     "Restriction",

@@ -14,6 +14,8 @@ from .._spec import RopeSpec
 from ..perf_features import CALL_FEATURES, call_features
 
 __all__ = [
+    "MROPE",
+    "ROPE",
     "Provider",
     "ProviderStatus",
     "Restriction",
@@ -31,6 +33,10 @@ __all__ = [
 # A provider built for one spec and config: fn(positions, query, key, cos_sin_cache) -> None,
 # rotating query and key in place. It trusts its caller to have checked the arguments.
 RopeFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], None]
+
+# The kinds of spec a provider computes (Provider.layouts): plain RoPE, multimodal RoPE.
+ROPE = "rope"
+MROPE = "mrope"
 
 Config = dict[str, Any]
 
@@ -77,6 +83,9 @@ class Provider:
             (:func:`fallback_providers`); it must be available and support the call there.
         reference: Runs every spec on every device: the last resort of a selection
             (:func:`reference_provider`).
+        layouts: The kinds of spec it computes: ``"rope"`` (plain RoPE) and/or ``"mrope"``
+            (multimodal, :attr:`RopeSpec.mrope_section` set); the base
+            :meth:`unsupported_reason` refuses the others.
     """
 
     name: str
@@ -86,6 +95,7 @@ class Provider:
     restrictions: tuple[Restriction, ...] = ()
     fallback_on: tuple[str, ...] = ()
     reference: bool = False
+    layouts: tuple[str, ...] = (ROPE,)
     # build() results per (spec, config), filled by callable_for().
     _callables: dict[tuple[RopeSpec, tuple[tuple[str, type, Any], ...] | None], RopeFn] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -99,7 +109,11 @@ class Provider:
         return None
 
     def unsupported_reason(self, spec: RopeSpec, *, has_key: bool = True) -> str | None:
-        """Why this provider cannot compute ``spec``, or None when it can."""
+        """Why this provider cannot compute ``spec``, or None when it can. The base checks the
+        spec's kind against :attr:`layouts`; an override calls it first."""
+        layout = MROPE if spec.is_mrope else ROPE
+        if layout not in self.layouts:
+            return f"computes {' and '.join(self.layouts)} specs only, not {layout}"
         return None
 
     def default_config(self, spec: RopeSpec, num_tokens: int | None = None) -> Config:
@@ -229,12 +243,15 @@ class Provider:
         head_size: int,
         is_neox: bool,
         config: Mapping[str, Any] | None = None,
+        mrope_section: tuple[int, int, int] | None = None,
+        mrope_interleaved: bool = False,
     ) -> None:
         """Rotate ``query`` and ``key`` in place, after every check of the arguments, including
         that positions lie in the cache (which reads them: a host-device sync on CUDA).
 
         Args:
-            positions: int64 or int32, ``[T]`` or ``[B, S]``.
+            positions: int64 or int32, ``[T]`` or ``[B, S]``; with ``mrope_section``, ``[3, T]``
+                (time, height, width; the last dimension contiguous) or ``[T]`` (text only).
             query: ``[T, Hq*D]``, ``[T, Hq, D]``, ``[B, S, Hq*D]`` or ``[B, S, Hq, D]`` in
                 float16, bfloat16 or float32; strided views allowed, last dimension contiguous.
             key: The same layout with ``Hk`` heads (``Hq`` a multiple of ``Hk``), or None.
@@ -243,13 +260,20 @@ class Provider:
             head_size: ``D``.
             is_neox: NeoX (rotate halves) or GPT-J (rotate interleaved pairs) style.
             config: Provider parameters; None for the default.
+            mrope_section: Multimodal RoPE: frequencies per position stream (three ints summing
+                to ``rotary_dim // 2``); None for plain RoPE.
+            mrope_interleaved: The sections interleave ``THWTHW...`` (Qwen3-VL) instead of
+                lying in chunks (:func:`kernels.mrope_stream_map`).
 
         Raises:
             TypeError, ValueError: an argument breaks the contract (the message names it),
                 a position is outside the cache, this provider does not support the spec, or
                 cannot run on the query's device.
         """
-        spec, _, _ = check_rope_args(positions, query, key, cos_sin_cache, head_size, is_neox)
+        spec, _, _ = check_rope_args(
+            positions, query, key, cos_sin_cache, head_size, is_neox,
+            mrope_section=mrope_section, mrope_interleaved=mrope_interleaved,
+        )  # fmt: skip
         if key is None:
             reason = self.unsupported_reason(spec, has_key=False)
             if reason is not None:

@@ -44,6 +44,9 @@ class FlashInferProvider(Provider):
         return module if isinstance(module, str) else None
 
     def unsupported_reason(self, spec: RopeSpec, *, has_key: bool = True) -> str | None:
+        layout = super().unsupported_reason(spec, has_key=has_key)
+        if layout is not None:
+            return layout
         if spec.dtype not in (torch.float16, torch.bfloat16):
             return f"takes float16 or bfloat16 q/k, not {spec.dtype_name}"
         if not has_key:
