@@ -43,12 +43,12 @@ import torch
 
 from . import _custom_op, first_use
 from ._checks import call_checker, check_spec_args
+from ._device_data import device_data
 from ._lookup import (
     device_traits,
     find_entries,
     read_tables,
     table_files,
-    transferred_tables,
     warn_if_stale,
     warn_once,
 )
@@ -66,9 +66,9 @@ from ._routes import (
 )
 from ._spec import RopeSpec
 from .devices import normalize_device
-from .perf_model import PerfModel, find_model, find_transferred_model
+from .perf_model import PerfModel
 from .table import TIMING_MODES, RopeTableWarning, device_table_name
-from .transfer import DeviceTraits, TransferChoice, transfer_enabled
+from .transfer import transfer_enabled
 
 __all__ = ["Explanation", "RopeSelector", "RopeTableWarning", "select_rope"]
 
@@ -336,7 +336,7 @@ def select_rope(
     this = device_traits(device)
     file_name = device_table_name(this.name)
     tables = read_tables(table_files(table_dir, file_name))  # warns naming select_rope's caller
-    data = _device_data(table_dir, this, device, file_name, tables, transfer_enabled(transfer))
+    data = device_data(table_dir, this, device, file_name, tables, transfer_enabled(transfer))
     tables, model = data.tables, data.model
     if spec.is_mrope:
         # The model's features do not describe a multimodal layout (its cos/sin reads): mRoPE
@@ -410,77 +410,6 @@ def select_rope(
         )  # fmt: skip
     logger.debug("select_rope %s on %s: %s", spec.key, device, selector)
     return selector
-
-
-@dataclass(frozen=True)
-class _DeviceData:
-    """What a selection reads: tables and model (this device's, or another's standing in),
-    and where another device's data stands in."""
-
-    tables: list[tuple[Path, dict]]
-    model: PerfModel | None
-    table_from: TransferChoice | None = None  # whose tables stand in; None: this device's own
-    refused: str | None = None  # why nothing transferred to a GPU without data of its own
-
-    @property
-    def table_note(self) -> str | None:
-        """What a transferred table's routes say, else None."""
-        if self.table_from is None:
-            return None
-        return f"table of {self.table_from.device.name} transferred: {self.table_from.why}"
-
-    def looked_in(self, file_name: str) -> str:
-        """Where a spec's entries were looked for, for a ``why``."""
-        if self.table_from is None:
-            return f"any {file_name}"
-        return f"any {file_name} or {self.table_from.device.name}'s table"
-
-
-def _device_data(
-    table_dir: str | Path | None,
-    this: DeviceTraits,
-    device: torch.device,
-    file_name: str,
-    tables: list[tuple[Path, dict]],
-    use_transfer: bool,
-) -> _DeviceData:
-    """This device's ``tables`` and model; with ``use_transfer``, the nearest device's standing
-    in for what it lacks (:mod:`kernels.transfer`): the tables when it has neither tables nor a
-    model, the model when it has none. Warns once when this device has no table and another
-    device's data is used."""
-    model = find_model(table_dir, device)
-    if not use_transfer or this.capability is None:
-        return _DeviceData(tables, model)
-    own_tables, own_model = bool(tables), model is not None
-    table_from = model_from = None
-    refused = []
-    if not own_tables and not own_model:
-        tables, choice = transferred_tables(table_dir, this)
-        table_from = choice if tables else None
-        refused.append(choice.why)
-    if not own_model:
-        model, choice = find_transferred_model(table_dir, this)
-        model_from = choice if model is not None else None
-        refused.append(choice.why)
-    used = [(what, c) for what, c in (("table", table_from), ("model", model_from)) if c]
-    if used and not own_tables:
-        names = {c.device.name for _, c in used}
-        what = (
-            f"the {' and '.join(w for w, _ in used)} of {names.pop()}"
-            if len(names) == 1
-            else " and ".join(f"the {w} of {c.device.name}" for w, c in used)
-        )
-        warn_once(
-            ("transfer", this.name, what),
-            f"rope-autotune: no tuning table for {this.name} (looked for {file_name}); using "
-            f"{what} ({used[0][1].why}). Tune this device in one command: "
-            f"python -m autotune --device {device}",
-            stacklevel=3,
-        )
-    elif used:
-        logger.info("select_rope on %s: %s", this.name, model.transfer)
-    no_data = not tables and model is None
-    return _DeviceData(tables, model, table_from, refused[0] if no_data and refused else None)
 
 
 def _first_use(
