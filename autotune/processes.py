@@ -74,7 +74,7 @@ class WorkerJob:
         debug = self.log_level <= logging.DEBUG
         optuna.logging.set_verbosity(logging.INFO if debug else logging.ERROR)
         device = resolve_device(self.device)
-        model = find_model(None, device) if self.warm_start else None
+        model = find_model(None, device, transfer=True) if self.warm_start else None
         runner = StudyRunner(
             open_storage(self.storage_url),
             Objective(device, self.seed, self.time_kwargs),

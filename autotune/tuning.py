@@ -114,7 +114,9 @@ def tune(
         claim_grace_s: Seconds without a heartbeat after which another worker takes over a
             study (at once when the owner was on this host and its process is gone).
         warm_start: Start each new study with the Triton configs the device's performance
-            model (``<device>.model.json`` where ``select_rope`` finds tables) predicts fastest.
+            model (``<device>.model.json`` where ``select_rope`` finds tables; for a GPU without
+            one, the nearest measured GPU's, as :mod:`kernels.transfer` chooses) predicts
+            fastest.
 
     Returns:
         The table of this run's finished studies (schema of :mod:`kernels.table`): its
@@ -152,7 +154,9 @@ def tune(
         worker_devices = check_devices(devices)
         device = worker_devices[0]
     device = resolve_device(device)
-    model = find_model(None, device) if warm_start else None
+    model = find_model(None, device, transfer=True) if warm_start else None
+    if model is not None and model.transfer is not None:
+        logger.info("warm start: %s", model.transfer)
     if trials is None:
         if device.type != "cuda":
             trials = CPU_DEFAULT_TRIALS

@@ -32,7 +32,7 @@ import orjson
 import torch
 
 from . import table as _table  # module attributes: tests redirect the search path
-from ._lookup import device_files, device_name, search_directories
+from ._lookup import device_files, device_name, device_traits, search_directories
 from ._perf_model_format import (
     SCHEMA_VERSION,
     PerfModelError,
@@ -84,11 +84,13 @@ def _load_shared(path: Path) -> tuple[tuple[str, int, int], PerfModel | None]:
         return key, _models[key]
 
 
-def find_model(table_dir: str | os.PathLike | None, device: torch.device) -> PerfModel | None:
+def find_model(
+    table_dir: str | os.PathLike | None, device: torch.device, *, transfer: bool = False
+) -> PerfModel | None:
     """The device's own model: beside ``table_dir``'s table (or in that directory), else the
-    first model file of the search path (:func:`kernels.table.table_search_path`); None when
-    there is none or it cannot be used (warned once per file version). Loaded models are
-    shared."""
+    first model file of the search path (:func:`kernels.table.table_search_path`); with
+    ``transfer``, else the nearest device's (:func:`find_transferred_model`); None when there is
+    none or it cannot be used (warned once per file version). Loaded models are shared."""
     name = model_file_name(device_name(device))
     if table_dir is not None:
         path = Path(table_dir).expanduser()
@@ -99,6 +101,8 @@ def find_model(table_dir: str | os.PathLike | None, device: torch.device) -> Per
         _, model = _load_shared(path)
         if model is not None:
             return model
+    if transfer:
+        return find_transferred_model(table_dir, device_traits(device))[0]
     return None
 
 

@@ -283,6 +283,17 @@ def test_a_gpu_without_data_uses_the_nearest_model(dirs, fake_gpu):
     assert "using the model of NVIDIA H200" in messages[0]
 
 
+def test_the_tuners_warm_start_model_transfers_only_when_asked(dirs, fake_gpu):
+    fake_gpu("H100")
+    put_device_model(dirs["shipped"], "H200", torch_log_us=5.0, triton_log_us=1.0)
+    cpu = torch.device("cpu")  # reporting the H100's metadata
+    assert perf_model_mod.find_model(None, cpu) is None
+    model = perf_model_mod.find_model(None, cpu, transfer=True)
+    assert model is not None and model.transfer.startswith("model of NVIDIA H200 transferred")
+    fake_gpu("A100")  # another architecture: nothing transfers
+    assert perf_model_mod.find_model(None, cpu, transfer=True) is None
+
+
 def test_a_transferred_model_counts_this_devices_sms(monkeypatch):
     data = perf_model_data(torch_log_us=1.0, triton_log_us=1.0)
     data["metadata"] = {**data["metadata"], "sm_count": 132}
