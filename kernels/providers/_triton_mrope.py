@@ -52,9 +52,18 @@ class MropeLauncher(TritonLauncher):
             raise ValueError(f"spec: {spec.key} is not an mRoPE spec")
         super().__init__(spec, config, kernel=kernel, fast=fast)
         self.streams = spec.mrope_streams
+        self._stream_maps: dict[int, torch.Tensor] = {}  # by device index (-1: the CPU)
 
-    def _stream_map(self, device: torch.device) -> torch.Tensor:
-        return stream_tensor(self.streams, self.geometry.half_pad, torch.int32, device)
+    def _stream_map(self, positions: torch.Tensor) -> torch.Tensor:
+        # One dict lookup per call: the map's tuple is hashed only on a device's first call.
+        index = positions.get_device()
+        stream_map = self._stream_maps.get(index)
+        if stream_map is None:
+            stream_map = stream_tensor(
+                self.streams, self.geometry.half_pad, torch.int32, positions.device
+            )
+            self._stream_maps[index] = stream_map
+        return stream_map
 
     def __call__(self, positions, query, key, cos_sin_cache) -> None:
         num_tokens = positions.shape[-1]
@@ -63,7 +72,7 @@ class MropeLauncher(TritonLauncher):
         k, strides, k_heads = self._arguments(positions, query, key, num_tokens)
         streams = 3 if positions.dim() == 2 else 1
         ints = (positions.stride(0) if streams == 3 else 0, *strides, cos_sin_cache.stride(0))
-        stream_map = self._stream_map(positions.device)
+        stream_map = self._stream_map(positions)
         fast = self.fast and not launch_hooks_active()
         if fast:
             specialization = (
@@ -101,7 +110,7 @@ class MropeLauncher(TritonLauncher):
         streams = 3 if positions.dim() == 2 else 1
         pos_stride = positions.stride(0) if streams == 3 else 0
         self.kernel.warmup(
-            positions, query, k, cos_sin_cache, self._stream_map(positions.device), num_tokens,
+            positions, query, k, cos_sin_cache, self._stream_map(positions), num_tokens,
             pos_stride, *strides, cos_sin_cache.stride(0),
             STREAMS=streams, NUM_K_HEADS=k_heads, **self.constexprs, **self.options, grid=(1,),
         )  # fmt: skip
