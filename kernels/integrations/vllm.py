@@ -243,7 +243,7 @@ class _MropeLayerView:
         self.head_size, self.rotary_dim, self.is_neox_style = head_size, rotary_dim, is_neox
         self.mrope_section, self.mrope_interleaved = list(section), interleaved
         self.cos_sin_cache = cos_sin_cache
-        # The layer's ApplyRotaryEmb(is_neox_style=...) computes forward_static in its own dtype.
+        # As the layer builds its ApplyRotaryEmb: the style given, enable_fp32_compute off.
         rotate = functools.partial(ApplyRotaryEmb.forward_static, is_neox_style=is_neox)
         self.apply_rotary_emb = type("_Rotate", (), {"forward_native": staticmethod(rotate)})
 
