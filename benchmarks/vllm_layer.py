@@ -2,7 +2,8 @@
 
 For each model config vLLM's ``get_rope`` builds the layer twice, once as vLLM's own class and
 once with the plugin registered (the override), with identical caches. Per token count, on the
-same inputs (q and k column slices of a fused qkv tensor, random positions):
+same inputs (q and k column slices of a fused qkv tensor, random positions; ``[3, T]`` for the
+multimodal models' ``MRotaryEmbedding``):
 
 - outputs: the override against vLLM's ``forward_cuda`` (bit-identical or the largest
   difference) and both against a float64 reference on the layer's cache (within the dtype's
@@ -111,6 +112,50 @@ MODELS: dict[str, tuple[dict, int, int]] = {
         16,
         16,
     ),
+    # Multimodal RoPE (MRotaryEmbedding): positions [3, T], the sections chunked or interleaved.
+    "qwen2.5-vl-7b": (
+        {
+            "head_size": 128,
+            "max_position": 128000,
+            "is_neox_style": True,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1000000.0,
+                "mrope_section": [16, 24, 24],
+            },
+        },
+        28,
+        4,
+    ),
+    "qwen3-vl-8b": (
+        {
+            "head_size": 128,
+            "max_position": 262144,
+            "is_neox_style": True,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 5000000.0,
+                "mrope_section": [24, 20, 20],
+                "mrope_interleaved": True,
+            },
+        },
+        32,
+        8,
+    ),
+    "qwen2-vl-2b": (
+        {
+            "head_size": 128,
+            "max_position": 32768,
+            "is_neox_style": True,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1000000.0,
+                "mrope_section": [16, 24, 24],
+            },
+        },
+        12,
+        2,
+    ),
 }
 
 FIELDS = [
@@ -204,12 +249,17 @@ def compare_outputs(vllm_layer, ours, spec: RopeSpec, tokens: int, device) -> di
     inputs = make_inputs(spec, tokens, device, generator=gen)
     positions, query, key = inputs.positions, inputs.query, inputs.key
     positions = positions % ours.cos_sin_cache.shape[0]
-    vllm_q, vllm_k = query.clone(), key.clone()
-    in_tree_class(vllm_layer).forward_cuda(vllm_layer, positions, vllm_q, vllm_k)
-    ours_q, ours_k = query.clone(), key.clone()
-    ours.forward_cuda(positions, ours_q, ours_k)
+    # vLLM's mRoPE path rotates contiguous copies of strided views and returns those, as its
+    # models use them: compare what each forward_cuda returns.
+    vllm_q, vllm_k = in_tree_class(vllm_layer).forward_cuda(
+        vllm_layer, positions, query.clone(), key.clone()
+    )
+    ours_q, ours_k = ours.forward_cuda(positions, query.clone(), key.clone())
     cache = ours.cos_sin_cache  # in the query's dtype after forward_cuda, as vLLM converts it
-    ref_q, ref_k = rope_reference(positions, query, key, cache, spec.head_size, spec.is_neox)
+    ref_q, ref_k = rope_reference(
+        positions, query, key, cache, spec.head_size, spec.is_neox,
+        mrope_section=spec.mrope_section, mrope_interleaved=spec.mrope_interleaved,
+    )  # fmt: skip
     within = True
     for got, want, label in ((ours_q, ref_q, "query"), (ours_k, ref_k, "key")):
         try:
@@ -254,9 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         _, num_heads, num_kv_heads = MODELS[name]
         vllm_layer = build_layer(name, dtype, device, overridden=False)
         ours = build_layer(name, dtype, device, overridden=True)
+        section = getattr(ours, "mrope_section", None)  # MRotaryEmbedding's
         spec = RopeSpec(
-            ours.head_size, ours.rotary_dim, num_heads, num_kv_heads, ours.is_neox_style, dtype
-        )
+            ours.head_size, ours.rotary_dim, num_heads, num_kv_heads, ours.is_neox_style, dtype,
+            mrope_section=None if section is None else tuple(section),
+            mrope_interleaved=bool(getattr(ours, "mrope_interleaved", False)),
+        )  # fmt: skip
         vllm_fn = in_tree_class(vllm_layer).forward_cuda
 
         def run_vllm(p, q, k, c, layer=vllm_layer, fn=vllm_fn):

@@ -307,7 +307,7 @@ def test_the_vllm_plugin_tunes_on_first_use_by_the_variable(dirs, timings, monke
     from kernels.integrations import vllm as plugin
 
     monkeypatch.setenv(fu.TUNE_ENV, "first-use")
-    sig = (*ARGS, torch.device("cpu"))
+    sig = (*ARGS, torch.device("cpu"), None, False)  # no mRoPE sections
     monkeypatch.setattr(plugin, "_ROPES", {})
     rope = plugin._build(sig)
     assert len(timings) == len(QUICK_BUCKETS)

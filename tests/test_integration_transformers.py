@@ -186,6 +186,129 @@ def test_refuses_a_model_whose_rope_is_not_llamas():
     assert not unpatch_model(model)
 
 
+# -- vision-language models: multimodal RoPE (mRoPE) ---------------------------------------------
+
+IMAGE, VISION_START, VIDEO = 151, 152, 153  # token ids inside SMALL's vocabulary
+# (model type, mrope_section, mrope_interleaved): head 16, so sections sum to 8.
+VL_MODELS = [
+    ("qwen2_vl", [2, 3, 3], None),
+    ("qwen2_5_vl", [2, 3, 3], None),
+    ("qwen3_vl", [4, 2, 2], True),
+    ("qwen3_vl_moe", [4, 2, 2], True),
+]
+
+
+def small_vl_model(model_type, section, interleaved, dtype=torch.float32, device="cpu"):
+    """A random vision-language model: SMALL's text model (mRoPE with ``section``) and a one-block
+    vision tower with 4x4 patches."""
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": section}
+    if interleaved is not None:
+        rope["mrope_interleaved"] = interleaved
+    text = {**SMALL, "vocab_size": 160, "rope_parameters": rope, "head_dim": 16}
+    vision = {"depth": 1, "num_heads": 2, "in_channels": 3, "patch_size": 4,
+              "spatial_merge_size": 2, "temporal_patch_size": 2}  # fmt: skip
+    if model_type == "qwen2_vl":
+        vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
+    else:
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64)
+    if model_type == "qwen2_5_vl":
+        vision.update(window_size=16, fullatt_block_indexes=[0])
+    if model_type.startswith("qwen3_vl"):
+        vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0])
+    if model_type == "qwen3_vl_moe":
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    config = transformers.AutoConfig.for_model(
+        model_type, text_config=text, vision_config=vision, image_token_id=IMAGE,
+        video_token_id=VIDEO, vision_start_token_id=VISION_START,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(config)
+    return model.to(device, dtype).eval()
+
+
+def image_batch(dtype=torch.float32, device="cpu"):
+    """Two prompts with one 4x6-patch image each (6 image tokens after merging), the second
+    left-padded by 3, as the processor hands them over."""
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for pad in (0, 3):
+        text_before = torch.randint(3, 150, (5 - pad,), generator=gen)
+        text_after = torch.randint(3, 150, (4,), generator=gen)
+        image = torch.tensor([VISION_START] + [IMAGE] * 6)
+        rows.append(torch.cat([torch.zeros(pad, dtype=torch.long), text_before, image, text_after]))
+    ids = torch.stack(rows)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    pixels = torch.randn(2 * 4 * 6, 3 * 2 * 4 * 4, generator=gen)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": pixels.to(dtype),
+        "image_grid_thw": torch.tensor([[1, 4, 6], [1, 4, 6]]),
+        "mm_token_type_ids": (ids == IMAGE).int(),
+    }
+    return {name: value.to(device) for name, value in batch.items()}
+
+
+@pytest.mark.parametrize(("model_type", "section", "interleaved"), VL_MODELS)
+def test_vision_language_models_give_the_same_logits(model_type, section, interleaved):
+    """transformers merges the time, height and width streams into one per-token cos/sin before
+    apply_rotary_pos_emb, so the text path covers mRoPE: same logits in prefill (image tokens:
+    three distinct streams) and in generation through the cache."""
+    model = small_vl_model(model_type, section, interleaved)
+    batch = image_batch()
+    positions, _ = model.model.get_rope_index(
+        batch["input_ids"], batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
+        attention_mask=batch["attention_mask"],
+    )  # fmt: skip
+    assert (positions[0] != positions[1]).any() and (positions[1] != positions[2]).any()
+    options = {"max_new_tokens": 3, "do_sample": False, "output_logits": True,
+               "return_dict_in_generate": True, "pad_token_id": SMALL["pad_token_id"]}  # fmt: skip
+    with torch.no_grad():
+        expected = model(**batch).logits
+        expected_generated = model.generate(**batch, **options)
+        with patch_model(model) as patch:
+            actual = model(**batch).logits
+            assert patch.calls == LAYERS and patch.fallbacks == 0
+            generated = model.generate(**batch, **options)
+            assert patch.calls == LAYERS * 4 and patch.fallbacks == 0  # + prefill + 2 decodes
+    # The text model's rotary module is bridged; the vision tower's RoPE stays transformers'.
+    assert len(patch.rotary_modules) == 1 and "Vision" not in patch.rotary_modules[0]
+    assert_logits_close(actual, expected, torch.float32)
+    assert torch.equal(generated.sequences, expected_generated.sequences)
+    for step, step_expected in zip(generated.logits, expected_generated.logits, strict=True):
+        assert_logits_close(step, step_expected, torch.float32)
+
+
+def test_refuses_per_stream_cos_sin(monkeypatch):
+    """A rotary module returning cos/sin per stream, [3, B, S, D], for the attention layers to
+    merge (transformers 4's apply_multimodal_rotary_pos_emb) is not a per-token cache."""
+    from transformers.models.qwen2_vl import modeling_qwen2_vl
+
+    def per_stream(self, freq):  # no merge: the three streams' angles, both halves
+        return torch.cat((freq, freq), dim=-1)
+
+    rotary = modeling_qwen2_vl.Qwen2VLRotaryEmbedding
+    monkeypatch.setattr(rotary, "recomposition_frequencies", per_stream)
+    model = small_vl_model("qwen2_vl", [2, 3, 3], None)
+    with pytest.raises(ValueError, match=r"Qwen2VLRotaryEmbedding: it returned per-stream cos"):
+        patch_model(model)
+    assert not unpatch_model(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("model_type", "section", "interleaved"), VL_MODELS[1:3])
+def test_vision_language_models_on_the_gpu(model_type, section, interleaved):
+    model = small_vl_model(model_type, section, interleaved, torch.bfloat16, "cuda")
+    batch = image_batch(torch.bfloat16, "cuda")
+    with torch.no_grad():
+        expected = model(**batch).logits
+        with patch_model(model) as patch:
+            actual = model(**batch).logits
+            assert patch.calls == LAYERS and patch.fallbacks == 0
+    torch.testing.assert_close(actual.float(), expected.float(), atol=0.1, rtol=0.1)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_and_generation_on_the_gpu(dtype):

@@ -60,9 +60,9 @@ COVERED = {
     },
     "Gemma4RotaryEmbedding": {"rope_type": "proportional", "partial_rotary_factor": 0.5},
 }
-# Classes whose kernel is not the base op: get_rope must keep returning vLLM's own.
+# Classes whose kernel is neither the base op nor mRoPE: get_rope must keep returning vLLM's own
+# (the multimodal ones are in test_integration_vllm_mrope.py).
 NOT_COVERED = {
-    "MRotaryEmbedding": {"rope_type": "default", "mrope_section": [16, 8, 8]},
     "DeepseekScalingRotaryEmbedding": {
         "rope_type": "deepseek_yarn",
         "factor": 4.0,
@@ -151,19 +151,21 @@ def test_pyproject_declares_the_entry_point():
     assert "kernels.integrations" in setuptools["packages"]
 
 
-def test_covered_classes_are_exactly_vllms_base_op_classes():
+def test_covered_classes_are_exactly_the_classes_the_rules_accept():
     # Every RoPE class in vLLM's package is either covered (runs RotaryEmbedding's own CUDA and
-    # native paths and cache conversion) or left to vLLM; the rule and the list agree.
-    base = rope_module.RotaryEmbedding
+    # native paths and cache conversion, or MRotaryEmbedding's) or left to vLLM; the rules and
+    # the lists agree.
     classes = {
         name: obj
         for name in dir(rope_module)
         if isinstance(obj := getattr(rope_module, name), type) and "RotaryEmbedding" in name
     }
-    follows_base = {
-        name for name, cls in classes.items() if plugin._base_path_reason(cls, base) is None
-    }
-    assert follows_base == set(plugin.COVERED_CLASSES)
+    base, mrope = rope_module.RotaryEmbedding, rope_module.MRotaryEmbedding
+    follows_base = {n for n, c in classes.items() if plugin._base_path_reason(c, base) is None}
+    follows_mrope = {n for n, c in classes.items() if plugin._mrope_path_reason(c, mrope) is None}
+    assert follows_base == set(plugin.BASE_OP_CLASSES)
+    assert follows_mrope == set(plugin.MROPE_CLASSES)
+    assert set(plugin.COVERED_CLASSES) == follows_base | follows_mrope
     assert set(plugin.registered_overrides()) == set(plugin.COVERED_CLASSES)
 
 

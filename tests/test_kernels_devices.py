@@ -66,4 +66,4 @@ def test_the_vllm_integration_keys_its_selectors_by_the_normalized_device(two_gp
     layer.head_size, layer.is_neox_style, layer.dtype = 16, True, torch.float32
     vllm.selector_for(layer, 2, device="cuda")
     vllm.selector_for(layer, 2)  # the cache's device
-    assert [sig[-1] for sig in built] == [torch.device("cuda", 1), torch.device("cpu")]
+    assert [sig[6] for sig in built] == [torch.device("cuda", 1), torch.device("cpu")]

@@ -25,6 +25,14 @@ is covered both ways: callers that pass the rotated slice of each head (Phi), an
 rotate the first ``cos.shape[-1]`` elements of a wider head (GPT-NeoX; checked as well). The
 layers must use only the returned tensors, as transformers' attention code does: ``q`` and ``k``
 change in place.
+
+Multimodal RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL and its MoE variant, transformers 5): the text
+model's rotary module takes positions ``[3, B, S]`` and merges the time, height and width streams
+into one per-token ``cos``/``sin`` ``[B, S, D]`` (chunked or interleaved sections) before
+``apply_rotary_pos_emb``, so the same bridge covers it: each token's merged row is its cache row.
+A rotary module that returns per-stream ``cos``/``sin`` ``[3, B, S, D]`` for the attention layers
+to merge (transformers 4's ``apply_multimodal_rotary_pos_emb``) is refused. The vision towers'
+RoPE (``apply_rotary_pos_emb_vision``) stays transformers'.
 """
 
 from __future__ import annotations
@@ -292,6 +300,11 @@ def _probe_rotary(module: torch.nn.Module, device: torch.device, dtype: torch.dt
             cos, sin = module(torch.zeros(1, 3, 1, device=device, dtype=dtype), positions)
     except Exception as exc:
         return f"calling it as rotary(x, position_ids) raised {exc!r}"
+    if cos.dim() == 4 and cos.shape[:3] == (3, 1, 3):
+        return (
+            f"it returned per-stream cos of shape {tuple(cos.shape)} ([3, B, S, D], multimodal "
+            "RoPE merged inside the attention layers), not one per-token [B, S, D]"
+        )
     if cos.dim() != 3 or cos.shape[:2] != (1, 3) or sin.shape != cos.shape or cos.shape[-1] % 2:
         return f"it returned cos of shape {tuple(cos.shape)}, not [B, S, D]"
     half = cos.shape[-1] // 2
@@ -348,12 +361,13 @@ def patch_model(
             if reason is None:
                 rotary_modules.append(sub)
             else:
-                refused.append(f"{type(sub).__name__}: {reason}")
+                refused.append((type(sub).__name__, reason))
     if not rotary_modules:
-        why = "; ".join(refused) or f"no *RotaryEmbedding module in a module defining {_FUNCTION}"
+        why = "; ".join(f"{name}: {reason}" for name, reason in refused)
+        why = why or f"no *RotaryEmbedding module in a module defining {_FUNCTION}"
         raise ValueError(f"model: no RoPE code path rope-autotune can bridge ({why})")
-    for text in refused:
-        logger.warning("rope-autotune: leaving %s to transformers", text)
+    for name, reason in refused:
+        logger.warning("rope-autotune: leaving %s to transformers: %s", name, reason)
 
     with _LOCK:
         module_patches = []

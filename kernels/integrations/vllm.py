@@ -3,40 +3,55 @@
 Installed as the entry point ``rope_autotune`` in the group ``vllm.general_plugins``; vLLM calls
 :func:`register` in every process it starts (all plugins by default, or only those named in
 ``VLLM_PLUGINS``). :func:`register` overrides, with ``CustomOp.register_oot``, each class in
-:data:`COVERED_CLASSES` that the installed vLLM has and whose CUDA path is still the base rotary
-op on the layer's own ``[max_position, rotary_dim]`` cache (checked per class: its
-``forward_cuda``, ``forward_native`` and cache conversion are ``RotaryEmbedding``'s own).
+:data:`COVERED_CLASSES` that the installed vLLM has and whose paths are still the ones this
+module bridges, checked per class:
+
+- :data:`BASE_OP_CLASSES`: the CUDA path is the base rotary op on the layer's own
+  ``[max_position, rotary_dim]`` cache (its ``forward_cuda``, ``forward_native`` and cache
+  conversion are ``RotaryEmbedding``'s own).
+- :data:`MROPE_CLASSES`: multimodal RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), positions ``[3, T]``
+  (or ``[T]``, text only) on the layer's own cache, its sections chunked or interleaved
+  (``mrope_section``, ``mrope_interleaved``), with or without YaRN scaling (folded into the
+  cache). Its methods are ``MRotaryEmbedding``'s own, and its ``forward_native`` is probed on
+  small inputs against :func:`kernels.testing.rope_reference` for both section layouts, both
+  styles, partial rotary and text-only positions.
 
 The override's ``forward_cuda`` converts the layer's cache exactly as vLLM's does
 (``_match_cos_sin_cache_dtype``: to the query's dtype and device, kept on the layer), then rotates
 ``query`` and ``key`` (or only ``query`` when ``key`` is None) in place with the selector for
 the call's spec, and returns ``(query, key)``. Selectors are built on first use, one per spec
-(head size, rotary dim, heads read from the tensors, style, dtype, device) and shared by every
-layer with that spec. With ``ROPE_AUTOTUNE_TUNE=first-use`` in the environment, a spec the
-tables lack is tuned then, in vLLM's warm-up run, and persisted for the next start
+(head size, rotary dim, heads read from the tensors, style, dtype, device, mRoPE sections) and
+shared by every layer with that spec. With ``ROPE_AUTOTUNE_TUNE=first-use`` in the environment, a
+spec the tables lack is tuned then, in vLLM's warm-up run, and persisted for the next start
 (:mod:`kernels.first_use`). Inside ``torch.compile`` the call is one opaque op,
-``torch.ops.rope_autotune.vllm_rotary_embedding``, with vLLM's rotary op's signature and a fake
-implementation, so the graph does not break.
+``torch.ops.rope_autotune.vllm_rotary_embedding`` (``vllm_mrotary_embedding`` for mRoPE), with a
+fake implementation, so the graph does not break. A spec ``select_rope`` refuses runs vLLM's own
+math: its rotary op, or for mRoPE its ``forward_native`` (its Triton mRoPE kernel rotates NeoX
+halves only). An mRoPE layer whose section layout :class:`kernels.RopeSpec` does not name (an
+interleaved layout whose time section is not the largest) keeps vLLM's ``forward_cuda``.
 
 The overrides keep the in-tree ``name`` (``rotary_embedding``), so vLLM's switch
 ``custom_ops=["+rotary_embedding"]`` / ``["-rotary_embedding"]`` turns them on and off as it
 does vLLM's own op. vLLM's fusion passes (:data:`FUSION_PASSES`: QK-norm+RoPE, RoPE+KV-cache)
-match vLLM's own rotary op in the compiled graph and would not find ours, so a layer built while
-one of them is on keeps vLLM's op (one warning).
+match vLLM's own rotary op in the compiled graph and would not find ours, so a base-op layer
+built while one of them is on keeps vLLM's op (one warning); none of them matches mRoPE.
 """
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
 
 import torch
 
-from kernels import RopeSelector, select_rope
+from kernels import RopeSelector, RopeSpec, select_rope
 from kernels.devices import normalize_device
 
 __all__ = [
+    "BASE_OP_CLASSES",
     "COVERED_CLASSES",
     "FUSION_PASSES",
+    "MROPE_CLASSES",
     "register",
     "registered_overrides",
     "selector_for",
@@ -48,7 +63,7 @@ logger = logging.getLogger("vllm.rope_autotune")
 
 # vLLM 0.26.0's RoPE classes whose forward_cuda is RotaryEmbedding.forward_cuda: the base rotary
 # op on the layer's own cos/sin cache. They differ only in how the cache is computed.
-COVERED_CLASSES: tuple[str, ...] = (
+BASE_OP_CLASSES: tuple[str, ...] = (
     "RotaryEmbedding",
     "LinearScalingRotaryEmbedding",  # several caches stacked; positions carry the offset
     "NTKScalingRotaryEmbedding",
@@ -59,12 +74,21 @@ COVERED_CLASSES: tuple[str, ...] = (
     "TeleChat3RoPEScaledRotaryEmbedding",  # a YaRN variant
     "Gemma4RotaryEmbedding",  # rotary_dim = head_size, zero frequencies past the rotated part
 )
+# vLLM 0.26.0's multimodal RoPE class (chunked or interleaved sections; its YaRN scaling is a
+# constructor option, folded into the cache). Its subclasses are left to vLLM: Ernie-4.5-VL's
+# alternates height and width frequencies before the time ones, a layout RopeSpec does not name,
+# and MRotaryEmbeddingInterleaved (openPangu) overrides forward itself (never reaching
+# forward_cuda) with a generated order that is not Qwen3-VL's. XDRotaryEmbedding rotates with
+# four position streams.
+MROPE_CLASSES: tuple[str, ...] = ("MRotaryEmbedding",)
+COVERED_CLASSES: tuple[str, ...] = BASE_OP_CLASSES + MROPE_CLASSES
 
 _is_compiling = torch.compiler.is_compiling
 
 RopeCall = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], None]
 
-# (head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device) -> rope callable
+# (head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device, mrope_section,
+#  mrope_interleaved) -> rope callable; mrope_section is None for plain RoPE.
 _ROPES: dict[tuple, RopeCall] = {}
 _BUILD_LOCK = threading.Lock()
 _REGISTER_LOCK = threading.Lock()
@@ -77,29 +101,36 @@ def _num_heads(x: torch.Tensor, token_dims: int, head_size: int) -> int:
 
 
 def _build(sig: tuple) -> RopeCall:
-    """The rope callable for ``sig``: a selector, or vLLM's own op when none can be built."""
+    """The rope callable for ``sig``: a selector, or vLLM's own math when none can be built."""
     with _BUILD_LOCK:
         fn = _ROPES.get(sig)
         if fn is not None:
             return fn
-        head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device = sig
+        head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device = sig[:7]
+        section, interleaved = sig[7:]
         try:
             selector = select_rope(
-                head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device
-            )
+                head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device,
+                mrope_section=section, mrope_interleaved=interleaved,
+            )  # fmt: skip
         except (ValueError, TypeError, RuntimeError) as exc:
             logger.warning(
                 "rope-autotune: cannot select a RoPE kernel for head_size=%d rotary_dim=%d "
-                "heads=%d/%d %s on %s (%s); this shape runs vLLM's own op",
+                "heads=%d/%d %s%s on %s (%s); this shape runs vLLM's own %s",
                 head_size,
                 rotary_dim,
                 num_heads,
                 num_kv_heads,
                 dtype,
+                "" if section is None else f" mrope_section={list(section)}",
                 device,
                 exc,
+                "op" if section is None else "forward_native",
             )
-            fn = _vllm_op(head_size, is_neox)
+            if section is None:
+                fn = _vllm_op(head_size, is_neox)
+            else:
+                fn = _native_mrope_op(head_size, rotary_dim, is_neox, section, interleaved)
         else:
             logger.info(
                 "rope-autotune: vLLM RoPE %s on %s runs %s; 1 token: %s",
@@ -129,9 +160,12 @@ def _rotary_embedding(
     head_size: int,
     cos_sin_cache: torch.Tensor,
     is_neox: bool,
+    mrope_section: tuple[int, ...] | None = None,
+    mrope_interleaved: bool = False,
 ) -> RopeCall:
     """Rotate in place with the rope callable for the call's signature; returns that callable."""
-    token_dims = positions.dim()
+    # mRoPE positions are [3, T] or [T]; its query and key have one token dimension either way.
+    token_dims = positions.dim() if mrope_section is None else 1
     num_heads = _num_heads(query, token_dims, head_size)
     num_kv_heads = num_heads if key is None else _num_heads(key, token_dims, head_size)
     sig = (
@@ -142,6 +176,8 @@ def _rotary_embedding(
         is_neox,
         query.dtype,
         query.device,
+        mrope_section,
+        mrope_interleaved,
     )
     fn = _ROPES.get(sig)
     if fn is None:
@@ -167,6 +203,129 @@ def _rotary_embedding_op(
 @_rotary_embedding_op.register_fake
 def _rotary_embedding_fake(positions, query, key, head_size, cos_sin_cache, is_neox) -> None:
     return None  # in place: shapes and strides unchanged
+
+
+@torch.library.custom_op("rope_autotune::vllm_mrotary_embedding", mutates_args=("query", "key"))
+def _mrotary_embedding_op(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    head_size: int,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+    mrope_section: list[int],
+    mrope_interleaved: bool,
+) -> None:
+    """In-place multimodal RoPE (positions ``[3, T]`` or ``[T]``) through the selector for the
+    call, with the layer's sections."""
+    _rotary_embedding(
+        positions, query, key, head_size, cos_sin_cache, is_neox,
+        tuple(mrope_section), mrope_interleaved,
+    )  # fmt: skip
+    return None
+
+
+@_mrotary_embedding_op.register_fake
+def _mrotary_embedding_fake(
+    positions, query, key, head_size, cos_sin_cache, is_neox, mrope_section, mrope_interleaved
+) -> None:
+    return None  # in place: shapes and strides unchanged
+
+
+class _MropeLayerView:
+    """What ``MRotaryEmbedding.forward_native`` reads of its layer, without building one (that
+    needs a current vLLM config): to probe the installed ``forward_native`` at registration and
+    to run its math for a spec ``select_rope`` refuses."""
+
+    def __init__(self, head_size, rotary_dim, is_neox, section, interleaved, cos_sin_cache):
+        from vllm.model_executor.layers.rotary_embedding.common import ApplyRotaryEmb
+
+        self.head_size, self.rotary_dim, self.is_neox_style = head_size, rotary_dim, is_neox
+        self.mrope_section, self.mrope_interleaved = list(section), interleaved
+        self.cos_sin_cache = cos_sin_cache
+        # As the layer builds its ApplyRotaryEmb: the style given, enable_fp32_compute off.
+        rotate = functools.partial(ApplyRotaryEmb.forward_static, is_neox_style=is_neox)
+        self.apply_rotary_emb = type("_Rotate", (), {"forward_native": staticmethod(rotate)})
+
+    def _match_cos_sin_cache_dtype(self, query: torch.Tensor) -> torch.Tensor:
+        return self.cos_sin_cache.to(query.device, dtype=query.dtype)
+
+
+def _native_mrope_op(
+    head_size: int, rotary_dim: int, is_neox: bool, section: tuple, interleaved: bool
+) -> RopeCall:
+    """vLLM's ``MRotaryEmbedding.forward_native`` math, written back into ``query``/``key``."""
+    from vllm.model_executor.layers.rotary_embedding import MRotaryEmbedding
+
+    def run(positions, query, key, cos_sin_cache):
+        layer = _MropeLayerView(head_size, rotary_dim, is_neox, section, interleaved, cos_sin_cache)
+        # forward_native needs a key; it is out of place, so the query stands in for a missing one.
+        out_q, out_k = MRotaryEmbedding.forward_native(
+            layer, positions, query, query if key is None else key
+        )
+        query.copy_(out_q.view(query.shape))
+        if key is not None:
+            key.copy_(out_k.view(key.shape))
+
+    return run
+
+
+# (head_size, rotary_dim, section, interleaved, is_neox, text only): both section layouts, both
+# styles, partial rotary, [T] positions; sections distinct enough that a swapped stream shows.
+_MROPE_PROBES = (
+    (16, 16, (2, 3, 3), False, True, False),
+    (16, 16, (4, 2, 2), True, False, False),
+    (16, 8, (2, 1, 1), True, True, False),
+    (16, 16, (3, 2, 3), False, False, True),
+)
+
+
+@functools.cache
+def _mrope_native_reason(forward_native: Callable) -> str | None:
+    """Why the installed ``MRotaryEmbedding.forward_native`` is not the mRoPE a
+    :class:`kernels.RopeSpec` with its sections names (probed on small float32 inputs against
+    :func:`kernels.testing.rope_reference`), or None."""
+    from kernels.testing import assert_rope_close, rope_reference
+
+    gen = torch.Generator().manual_seed(0)
+    for head_size, rotary_dim, section, interleaved, is_neox, text_only in _MROPE_PROBES:
+        cache = torch.randn(32, rotary_dim, generator=gen)
+        positions = torch.randint(0, 32, (5,) if text_only else (3, 5), generator=gen)
+        query = torch.randn(5, 2 * head_size, generator=gen)
+        key = torch.randn(5, head_size, generator=gen)
+        layer = _MropeLayerView(head_size, rotary_dim, is_neox, section, interleaved, cache)
+        try:
+            got_q, got_k = forward_native(layer, positions, query.clone(), key.clone())
+            want_q, want_k = rope_reference(
+                positions, query, key, cache, head_size, is_neox,
+                mrope_section=section, mrope_interleaved=interleaved,
+            )  # fmt: skip
+            assert_rope_close(got_q, want_q, torch.float32, "query")
+            assert_rope_close(got_k, want_k, torch.float32, "key")
+        except AssertionError as exc:
+            return (
+                f"has a forward_native that is not the mRoPE of mrope_section={list(section)} "
+                f"interleaved={interleaved} {'text-only ' if text_only else ''}"
+                f"{'neox' if is_neox else 'gptj'} ({exc})"
+            )
+        except Exception as exc:  # a vLLM whose layer reads other attributes
+            return f"has a forward_native this module cannot probe ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _mrope_layout_reason(layer: torch.nn.Module) -> str | None:
+    """Why ``layer``'s sections are not a layout :class:`kernels.RopeSpec` names, or None."""
+    section = getattr(layer, "mrope_section", None)
+    if not section:
+        return "it has no mrope_section"
+    try:
+        RopeSpec(
+            layer.head_size, layer.rotary_dim, 1, 1, layer.is_neox_style, torch.float32,
+            mrope_section=tuple(section), mrope_interleaved=bool(layer.mrope_interleaved),
+        )  # fmt: skip
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 # vLLM's compile passes that fuse its own rotary op with neighbours; they match
@@ -236,6 +395,67 @@ class _SelectedRope:
         return query, key
 
 
+class _SelectedMrope:
+    """Mixed in front of ``MRotaryEmbedding``: its CUDA path goes through ``select_rope`` with
+    the layer's sections, for positions ``[3, T]`` and ``[T]`` alike (``offsets`` is ignored,
+    as vLLM's layer ignores it). A layer whose section layout :class:`kernels.RopeSpec` does not
+    name keeps vLLM's ``forward_cuda`` (one warning). Calls are dispatched per spec as for
+    :class:`_SelectedRope`.
+    """
+
+    _selector: RopeSelector | None = None
+    _specs_vary = False
+    _layout_refused: str | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)  # dispatch_forward runs before the sections are set
+        reason = _mrope_layout_reason(self)
+        if reason is None:
+            return
+        self._layout_refused = reason
+        if getattr(self._forward_method, "__func__", None) is _SelectedMrope.forward_cuda:
+            self._forward_method = super().forward_cuda  # the in-tree class's own CUDA path
+            logger.warning(
+                "rope-autotune: %s(mrope_section=%s, mrope_interleaved=%s) keeps vLLM's path: %s",
+                type(self).__name__.removeprefix("RopeAutotune"),
+                getattr(self, "mrope_section", None),
+                getattr(self, "mrope_interleaved", None),
+                reason,
+            )
+
+    def forward_cuda(
+        self,
+        positions: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        offsets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._layout_refused is not None:
+            return super().forward_cuda(positions, query, key, offsets)
+        # vLLM's conversion: the cache in the query's dtype and device, stored on the layer.
+        cos_sin_cache = self._match_cos_sin_cache_dtype(query)
+        if _is_compiling():
+            torch.ops.rope_autotune.vllm_mrotary_embedding(
+                positions, query, key, self.head_size, cos_sin_cache, self.is_neox_style,
+                list(self.mrope_section), bool(self.mrope_interleaved),
+            )  # fmt: skip
+            return query, key
+        selector = self._selector
+        if selector is not None:
+            try:
+                selector(positions, query, key, cos_sin_cache)
+                return query, key
+            except (TypeError, ValueError):  # another spec (a bad call raises again below)
+                self._selector, self._specs_vary = None, True
+        fn = _rotary_embedding(
+            positions, query, key, self.head_size, cos_sin_cache, self.is_neox_style,
+            tuple(self.mrope_section), bool(self.mrope_interleaved),
+        )  # fmt: skip
+        if not self._specs_vary and isinstance(fn, RopeSelector):
+            self._selector = fn
+        return query, key
+
+
 def _base_path_reason(cls: type, base: type) -> str | None:
     """Why ``cls`` does not run ``base``'s rotary op on its own cache, or None when it does."""
     if not issubclass(cls, base):
@@ -244,6 +464,13 @@ def _base_path_reason(cls: type, base: type) -> str | None:
         if getattr(cls, method) is not getattr(base, method):
             return f"overrides {method}"
     return None
+
+
+def _mrope_path_reason(cls: type, base: type) -> str | None:
+    """Why ``cls`` does not run ``base``'s (vLLM's ``MRotaryEmbedding``'s) multimodal RoPE on
+    its own cache as a :class:`kernels.RopeSpec` with its sections names it, or None."""
+    reason = _base_path_reason(cls, base)
+    return reason if reason is not None else _mrope_native_reason(base.forward_native)
 
 
 def register() -> None:
@@ -264,7 +491,12 @@ def register() -> None:
             if cls is None:
                 logger.info("rope-autotune: this vLLM has no %s; nothing to override", name)
                 continue
-            reason = _base_path_reason(cls, base)
+            if name in MROPE_CLASSES:
+                mixin = _SelectedMrope
+                reason = _mrope_path_reason(cls, rope_module.MRotaryEmbedding)
+            else:
+                mixin = _SelectedRope
+                reason = _base_path_reason(cls, base)
             if reason is not None:
                 logger.warning("rope-autotune: leaving %s to vLLM: it %s", name, reason)
                 continue
@@ -275,7 +507,7 @@ def register() -> None:
                     op_registry_oot[name].__qualname__,
                 )
                 continue
-            override = type(f"RopeAutotune{name}", (_SelectedRope, cls), {"__module__": __name__})
+            override = type(f"RopeAutotune{name}", (mixin, cls), {"__module__": __name__})
             CustomOp.register_oot(override, name=name)
             # register_oot renames the op to the class name; keep the switch users know.
             override.name = cls.name
@@ -314,7 +546,14 @@ def selector_for(
     or None when it runs vLLM's own op; ``print(selector.explain(num_tokens))`` says why.
 
     ``dtype`` and ``device`` default to the layer's cache's; ``num_kv_heads`` to ``num_heads``.
+    An mRoPE layer's selector has the layer's sections.
     """
+    if isinstance(layer, _SelectedMrope):
+        if layer._layout_refused is not None:
+            return None
+        section, interleaved = tuple(layer.mrope_section), bool(layer.mrope_interleaved)
+    else:
+        section, interleaved = None, False
     cache = layer.cos_sin_cache
     device = normalize_device(device if device is not None else cache.device)
     sig = (
@@ -325,6 +564,8 @@ def selector_for(
         layer.is_neox_style,
         dtype if dtype is not None else layer.dtype,
         device,
+        section,
+        interleaved,
     )
     fn = _ROPES.get(sig) or _build(sig)
     return fn if isinstance(fn, RopeSelector) else None
