@@ -87,8 +87,7 @@ _OFF = "off"
 # first-use table covers what a full tuning covers.
 BUCKETS: tuple[int, ...] = FALLBACK_BUCKETS
 # Configs of a tunable provider timed per bucket besides its default: the model's fastest
-# predicted. Leave-one-shape-out, the default and the model's first 4 configs reach the
-# bucket's best within 2% in 453 of 511 buckets (docs/DESIGN.md, "Warm-start size").
+# predicted (why this many: docs/DESIGN.md#first-use-candidates).
 MODEL_CONFIGS = 4
 # Timed rounds per candidate and their least length (verify's: a ranking among a few
 # candidates, not of close configs in a search).
@@ -97,8 +96,8 @@ ROUND_S = 0.001
 # How long a process waits for another one's tuning of the same spec before giving up on it.
 LOCK_TIMEOUT_S = 600.0
 # Providers never timed on first use, by device type: on CUDA the eager reference is far too
-# slow to win, and torch_compile never came within 2.2x of a bucket's winner in the H200 table
-# (493 buckets) while its compile would cost seconds of the budget.
+# slow to win, and torch_compile is far from every winner while its compile would cost seconds
+# of the budget (docs/DESIGN.md#first-use-candidates).
 NOT_TIMED_ON: Mapping[str, tuple[str, ...]] = {"cuda": ("torch", "torch_compile")}
 
 
