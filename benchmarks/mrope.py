@@ -13,7 +13,7 @@ longer buffer, the layer's cos/sin cache in the query's dtype, as vLLM holds it)
   entry, else the same default).
 
 Each is first checked against the float64 reference on the layer's cache (FAIL otherwise), then
-timed by CUDA graph replay over input sets covering 3x the L2 (``autotune.measure.time_rope``,
+timed by CUDA graph replay over input sets covering 3x the L2 (``kernels.measure.time_rope``,
 median over rounds). The memory floor is the bytes the call must move
 (:meth:`kernels.RopeSpec.bytes_moved`: rotated q/k slices read and written, ``rotary_dim`` cache
 values and three positions per token) over the copy bandwidth measured in the same run.
@@ -36,10 +36,10 @@ import time
 from pathlib import Path
 
 import torch
-from autotune.measure import MAX_POSITION, copy_bandwidth, make_inputs, time_rope
 
 from autotune.models import get_preset
 from kernels import RopeSpec, get_provider, select_rope
+from kernels.measure import MAX_POSITION, copy_bandwidth, make_inputs, time_rope
 from kernels.providers import TRITON_MROPE
 from kernels.table import library_versions
 from kernels.testing import assert_rope_close, rope_reference

@@ -153,3 +153,42 @@ def test_only_public_kernels_names_outside_kernels(directory):
                 shown = target if name is None else f"{target}.{name}"
                 faults.append(f"{path.relative_to(ROOT)} imports {shown}")
     assert not faults, "private kernels names imported:\n" + "\n".join(faults)
+
+
+def _top_level_names(path: Path) -> set[str]:
+    """Names a module may bind at its top level: definitions, assignments and imports, those
+    inside top-level ``if``/``try`` blocks included (nested function bodies are not walked)."""
+    names: set[str] = set()
+    stack = list(ast.parse(path.read_text(), str(path)).body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            stack.extend(ast.iter_child_nodes(node))
+        elif isinstance(node, ast.ExceptHandler):
+            stack.extend(node.body)
+    return names
+
+
+@pytest.mark.parametrize("directory", ["autotune", "benchmarks", "tests", "kernels"])
+def test_imports_of_our_packages_resolve(directory):
+    """Every module and name taken from ``kernels`` or ``autotune`` exists (a script that no
+    test runs still fails here when a module it imports moved)."""
+    modules = _modules()
+    known = set(modules)
+    faults = []
+    for path in sorted((ROOT / directory).rglob("*.py")):
+        for target, name in imported(_module_name(path), path, known):
+            if target.split(".")[0] not in PACKAGES:
+                continue
+            if target not in known:
+                faults.append(f"{path.relative_to(ROOT)} imports the missing module {target}")
+            elif name not in (None, "*") and name not in _top_level_names(modules[target]):
+                faults.append(f"{path.relative_to(ROOT)} imports {target}.{name}: not defined")
+    assert not faults, "\n".join(faults)

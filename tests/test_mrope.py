@@ -514,7 +514,7 @@ GPU_CONFIGS = [
 @pytest.mark.parametrize("spec", GPU_SPECS, ids=spec_id)
 @pytest.mark.parametrize("name", ["torch", TRITON_MROPE, "vllm_mrope"])
 def test_providers_gpu(name, spec):
-    from autotune.measure import check_correct, time_rope
+    from kernels.measure import check_correct, time_rope
 
     provider = get_provider(name)
     reason = provider.unavailable_reason("cuda:0") or provider.unsupported_reason(spec)
@@ -543,6 +543,6 @@ def test_selector_gpu_runs_triton_mrope_untuned(tmp_path):
             mrope_interleaved=spec.mrope_interleaved, table_dir=tmp_path,
         )  # fmt: skip
     assert rope.explain(16).provider == TRITON_MROPE
-    from autotune.measure import check_correct
+    from kernels.measure import check_correct
 
     check_correct(rope, spec, 101, "cuda:0")
