@@ -46,6 +46,7 @@ import torch
 
 from kernels import RopeSelector, RopeSpec, select_rope
 from kernels.devices import normalize_device
+from kernels.integrations._capture_aware import CaptureAwareRope, capture_aware
 
 __all__ = [
     "BASE_OP_CLASSES",
@@ -108,11 +109,13 @@ def _build(sig: tuple) -> RopeCall:
             return fn
         head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device = sig[:7]
         section, interleaved = sig[7:]
+        args = (head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device)
+        mrope = {"mrope_section": section, "mrope_interleaved": interleaved}
         try:
-            selector = select_rope(
-                head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device,
-                mrope_section=section, mrope_interleaved=interleaved,
-            )  # fmt: skip
+            selector = fn = select_rope(*args, **mrope)
+            if device.type == "cuda":  # eager calls follow eager-timed entries, where there are
+                eager = select_rope(*args, **mrope, timing="eager", tune="off")  # tuned above
+                fn = capture_aware(selector, eager)
         except (ValueError, TypeError, RuntimeError) as exc:
             logger.warning(
                 "rope-autotune: cannot select a RoPE kernel for head_size=%d rotary_dim=%d "
@@ -136,10 +139,9 @@ def _build(sig: tuple) -> RopeCall:
                 "rope-autotune: vLLM RoPE %s on %s runs %s; 1 token: %s",
                 selector.spec.key,
                 device,
-                selector,
+                fn,
                 selector.explain(1),
             )
-            fn = selector
         _ROPES[sig] = fn
         return fn
 
@@ -347,7 +349,7 @@ class _SelectedRope:
     heads), each call's spec is looked up.
     """
 
-    _selector: RopeSelector | None = None
+    _selector: RopeSelector | CaptureAwareRope | None = None
     _specs_vary = False
 
     def dispatch_forward(self, *args, **kwargs):
@@ -390,7 +392,7 @@ class _SelectedRope:
         fn = _rotary_embedding(
             positions, query, key, self.head_size, cos_sin_cache, self.is_neox_style
         )
-        if not self._specs_vary and isinstance(fn, RopeSelector):
+        if not self._specs_vary and isinstance(fn, (RopeSelector, CaptureAwareRope)):
             self._selector = fn
         return query, key
 
@@ -403,7 +405,7 @@ class _SelectedMrope:
     :class:`_SelectedRope`.
     """
 
-    _selector: RopeSelector | None = None
+    _selector: RopeSelector | CaptureAwareRope | None = None
     _specs_vary = False
     _layout_refused: str | None = None
 
@@ -451,7 +453,7 @@ class _SelectedMrope:
             positions, query, key, self.head_size, cos_sin_cache, self.is_neox_style,
             tuple(self.mrope_section), bool(self.mrope_interleaved),
         )  # fmt: skip
-        if not self._specs_vary and isinstance(fn, RopeSelector):
+        if not self._specs_vary and isinstance(fn, (RopeSelector, CaptureAwareRope)):
             self._selector = fn
         return query, key
 
@@ -541,13 +543,21 @@ def selector_for(
     num_kv_heads: int | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    timing: str = "graph",
 ) -> RopeSelector | None:
     """The selector an overridden ``layer`` uses for calls with these heads (built if needed),
     or None when it runs vLLM's own op; ``print(selector.explain(num_tokens))`` says why.
 
     ``dtype`` and ``device`` default to the layer's cache's; ``num_kv_heads`` to ``num_heads``.
-    An mRoPE layer's selector has the layer's sections.
+    An mRoPE layer's selector has the layer's sections. ``timing``: the calls captured in a
+    CUDA graph (``"graph"``) or the eager ones (``"eager"``); on a GPU whose table has eager
+    entries for the spec the two differ, else both are the one selector.
+
+    Raises:
+        ValueError: ``timing`` is neither.
     """
+    if timing not in ("graph", "eager"):
+        raise ValueError(f"timing: expected 'graph' or 'eager', got {timing!r}")
     if isinstance(layer, _SelectedMrope):
         if layer._layout_refused is not None:
             return None
@@ -568,4 +578,6 @@ def selector_for(
         interleaved,
     )
     fn = _ROPES.get(sig) or _build(sig)
+    if isinstance(fn, CaptureAwareRope):
+        return fn.graph if timing == "graph" else fn.eager
     return fn if isinstance(fn, RopeSelector) else None
