@@ -8,6 +8,7 @@ shared constants below with ``from conftest import ...``.
 import importlib.util
 import os
 import platform
+import sys
 from pathlib import Path
 
 import orjson
@@ -212,6 +213,8 @@ def load_benchmark(name: str):
     """Import ``benchmarks/<name>.py`` (a script, not a package module) for its functions."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    # Registered before it runs, as an import would: dataclasses look their module up there.
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 

@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/device/device_run.sh tests         # GPU tests, eager launch and selector overhead
 #   bash benchmarks/device/device_run.sh integrations  # vLLM's layers and a transformers model, with and without us
+#   bash benchmarks/device/device_run.sh block         # a compiled vLLM attention block: vLLM's RoPE, its op, ours
 #   bash benchmarks/device/device_run.sh untuned       # cold tuning time, unseen shapes (carry .tune_loso)
 #   bash benchmarks/device/device_run.sh verify        # the shipped table re-timed; eager small tokens
 #   bash benchmarks/device/device_run.sh small-tokens  # Triton sweep vs FlashInfer/vLLM, 16-1024 tokens
@@ -26,6 +27,11 @@ case "$1" in
     timeout 300 python3 benchmarks/vllm_layer.py --device cuda:0 --out "$OUT/vllm_layer" 2>&1 \
       | tail -60
     timeout 200 python3 benchmarks/transformers_model.py --device cuda:0 2>&1 | tail -25 ;;
+  block)
+    # An attention block as vLLM's models build it, compiled, CUDA-graph timed: vLLM's default
+    # RoPE (forward_native under Inductor), vLLM's op and ours; rows are written as they come.
+    timeout 420 python3 benchmarks/vllm_block.py --device cuda:0 --out "$OUT" 2>&1 \
+      | grep -v "INFO\|WARNING" | tail -40 ;;
   untuned)
     # The compiled vLLM override's arguments (a fault is named by the call that made it), the
     # tuning time of one spec from a cold start against the shipped table (the model in
@@ -71,6 +77,6 @@ case "$1" in
   tune)
     bash benchmarks/device/tune_h200.sh "${TUNE_SECONDS:-300}" ;;
   *)
-    echo "usage: device_run.sh tests|integrations|untuned|verify|small-tokens|losing|defaults|search|tune" >&2
+    echo "usage: device_run.sh tests|integrations|block|untuned|verify|small-tokens|losing|defaults|search|tune" >&2
     exit 2 ;;
 esac
