@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Device calls on the H200 machine, one stage per call (each fits the 10-minute limit), after
+# Device calls on a GPU machine, one stage per call (each fits the 10-minute limit), after
 # ../shared/gpu's two set-up calls (its part b carries platformdirs, Optuna, FlashInfer and
 # vLLM's Python files into /tmp/site); everything lands under $OUT. From the repository root:
 #
 #   bash benchmarks/device/device_run.sh tests         # GPU tests, eager launch and selector overhead
 #   bash benchmarks/device/device_run.sh integrations  # vLLM's layers and a transformers model, with and without us
 #   bash benchmarks/device/device_run.sh block         # a compiled vLLM attention block: vLLM's RoPE, its op, ours
+#   bash benchmarks/device/device_run.sh mrope         # mRoPE: ours, vLLM's forward_cuda, Inductor's forward_native
+#   bash benchmarks/device/device_run.sh aliasing      # the compiled-aliasing fault with four op bodies
+#   bash benchmarks/device/device_run.sh transfer      # unseen shapes with own/transferred/default data; first use
 #   bash benchmarks/device/device_run.sh untuned       # cold tuning time, unseen shapes (carry .tune_loso)
 #   bash benchmarks/device/device_run.sh verify        # the shipped table re-timed; eager small tokens
 #   bash benchmarks/device/device_run.sh small-tokens  # Triton sweep vs FlashInfer/vLLM, 16-1024 tokens
@@ -32,6 +35,23 @@ case "$1" in
     # RoPE (forward_native under Inductor), vLLM's op and ours; rows are written as they come.
     timeout 420 python3 benchmarks/vllm_block.py --device cuda:0 --out "$OUT" 2>&1 \
       | grep -v "INFO\|WARNING" | tail -40 ;;
+  mrope)
+    timeout 150 python3 benchmarks/mrope.py --device cuda:0 --out "$OUT" 2>&1 | tail -40
+    timeout 200 python3 benchmarks/vllm_layer.py --device cuda:0 --out "$OUT/vllm_layer_mrope" \
+      --models qwen2.5-vl-7b,qwen3-vl-8b,qwen2-vl-2b --tokens 1,16,256,4096,16384 2>&1 \
+      | grep -v "INFO\|WARNING" | tail -40 ;;
+  aliasing)
+    timeout 240 python3 benchmarks/experiments/aliasing_repro.py 2>&1 | tee "$OUT/aliasing.txt"
+    timeout 300 python3 benchmarks/experiments/aliasing_repro.py --sanitize --bodies ours,vllm \
+      --tokens 256,4096 2>&1 | tee "$OUT/aliasing_sanitized.txt" ;;
+  transfer)
+    # This device's data against the nearest device's and the untuned default (its own column
+    # only where it has a table), then tuning on first use against the device's full tuning.
+    data=transfer,default
+    [ -n "$(ls configs/"$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")".json 2>/dev/null)" ] && data=own,$data
+    timeout 300 python3 benchmarks/unseen_shapes.py --device cuda:0 --data "$data" 2>&1 | tail -45
+    timeout 240 python3 benchmarks/first_use.py --device cuda:0 --limit 8 \
+      --out "$OUT/first_use.txt" --csv "$OUT/first_use.csv" 2>&1 | tail -25 ;;
   untuned)
     # The compiled vLLM override's arguments (a fault is named by the call that made it), the
     # tuning time of one spec from a cold start against the shipped table (the model in
@@ -77,6 +97,6 @@ case "$1" in
   tune)
     bash benchmarks/device/tune_h200.sh "${TUNE_SECONDS:-300}" ;;
   *)
-    echo "usage: device_run.sh tests|integrations|block|untuned|verify|small-tokens|losing|defaults|search|tune" >&2
+    echo "usage: device_run.sh tests|integrations|block|mrope|aliasing|transfer|untuned|verify|small-tokens|losing|defaults|search|tune" >&2
     exit 2 ;;
 esac
