@@ -23,6 +23,7 @@ from vllm.config import (  # noqa: E402
 
 from kernels import RopeSelector  # noqa: E402
 from kernels.integrations import vllm as plugin  # noqa: E402
+from kernels.integrations._vllm_mrope import mrope_native_reason  # noqa: E402
 from kernels.testing import TOLERANCES, assert_rope_close, rope_reference  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -249,7 +250,7 @@ def test_the_probe_rejects_a_forward_native_with_another_layout():
     """The registration's probe of forward_native: the installed one passes; one that reads the
     sections in the other layout, or cannot run on the probe's view of a layer, is refused."""
     native = rope_module.MRotaryEmbedding.forward_native
-    assert plugin._mrope_native_reason(native) is None
+    assert mrope_native_reason(native) is None
 
     def swapped(layer, positions, query, key):
         layer.mrope_interleaved = not layer.mrope_interleaved
@@ -258,8 +259,8 @@ def test_the_probe_rejects_a_forward_native_with_another_layout():
     def foreign(layer, positions, query, key):
         return native(layer, positions, query, key, layer.offsets)
 
-    assert "is not the mRoPE of" in plugin._mrope_native_reason(swapped)
-    assert "cannot probe" in plugin._mrope_native_reason(foreign)
+    assert "is not the mRoPE of" in mrope_native_reason(swapped)
+    assert "cannot probe" in mrope_native_reason(foreign)
 
 
 # -- outputs on the CPU --------------------------------------------------------------------------
