@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     callables = {"direct": direct, "selector": rope, "checks": checks}
+    if choice.provider == "vllm":  # its library is loaded: vLLM's op as vLLM's layers call it
+        op, neox = torch.ops._C.rotary_embedding, args.is_neox_style
+        callables["vllm_op"] = lambda p, q, k, c: op(p, q, k, d, c, neox)
     for fn in callables.values():
         for _ in range(args.warmup):
             fn(*call_args)
@@ -116,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         f"selector overhead (checks + dispatch): {median['selector'] - median['direct']:8.3f} "
         f"us/call (median of paired rounds: {paired:.3f} us)",
     ]
+    if "vllm_op" in median:
+        lines.append(f"vLLM's op called directly:      {median['vllm_op']:8.3f} us/call")
     report = "\n".join(lines)
     print(report)
     if os.environ.get("OUT"):

@@ -25,7 +25,9 @@ case "$1" in
     tail -25 "$OUT/pytest_gpu.log"
     python3 benchmarks/launch_overhead.py 2>&1 | tee "$OUT/launch_overhead.log" | tail -12
     python3 benchmarks/selector_overhead.py --device cuda:0 --max-overhead-us 1.0 2>&1 \
-      | tee "$OUT/selector_overhead.log" | tail -12 ;;
+      | tee "$OUT/selector_overhead.log" | tail -12
+    python3 benchmarks/selector_overhead.py --device cuda:0 --provider vllm 2>&1 \
+      | tee -a "$OUT/selector_overhead.log" | tail -8 ;;
   integrations)
     timeout 300 python3 benchmarks/vllm_layer.py --device cuda:0 --out "$OUT/vllm_layer" 2>&1 \
       | tail -60
