@@ -247,8 +247,8 @@ FUSION_PASSES: tuple[str, ...] = (
 )
 
 
-class _SelectedRope:
-    """Mixed in front of a covered vLLM class: its CUDA path goes through ``select_rope``.
+class _Override:
+    """What the overrides share: eager calls through the selector of the layer's one spec.
 
     While a layer's eager calls all have one spec, it calls that spec's selector directly: the
     selector checks every call against its spec (heads, dtype, device, rotary dim) and raises
@@ -259,6 +259,33 @@ class _SelectedRope:
 
     _selector: RopeSelector | CaptureAwareRope | None = None
     _specs_vary = False
+
+    def _rotate(
+        self,
+        positions: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor | None,
+        cos_sin_cache: torch.Tensor,
+        mrope_section: tuple[int, ...] | None = None,
+        mrope_interleaved: bool = False,
+    ) -> None:
+        selector = self._selector
+        if selector is not None:
+            try:
+                selector(positions, query, key, cos_sin_cache)
+                return
+            except (TypeError, ValueError):  # another spec (a bad call raises again below)
+                self._selector, self._specs_vary = None, True
+        fn = _rotary_embedding(
+            positions, query, key, self.head_size, cos_sin_cache, self.is_neox_style,
+            mrope_section, mrope_interleaved,
+        )  # fmt: skip
+        if not self._specs_vary and isinstance(fn, (RopeSelector, CaptureAwareRope)):
+            self._selector = fn
+
+
+class _SelectedRope(_Override):
+    """Mixed in front of a covered vLLM class: its CUDA path goes through ``select_rope``."""
 
     def dispatch_forward(self, *args, **kwargs):
         forward = super().dispatch_forward(*args, **kwargs)
@@ -290,31 +317,17 @@ class _SelectedRope:
                 positions, query, key, self.head_size, cos_sin_cache, self.is_neox_style
             )
             return query, key
-        selector = self._selector
-        if selector is not None:
-            try:
-                selector(positions, query, key, cos_sin_cache)
-                return query, key
-            except (TypeError, ValueError):  # another spec (a bad call raises again below)
-                self._selector, self._specs_vary = None, True
-        fn = _rotary_embedding(
-            positions, query, key, self.head_size, cos_sin_cache, self.is_neox_style
-        )
-        if not self._specs_vary and isinstance(fn, (RopeSelector, CaptureAwareRope)):
-            self._selector = fn
+        self._rotate(positions, query, key, cos_sin_cache)
         return query, key
 
 
-class _SelectedMrope:
+class _SelectedMrope(_Override):
     """Mixed in front of ``MRotaryEmbedding``: its CUDA path goes through ``select_rope`` with
     the layer's sections, for positions ``[3, T]`` and ``[T]`` alike (``offsets`` is ignored,
     as vLLM's layer ignores it). A layer whose section layout :class:`kernels.RopeSpec` does not
-    name keeps vLLM's ``forward_cuda`` (one warning). Calls are dispatched per spec as for
-    :class:`_SelectedRope`.
+    name keeps vLLM's ``forward_cuda`` (one warning).
     """
 
-    _selector: RopeSelector | CaptureAwareRope | None = None
-    _specs_vary = False
     _layout_refused: str | None = None
 
     def __init__(self, *args, **kwargs) -> None:
@@ -350,19 +363,10 @@ class _SelectedMrope:
                 list(self.mrope_section), bool(self.mrope_interleaved),
             )  # fmt: skip
             return query, key
-        selector = self._selector
-        if selector is not None:
-            try:
-                selector(positions, query, key, cos_sin_cache)
-                return query, key
-            except (TypeError, ValueError):  # another spec (a bad call raises again below)
-                self._selector, self._specs_vary = None, True
-        fn = _rotary_embedding(
-            positions, query, key, self.head_size, cos_sin_cache, self.is_neox_style,
+        self._rotate(
+            positions, query, key, cos_sin_cache,
             tuple(self.mrope_section), bool(self.mrope_interleaved),
         )  # fmt: skip
-        if not self._specs_vary and isinstance(fn, (RopeSelector, CaptureAwareRope)):
-            self._selector = fn
         return query, key
 
 
