@@ -117,8 +117,11 @@ def _build(sig: tuple) -> RopeCall:
         mrope = {"mrope_section": section, "mrope_interleaved": interleaved}
         try:
             selector = fn = select_rope(*args, **mrope)
-            if device.type == "cuda":  # eager calls follow eager-timed entries, where there are
-                eager = select_rope(*args, **mrope, timing="eager", tune="off")  # tuned above
+            # Eager calls follow eager-timed entries where a table has them. Without a table
+            # or model (source None) the eager selection would be the same untuned fallback,
+            # with its warning twice; first-use tuning, if on, ran in the graph selection.
+            if device.type == "cuda" and selector.source is not None:
+                eager = select_rope(*args, **mrope, timing="eager", tune="off")
                 fn = capture_aware(selector, eager)
         except (ValueError, TypeError, RuntimeError) as exc:
             logger.warning(
