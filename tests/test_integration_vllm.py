@@ -225,6 +225,7 @@ def test_the_rotary_embedding_switch_turns_the_override_on_and_off(
 
 def test_the_log_says_whether_the_op_is_on_and_why(monkeypatch, caplog):
     monkeypatch.setattr(plugin, "_LOGGED", set())
+    monkeypatch.setattr(plugin, "ON_BY_DEFAULT", True)
     with caplog.at_level(logging.INFO, logger="vllm.rope_autotune"):
         make_rope(COVERED["RotaryEmbedding"], custom_ops=("none",))
         make_rope(COVERED["RotaryEmbedding"], head_size=32, custom_ops=("none",))  # logged once
