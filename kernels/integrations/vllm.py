@@ -32,10 +32,7 @@ interleaved layout whose time section is not the largest) keeps vLLM's ``forward
 
 The overrides keep the in-tree ``name`` (``rotary_embedding``), so vLLM's switch
 ``custom_ops=["+rotary_embedding"]`` / ``["-rotary_embedding"]`` turns them on and off as it
-does vLLM's own op; with :data:`ON_BY_DEFAULT` they are also on where vLLM would leave the op
-off by default (``custom_ops`` ``"none"``, its default when Inductor compiles the model), so
-the compiled graph holds our op instead of Inductor's compile of ``forward_native``.
-vLLM's fusion passes (:data:`FUSION_PASSES`: QK-norm+RoPE, RoPE+KV-cache)
+does vLLM's own op. vLLM's fusion passes (:data:`FUSION_PASSES`: QK-norm+RoPE, RoPE+KV-cache)
 match vLLM's own rotary op in the compiled graph and would not find ours, so a base-op layer
 built while one of them is on keeps vLLM's op (one warning); none of them matches mRoPE.
 """
@@ -48,7 +45,6 @@ import torch
 
 from kernels import RopeSelector, select_rope
 from kernels.devices import normalize_device
-from kernels.integrations._capture_aware import CaptureAwareRope, capture_aware
 from kernels.integrations._vllm_mrope import (
     mrope_layout_reason,
     mrope_native_reason,
@@ -60,7 +56,6 @@ __all__ = [
     "COVERED_CLASSES",
     "FUSION_PASSES",
     "MROPE_CLASSES",
-    "ON_BY_DEFAULT",
     "register",
     "registered_overrides",
     "selector_for",
@@ -117,16 +112,11 @@ def _build(sig: tuple) -> RopeCall:
             return fn
         head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device = sig[:7]
         section, interleaved = sig[7:]
-        args = (head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device)
-        mrope = {"mrope_section": section, "mrope_interleaved": interleaved}
         try:
-            selector = fn = select_rope(*args, **mrope)
-            # Eager calls follow eager-timed entries where a table has them. Without a table
-            # or model (source None) the eager selection would be the same untuned fallback,
-            # with its warning twice; first-use tuning, if on, ran in the graph selection.
-            if device.type == "cuda" and selector.source is not None:
-                eager = select_rope(*args, **mrope, timing="eager", tune="off")
-                fn = capture_aware(selector, eager)
+            selector = select_rope(
+                head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device,
+                mrope_section=section, mrope_interleaved=interleaved,
+            )  # fmt: skip
         except (ValueError, TypeError, RuntimeError) as exc:
             logger.warning(
                 "rope-autotune: cannot select a RoPE kernel for head_size=%d rotary_dim=%d "
@@ -150,9 +140,10 @@ def _build(sig: tuple) -> RopeCall:
                 "rope-autotune: vLLM RoPE %s on %s runs %s; 1 token: %s",
                 selector.spec.key,
                 device,
-                fn,
+                selector,
                 selector.explain(1),
             )
+            fn = selector
         _ROPES[sig] = fn
         return fn
 
@@ -254,21 +245,8 @@ FUSION_PASSES: tuple[str, ...] = (
 )
 
 
-# Whether covered layers run select_rope where vLLM leaves its rotary custom op off by default
-# (``custom_ops`` "none", vLLM's default when Inductor compiles the model, which then compiles
-# the layer's forward_native). The attention-block measurement decides it
-# (benchmarks/vllm_block.py, docs/DESIGN.md#on-by-default-in-vllm).
-ON_BY_DEFAULT = False
-_LOGGED: set[tuple[str, bool]] = set()  # (class, on) decisions logged once
-
-
 class _Override:
-    """What the overrides share: the custom op's switch, and eager calls through the selector of
-    the layer's one spec.
-
-    The switch is vLLM's, except that with :data:`ON_BY_DEFAULT` the op is on unless
-    ``custom_ops`` has ``-rotary_embedding``; one log line per class and decision says which and
-    why.
+    """What the overrides share: eager calls through the selector of the layer's one spec.
 
     While a layer's eager calls all have one spec, it calls that spec's selector directly: the
     selector checks every call against its spec (heads, dtype, device, rotary dim) and raises
@@ -277,31 +255,8 @@ class _Override:
     heads), each call's spec is looked up.
     """
 
-    _selector: RopeSelector | CaptureAwareRope | None = None
+    _selector: RopeSelector | None = None
     _specs_vary = False
-
-    @classmethod
-    def enabled(cls) -> bool:
-        from vllm.config import get_cached_compilation_config
-
-        custom_ops = get_cached_compilation_config().custom_ops
-        if super().enabled():
-            on, why = True, "vLLM's custom_ops switch it on"
-        elif f"-{cls.name}" in custom_ops:
-            on, why = False, f"custom_ops has -{cls.name}"
-        else:
-            on = ON_BY_DEFAULT
-            why = "rope-autotune turns it on by default" if on else "vLLM's default leaves it off"
-        if (cls.__name__, on) not in _LOGGED:
-            _LOGGED.add((cls.__name__, on))
-            logger.info(
-                "rope-autotune: custom op %r %s for %s: %s",
-                cls.name,
-                "on" if on else "off",
-                cls.__name__.removeprefix("RopeAutotune"),
-                why,
-            )
-        return on
 
     def _rotate(
         self,
@@ -323,7 +278,7 @@ class _Override:
             positions, query, key, self.head_size, cos_sin_cache, self.is_neox_style,
             mrope_section, mrope_interleaved,
         )  # fmt: skip
-        if not self._specs_vary and isinstance(fn, (RopeSelector, CaptureAwareRope)):
+        if not self._specs_vary and isinstance(fn, RopeSelector):
             self._selector = fn
 
 
@@ -470,10 +425,9 @@ def register() -> None:
             override.name = cls.name
             _OVERRIDES[name] = override
         logger.info(
-            "rope-autotune: vLLM RoPE layers %s run select_rope when the custom op %r is on (%s)",
+            "rope-autotune: vLLM RoPE layers %s run select_rope when the custom op %r is on",
             ", ".join(sorted(_OVERRIDES)),
             base.name,
-            f"on unless custom_ops has -{base.name}" if ON_BY_DEFAULT else "vLLM's default",
         )
 
 
@@ -499,21 +453,13 @@ def selector_for(
     num_kv_heads: int | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-    timing: str = "graph",
 ) -> RopeSelector | None:
     """The selector an overridden ``layer`` uses for calls with these heads (built if needed),
     or None when it runs vLLM's own op; ``print(selector.explain(num_tokens))`` says why.
 
     ``dtype`` and ``device`` default to the layer's cache's; ``num_kv_heads`` to ``num_heads``.
-    An mRoPE layer's selector has the layer's sections. ``timing``: the calls captured in a
-    CUDA graph (``"graph"``) or the eager ones (``"eager"``); on a GPU whose table has eager
-    entries for the spec the two differ, else both are the one selector.
-
-    Raises:
-        ValueError: ``timing`` is neither.
+    An mRoPE layer's selector has the layer's sections.
     """
-    if timing not in ("graph", "eager"):
-        raise ValueError(f"timing: expected 'graph' or 'eager', got {timing!r}")
     if isinstance(layer, _SelectedMrope):
         if layer._layout_refused is not None:
             return None
@@ -534,6 +480,4 @@ def selector_for(
         interleaved,
     )
     fn = _ROPES.get(sig) or _build(sig)
-    if isinstance(fn, CaptureAwareRope):
-        return fn.graph if timing == "graph" else fn.eager
     return fn if isinstance(fn, RopeSelector) else None

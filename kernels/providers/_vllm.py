@@ -59,10 +59,6 @@ class VllmProvider(Provider):
         head_size, is_neox = spec.head_size, spec.is_neox
 
         def run(positions, query, key, cos_sin_cache):
-            if query.dim() == 2 and positions.dim() == 1 and positions.dtype is torch.int64:
-                # [T, H*D] views and [T] int64 positions: how vLLM's own layers call the op.
-                op(positions, query, key, head_size, cos_sin_cache, is_neox)
-                return
             n = positions.numel()
             q = as_token_head_view("query", query, head_size, n)
             k = None if key is None else as_token_head_view("key", key, head_size, n)
