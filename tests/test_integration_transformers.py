@@ -280,6 +280,31 @@ def test_vision_language_models_give_the_same_logits(model_type, section, interl
         assert_logits_close(step, step_expected, torch.float32)
 
 
+def test_text_rotary_taking_only_three_position_streams(monkeypatch):
+    """Some transformers 5 releases' multimodal text rotary modules index positions [3, B, S] and
+    raise on [B, S]: the probe asks again with three equal streams, and the model is bridged."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+
+    rotary = modeling_qwen2_5_vl.Qwen2_5_VLRotaryEmbedding
+    original = rotary.forward
+
+    def three_streams_only(self, x, position_ids):
+        if position_ids.dim() != 3:
+            raise IndexError("too many indices for tensor of dimension 2")
+        return original(self, x, position_ids)
+
+    monkeypatch.setattr(rotary, "forward", three_streams_only)
+    model = small_vl_model("qwen2_5_vl", [2, 3, 3], None)
+    batch = image_batch()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        with patch_model(model) as patch:
+            actual = model(**batch).logits
+            assert patch.calls == LAYERS and patch.fallbacks == 0
+    assert patch.rotary_modules == ("Qwen2_5_VLRotaryEmbedding",)
+    assert_logits_close(actual, expected, torch.float32)
+
+
 def test_refuses_per_stream_cos_sin(monkeypatch):
     """A rotary module returning cos/sin per stream, [3, B, S, D], for the attention layers to
     merge (transformers 4's apply_multimodal_rotary_pos_emb) is not a per-token cache."""

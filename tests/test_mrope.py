@@ -22,7 +22,7 @@ from kernels import (
     select_rope,
 )
 from kernels.providers import TRITON_MROPE
-from kernels.providers._vllm_mrope import VllmMropeProvider
+from kernels.providers._vllm_mrope import VllmMropeProvider, load_vllm_mrope
 from kernels.table import TableError, read_table
 from kernels.testing import TOLERANCES, assert_rope_close, rope_reference
 
@@ -319,6 +319,18 @@ def test_vllm_mrope_refuses_gptj_and_keyless():
     neox = SPECS[0]
     assert get_provider("vllm_mrope").unsupported_reason(neox) is None
     assert "key" in get_provider("vllm_mrope").unsupported_reason(neox, has_key=False)
+
+
+def test_vllm_mrope_unavailable_where_vllm_disabled_triton(monkeypatch):
+    """vLLM swaps in a placeholder ``triton`` when its own Triton check fails (its kernels then
+    die on ``triton.next_power_of_2``): the provider says so instead of failing at call time."""
+    triton_utils = pytest.importorskip("vllm.triton_utils")
+    monkeypatch.setattr(triton_utils, "HAS_TRITON", False)
+    load_vllm_mrope.cache_clear()
+    try:
+        assert "disabled its Triton kernels" in load_vllm_mrope()
+    finally:
+        load_vllm_mrope.cache_clear()
 
 
 # -- argument checks -----------------------------------------------------------------------------

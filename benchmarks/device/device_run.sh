@@ -17,7 +17,7 @@
 #   bash benchmarks/device/device_run.sh search        # the search against an exhaustive sweep
 #   TUNE_SECONDS=400 bash benchmarks/device/device_run.sh tune   # a resumable stretch of the table run
 set -u
-export PYTHONUNBUFFERED=1
+. "$(dirname "$0")/site.sh"
 case "$1" in
   tests)
     timeout "${TESTS_SECONDS:-420}" python3 -m pytest -m gpu -q -p no:cacheprovider \

@@ -12,7 +12,7 @@
 # $OUT). WARM_FROM=<file.model.json> warm-starts the studies from another device's
 # performance model (installed under this device's model name in a directory searched first).
 set -u
-export PYTHONUNBUFFERED=1
+. "$(dirname "$0")/site.sh"
 seconds=${1:?usage: tune.sh SECONDS [autotune flags...]}
 shift
 device=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")

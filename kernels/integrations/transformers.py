@@ -294,12 +294,19 @@ def _neox_rotation_fails(fn: Callable, extra: int = 0) -> str | None:
 
 def _probe_rotary(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why ``module``'s output is not ``cos``/``sin`` ``[B, S, D]`` with equal halves, or None."""
+    x = torch.zeros(1, 3, 1, device=device, dtype=dtype)
     positions = torch.arange(3, device=device)[None]
     try:
         with torch.no_grad():
-            cos, sin = module(torch.zeros(1, 3, 1, device=device, dtype=dtype), positions)
+            cos, sin = module(x, positions)
     except Exception as exc:
-        return f"calling it as rotary(x, position_ids) raised {exc!r}"
+        # Multimodal text rotary modules of some transformers 5 releases index three position
+        # streams and take only [3, B, S] (equal streams: text positions).
+        try:
+            with torch.no_grad():
+                cos, sin = module(x, positions.expand(3, 1, 3))
+        except Exception:
+            return f"calling it as rotary(x, position_ids) raised {exc!r}"
     if cos.dim() == 4 and cos.shape[:3] == (3, 1, 3):
         return (
             f"it returned per-stream cos of shape {tuple(cos.shape)} ([3, B, S, D], multimodal "

@@ -36,8 +36,11 @@ def load_vllm_mrope() -> tuple[Callable, Callable] | str:
     try:
         from vllm.model_executor.layers.rotary_embedding.common import ApplyRotaryEmb
         from vllm.model_executor.layers.rotary_embedding.mrope import triton_mrope
+        from vllm.triton_utils import HAS_TRITON
     except Exception as exc:  # not installed, or a version whose layout moved
         return f"cannot import vLLM's mRoPE layer ({type(exc).__name__}: {exc})"
+    if not HAS_TRITON:  # vLLM swapped in its placeholder module: its Triton kernels cannot run
+        return "vLLM disabled its Triton kernels (vllm.triton_utils.HAS_TRITON is False)"
     return triton_mrope, ApplyRotaryEmb.forward_static
 
 
