@@ -1,0 +1,119 @@
+"""Where a tuning run's device time went, per op (RoPE, mRoPE), from its Optuna journal.
+
+A run resumed over several device calls leaves one journal; this reads it (``.xz`` too) and
+reports, per op and timing mode: studies complete and started, counted trials, and seconds in
+studies (each study's first trial start to its last trial end, summed). The run's stretches
+(trials separated by more than ``--gap-s``: one device call each) give the wall time, including
+what lies between studies (the warm start, table writes). A study's time is charged to the op
+of its spec, so mRoPE specs joining the default space are timed apart from the RoPE ones.
+
+    python benchmarks/journal_time.py \\
+        benchmarks/results/tune_NVIDIA_H100_80GB_HBM3_studies.journal.xz
+"""
+
+from __future__ import annotations
+
+import argparse
+import lzma
+import shutil
+import sys
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from autotune.storage import open_storage  # noqa: E402
+from autotune.studies import counted_trials, is_complete  # noqa: E402
+from kernels import RopeSpec  # noqa: E402
+
+
+@dataclass
+class OpTime:
+    """One op and timing mode's share of a run."""
+
+    studies: int = 0
+    complete: int = 0
+    trials: int = 0
+    seconds: float = 0.0
+    spans: list[tuple[datetime, datetime]] = field(default_factory=list)
+
+
+def op_times(storage) -> dict[tuple[str, str], OpTime]:
+    """Per (op, timing): the studies of ``storage`` with a spec attribute, and their trials."""
+    times: dict[tuple[str, str], OpTime] = defaultdict(OpTime)
+    for summary in storage.get_all_studies():
+        attrs = summary.user_attrs
+        if "spec" not in attrs:
+            continue
+        op = "mrope" if RopeSpec.from_key(attrs["spec"]).is_mrope else "rope"
+        entry = times[(op, attrs.get("timing", "?"))]
+        trials = storage.get_all_trials(
+            storage.get_study_id_from_name(summary.study_name), deepcopy=False
+        )
+        entry.studies += 1
+        entry.complete += is_complete(attrs, trials)
+        entry.trials += len(counted_trials(trials))
+        ends = [t.datetime_complete for t in trials if t.datetime_complete]
+        starts = [t.datetime_start for t in trials if t.datetime_start]
+        if starts and ends:
+            entry.seconds += (max(ends) - min(starts)).total_seconds()
+            entry.spans.append((min(starts), max(ends)))
+    return dict(times)
+
+
+def stretches(spans: list[tuple[datetime, datetime]], gap_s: float) -> list[float]:
+    """Seconds of each run of overlapping or close spans (gaps above ``gap_s`` split them)."""
+    out: list[list[datetime]] = []
+    for start, end in sorted(spans):
+        if out and (start - out[-1][1]).total_seconds() <= gap_s:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(end - start).total_seconds() for start, end in out]
+
+
+def report(times: dict[tuple[str, str], OpTime], gap_s: float) -> str:
+    lines = [
+        "| op | timing | studies complete / started | counted trials | s in studies "
+        "| s per study | trials/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (op, timing), t in sorted(times.items()):
+        per_study = t.seconds / t.studies if t.studies else 0.0
+        rate = t.trials / t.seconds if t.seconds else 0.0
+        lines.append(
+            f"| {op} | {timing} | {t.complete} / {t.studies} | {t.trials} | {t.seconds:.0f} "
+            f"| {per_study:.2f} | {rate:.2f} |"
+        )
+    spans = [span for t in times.values() for span in t.spans]
+    walls = stretches(spans, gap_s)
+    lines.append(
+        f"\nstretches (gaps over {gap_s:.0f} s split them): "
+        + ", ".join(f"{w:.0f} s" for w in walls)
+        + f"; wall {sum(walls):.0f} s"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("journal", help="the tuner's journal file (.xz accepted)")
+    parser.add_argument("--gap-s", type=float, default=60.0, help="a gap that splits stretches")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(args.journal)
+        if path.suffix == ".xz":  # the storage opens plain files; a copy keeps the archive as is
+            plain = Path(tmp) / path.stem
+            with lzma.open(path) as src, open(plain, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            path = plain
+        print(report(op_times(open_storage(path, create=False)), args.gap_s))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""``benchmarks/journal_time.py``: a run's device time per op, from a fabricated journal."""
+
+from __future__ import annotations
+
+import lzma
+from datetime import datetime, timedelta, timezone
+
+import optuna
+from conftest import load_benchmark
+from optuna.trial import FrozenTrial, TrialState
+
+journal_time = load_benchmark("journal_time")
+
+T0 = datetime(2026, 12, 7, 12, 0, tzinfo=timezone.utc)
+ROPE = "q32_kv8_d128_r128_neox_bfloat16"
+MROPE = "q28_kv4_d128_r128_neox_bfloat16_mrope16-24-24"
+
+
+def add_study(storage, name, spec, start_s, seconds, trials, target):
+    """A study of ``spec`` with ``trials`` measured trials spread over ``seconds``."""
+    study = optuna.create_study(storage=storage, study_name=name)
+    for attr, value in {"spec": spec, "timing": "graph", "target": target}.items():
+        study.set_user_attr(attr, value)
+    step = seconds / trials
+    for i in range(trials):
+        begin = T0 + timedelta(seconds=start_s + i * step)
+        study.add_trial(
+            FrozenTrial(
+                number=i,
+                state=TrialState.COMPLETE,
+                value=1.0,
+                datetime_start=begin,
+                datetime_complete=begin + timedelta(seconds=step),
+                params={},
+                distributions={},
+                user_attrs={"outcome": "measured", "median_us": 1.0},
+                system_attrs={},
+                intermediate_values={},
+                trial_id=i,
+            )
+        )
+
+
+def test_time_per_op_and_stretches(tmp_path):
+    path = tmp_path / "studies.journal"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    add_study(storage, "a", ROPE, 0, 10, 4, 4)  # complete
+    add_study(storage, "b", ROPE, 10, 6, 2, 4)  # started, not complete
+    add_study(storage, "c", MROPE, 500, 20, 5, 5)  # a second device call, 484 s later
+    archive = tmp_path / "studies.journal.xz"
+    archive.write_bytes(lzma.compress(path.read_bytes()))
+
+    times = journal_time.op_times(journal_time.open_storage(path, create=False))
+    rope, mrope = times[("rope", "graph")], times[("mrope", "graph")]
+    assert (rope.studies, rope.complete, rope.trials) == (2, 1, 6)
+    assert (mrope.studies, mrope.complete, mrope.trials) == (1, 1, 5)
+    assert abs(rope.seconds - 16) < 1e-6 and abs(mrope.seconds - 20) < 1e-6
+    spans = rope.spans + mrope.spans
+    assert journal_time.stretches(spans, 60) == [16, 20]
+    assert journal_time.stretches(spans, 1000) == [520]
+
+
+def test_main_reads_an_xz_journal(tmp_path, capsys):
+    path = tmp_path / "studies.journal"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    add_study(storage, "a", MROPE, 0, 8, 4, 4)
+    archive = tmp_path / "studies.journal.xz"
+    archive.write_bytes(lzma.compress(path.read_bytes()))
+    assert journal_time.main([str(archive)]) == 0
+    out = capsys.readouterr().out
+    assert "| mrope | graph | 1 / 1 | 4 | 8 | 8.00 | 0.50 |" in out
+    assert "wall 8 s" in out
