@@ -48,12 +48,18 @@ case "$1" in
       --tokens 256,4096 2>&1 | tee "$OUT/aliasing_sanitized.txt" ;;
   transfer)
     # This device's data against the nearest device's and the untuned default (its own column
-    # only where it has a table), then tuning on first use against the device's full tuning.
+    # only where it has a table), then tuning on first use against the device's full tuning
+    # (the shipped table, else a tuning run's table carried in .tune/: its complete specs).
+    device=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
     data=transfer,default
-    [ -n "$(ls configs/"$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")".json 2>/dev/null)" ] && data=own,$data
-    timeout 300 python3 benchmarks/unseen_shapes.py --device cuda:0 --data "$data" 2>&1 | tail -45
-    timeout 240 python3 benchmarks/first_use.py --device cuda:0 --limit 8 \
-      --out "$OUT/first_use.txt" --csv "$OUT/first_use.csv" 2>&1 | tail -25 ;;
+    [ -f "configs/$device.json" ] && data=own,$data
+    timeout "${UNSEEN_SECONDS:-300}" python3 benchmarks/unseen_shapes.py --device cuda:0 \
+      --data "$data" 2>&1 | tail -45
+    table=configs/$device.json
+    [ -f "$table" ] || table=.tune/$device.json
+    timeout "${FIRST_USE_SECONDS:-240}" python3 benchmarks/first_use.py --device cuda:0 \
+      --table "$table" --limit "${FIRST_USE_SPECS:-8}" --out "$OUT/first_use.txt" \
+      --csv "$OUT/first_use.csv" 2>&1 | tail -25 ;;
   untuned)
     # The compiled vLLM override's arguments (a fault is named by the call that made it), the
     # tuning time of one spec from a cold start against the shipped table (the model in
