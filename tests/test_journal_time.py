@@ -6,7 +6,7 @@ import lzma
 from datetime import datetime, timedelta, timezone
 
 import optuna
-from conftest import load_benchmark
+from conftest import entry, load_benchmark, make_table
 from optuna.trial import FrozenTrial, TrialState
 
 journal_time = load_benchmark("journal_time")
@@ -70,3 +70,46 @@ def test_main_reads_an_xz_journal(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| mrope | graph | 1 / 1 | 4 | 8 | 8.00 | 0.50 |" in out
     assert "wall 8 s" in out
+
+
+def add_trials(storage, name, spec, tokens, trials):
+    """A study of ``spec`` at ``tokens`` with measured ``(provider, config, median_us)`` trials."""
+    study = optuna.create_study(storage=storage, study_name=name)
+    for attr, value in {"spec": spec, "timing": "graph", "tokens": tokens}.items():
+        study.set_user_attr(attr, value)
+    for i, (provider, config, median) in enumerate(trials):
+        attrs = {"outcome": "measured", "provider": provider, "config": config}
+        study.add_trial(
+            FrozenTrial(
+                number=i,
+                state=TrialState.COMPLETE,
+                value=median,
+                datetime_start=T0,
+                datetime_complete=T0,
+                params={},
+                distributions={},
+                user_attrs={**attrs, "median_us": median},
+                system_attrs={},
+                intermediate_values={},
+                trial_id=i,
+            )
+        )
+
+
+def test_transfer_in_journal_scores_the_other_tables_choices(tmp_path):
+    transfer = load_benchmark("experiments/transfer_in_journal")
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "j"))
+    )
+    fast, slow = {"block_h": 4}, {"block_h": 16}
+    add_trials(storage, "a", ROPE, 16, [("triton", fast, 2.0), ("triton", slow, 2.5)])
+    add_trials(storage, "b", ROPE, 256, [("triton", fast, 4.0), ("vllm", {}, 8.0)])
+    add_trials(storage, "c", ROPE, 4096, [("triton", fast, 9.0)])  # the choice not measured
+    add_trials(storage, "d", MROPE, 16, [("torch", {}, 1.0)])  # no entry in the table
+    table = make_table(
+        {ROPE: {"16": entry("triton", slow, 1.0), "256": entry("vllm", None, 1.0),
+                "4096": entry("flashinfer", None, 1.0)}}
+    )  # fmt: skip
+    rows, unmeasured = transfer.transfer_ratios(storage, table)
+    assert sorted(rows) == [(ROPE, 16, "triton", 1.25), (ROPE, 256, "vllm", 2.0)]
+    assert unmeasured == 1
