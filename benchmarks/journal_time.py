@@ -14,11 +14,13 @@ of its spec, so mRoPE specs joining the default space are timed apart from the R
 from __future__ import annotations
 
 import argparse
+import contextlib
 import lzma
 import shutil
 import sys
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +42,20 @@ class OpTime:
     trials: int = 0
     seconds: float = 0.0
     spans: list[tuple[datetime, datetime]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def opened_journal(path: str | Path) -> Iterator:
+    """The Optuna storage of a tuning journal, read from a decompressed copy when it is ``.xz``
+    (the archive itself is left as it is)."""
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        if path.suffix == ".xz":
+            plain = Path(tmp) / path.stem
+            with lzma.open(path) as src, open(plain, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            path = plain
+        yield open_storage(path, create=False)
 
 
 def op_times(storage) -> dict[tuple[str, str], OpTime]:
@@ -104,14 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("journal", help="the tuner's journal file (.xz accepted)")
     parser.add_argument("--gap-s", type=float, default=60.0, help="a gap that splits stretches")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.journal)
-        if path.suffix == ".xz":  # the storage opens plain files; a copy keeps the archive as is
-            plain = Path(tmp) / path.stem
-            with lzma.open(path) as src, open(plain, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            path = plain
-        print(report(op_times(open_storage(path, create=False)), args.gap_s))
+    with opened_journal(args.journal) as storage:
+        print(report(op_times(storage), args.gap_s))
     return 0
 
 

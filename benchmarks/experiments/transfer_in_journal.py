@@ -14,17 +14,15 @@ noise, and only choices the search happened to measure are scored.
 from __future__ import annotations
 
 import argparse
-import lzma
 import math
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from autotune.storage import open_storage  # noqa: E402
+from journal_time import opened_journal  # noqa: E402
+
 from autotune.studies import measured_trials  # noqa: E402
 from kernels.table import read_table  # noqa: E402
 
@@ -63,14 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("table", help="the other device's table, e.g. configs/NVIDIA_H200.json")
     parser.add_argument("--worst", type=int, default=8, help="list this many worst choices")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.journal)
-        if path.suffix == ".xz":
-            plain = Path(tmp) / path.stem
-            with lzma.open(path) as src, open(plain, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            path = plain
-        rows, unmeasured = transfer_ratios(open_storage(path, create=False), read_table(args.table))
+    with opened_journal(args.journal) as storage:
+        rows, unmeasured = transfer_ratios(storage, read_table(args.table))
     if not rows:
         print(f"no study measured the table's choice ({unmeasured} studies with an entry)")
         return 1
