@@ -249,9 +249,8 @@ def write(rows: list[dict], out: str | None, bandwidth: float) -> None:
                 f"x{min(vs_vllm):.2f}), x{_geomean(vs_inductor):.2f} over Inductor (min "
                 f"x{min(vs_inductor):.2f})"
             )
-    text = "\n".join(lines)
     head = f"{rows[0]['device']}, vLLM {rows[0]['vllm']}, " if rows else ""
-    print(f"{head}copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    text = "\n".join([f"{head}copy bandwidth {bandwidth / 1e12:.2f} TB/s", "", *lines])
     print(text)
     if out:
         folder = Path(out)
