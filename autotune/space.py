@@ -86,7 +86,9 @@ class CandidateSpace:
         names, reasons = [], []
         for name in dict.fromkeys(providers):
             provider = get_provider(name)
-            reason = provider.unavailable_reason(device) or provider.unsupported_reason(spec)
+            # The spec first: a provider for another layout is ruled out without its probe
+            # (vllm_mrope's imports vLLM's rotary layers, seconds).
+            reason = provider.unsupported_reason(spec) or provider.unavailable_reason(device)
             if reason is None:
                 names.append(name)
             else:

@@ -80,6 +80,18 @@ def test_no_provider_for_the_device():
         CandidateSpace.build(TINY, ["vllm", "flashinfer"], "cpu")
 
 
+def test_a_provider_for_another_layout_is_not_probed(monkeypatch):
+    """Probing vllm_mrope imports vLLM's rotary layers (seconds): a RoPE spec never asks."""
+    from kernels.providers._vllm_mrope import VllmMropeProvider
+
+    def probe(self, device):
+        raise AssertionError("vllm_mrope probed for a RoPE spec")
+
+    monkeypatch.setattr(VllmMropeProvider, "unavailable_reason", probe)
+    space = CandidateSpace.build(TINY, ["torch", "vllm_mrope"], "cpu")
+    assert space.providers == ("torch",)
+
+
 def test_study_keys_name_deterministically_and_record_themselves():
     key = StudyKey.current("NVIDIA H200", "graph", TINY, 16, ["triton", "torch"])
     revision = get_provider("triton").revision
