@@ -2,10 +2,11 @@
 
 A run resumed over several device calls leaves one journal; this reads it (``.xz`` too) and
 reports, per op and timing mode: studies complete and started, counted trials, and seconds in
-studies (each study's first trial start to its last trial end, summed). The run's stretches
-(trials separated by more than ``--gap-s``: one device call each) give the wall time, including
-what lies between studies (the warm start, table writes). A study's time is charged to the op
-of its spec, so mRoPE specs joining the default space are timed apart from the RoPE ones.
+studies (each study's first trial start to its last trial end, less its gaps over ``--gap-s``,
+summed). The run's stretches (trials separated by more than ``--gap-s``: one device call each)
+give the wall time, including what lies between studies (the warm start, table writes). A
+study's time is charged to the op of its spec, so mRoPE specs joining the default space are
+timed apart from the RoPE ones.
 
     python benchmarks/journal_time.py \\
         benchmarks/results/tune_NVIDIA_H100_80GB_HBM3_studies.journal.xz
@@ -58,8 +59,10 @@ def opened_journal(path: str | Path) -> Iterator:
         yield open_storage(path, create=False)
 
 
-def op_times(storage) -> dict[tuple[str, str], OpTime]:
-    """Per (op, timing): the studies of ``storage`` with a spec attribute, and their trials."""
+def op_times(storage, gap_s: float = 60.0) -> dict[tuple[str, str], OpTime]:
+    """Per (op, timing): the studies of ``storage`` with a spec attribute, and their trials. A
+    study's seconds leave out its gaps above ``gap_s`` (one stopped in a device call and resumed
+    in the next)."""
     times: dict[tuple[str, str], OpTime] = defaultdict(OpTime)
     for summary in storage.get_all_studies():
         attrs = summary.user_attrs
@@ -73,11 +76,13 @@ def op_times(storage) -> dict[tuple[str, str], OpTime]:
         entry.studies += 1
         entry.complete += is_complete(attrs, trials)
         entry.trials += len(counted_trials(trials))
-        ends = [t.datetime_complete for t in trials if t.datetime_complete]
-        starts = [t.datetime_start for t in trials if t.datetime_start]
-        if starts and ends:
-            entry.seconds += (max(ends) - min(starts)).total_seconds()
-            entry.spans.append((min(starts), max(ends)))
+        spans = [
+            (t.datetime_start, t.datetime_complete)
+            for t in trials
+            if t.datetime_start and t.datetime_complete
+        ]
+        entry.seconds += sum(stretches(spans, gap_s))
+        entry.spans.extend(spans)
     return dict(times)
 
 
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gap-s", type=float, default=60.0, help="a gap that splits stretches")
     args = parser.parse_args(argv)
     with opened_journal(args.journal) as storage:
-        print(report(op_times(storage), args.gap_s))
+        print(report(op_times(storage, args.gap_s), args.gap_s))
     return 0
 
 

@@ -16,14 +16,14 @@ ROPE = "q32_kv8_d128_r128_neox_bfloat16"
 MROPE = "q28_kv4_d128_r128_neox_bfloat16_mrope16-24-24"
 
 
-def add_study(storage, name, spec, start_s, seconds, trials, target):
-    """A study of ``spec`` with ``trials`` measured trials spread over ``seconds``."""
+def add_study(storage, name, spec, starts, step, target):
+    """A study of ``spec`` with measured trials starting ``starts`` seconds after T0, each
+    ``step`` seconds long."""
     study = optuna.create_study(storage=storage, study_name=name)
     for attr, value in {"spec": spec, "timing": "graph", "target": target}.items():
         study.set_user_attr(attr, value)
-    step = seconds / trials
-    for i in range(trials):
-        begin = T0 + timedelta(seconds=start_s + i * step)
+    for i, start in enumerate(starts):
+        begin = T0 + timedelta(seconds=start)
         study.add_trial(
             FrozenTrial(
                 number=i,
@@ -44,26 +44,28 @@ def add_study(storage, name, spec, start_s, seconds, trials, target):
 def test_time_per_op_and_stretches(tmp_path):
     path = tmp_path / "studies.journal"
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    add_study(storage, "a", ROPE, 0, 10, 4, 4)  # complete
-    add_study(storage, "b", ROPE, 10, 6, 2, 4)  # started, not complete
-    add_study(storage, "c", MROPE, 500, 20, 5, 5)  # a second device call, 484 s later
+    add_study(storage, "a", ROPE, [0, 2.5, 5, 7.5], 2.5, 4)  # complete
+    add_study(storage, "b", ROPE, [10, 13], 3, 4)  # started, not complete
+    add_study(storage, "c", MROPE, [500, 504, 508, 512, 516], 4, 5)  # the next device call
+    add_study(storage, "d", MROPE, [20, 520], 1, 2)  # stopped in the first call, resumed
     archive = tmp_path / "studies.journal.xz"
     archive.write_bytes(lzma.compress(path.read_bytes()))
 
     times = journal_time.op_times(journal_time.open_storage(path, create=False))
     rope, mrope = times[("rope", "graph")], times[("mrope", "graph")]
     assert (rope.studies, rope.complete, rope.trials) == (2, 1, 6)
-    assert (mrope.studies, mrope.complete, mrope.trials) == (1, 1, 5)
-    assert abs(rope.seconds - 16) < 1e-6 and abs(mrope.seconds - 20) < 1e-6
+    assert (mrope.studies, mrope.complete, mrope.trials) == (2, 2, 7)
+    # The resumed study counts its two trials' 2 s, not the 500 s between the calls.
+    assert abs(rope.seconds - 16) < 1e-6 and abs(mrope.seconds - 22) < 1e-6
     spans = rope.spans + mrope.spans
-    assert journal_time.stretches(spans, 60) == [16, 20]
-    assert journal_time.stretches(spans, 1000) == [520]
+    assert journal_time.stretches(spans, 60) == [21, 21]  # one stretch per device call
+    assert journal_time.stretches(spans, 1000) == [521]
 
 
 def test_main_reads_an_xz_journal(tmp_path, capsys):
     path = tmp_path / "studies.journal"
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    add_study(storage, "a", MROPE, 0, 8, 4, 4)
+    add_study(storage, "a", MROPE, [0, 2, 4, 6], 2, 4)
     archive = tmp_path / "studies.journal.xz"
     archive.write_bytes(lzma.compress(path.read_bytes()))
     assert journal_time.main([str(archive)]) == 0
