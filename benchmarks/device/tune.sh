@@ -35,13 +35,6 @@ if [ -n "${WARM_FROM:-}" ]; then
   cp "$WARM_FROM" "/tmp/tune/warm/$device.model.json"
   export ROPE_AUTOTUNE_CONFIG_DIR=/tmp/tune/warm
 fi
-# FlashInfer's RoPE module, built on an earlier start of this kind of machine, goes to its AOT
-# directory (its JIT would rebuild it: about 40 s a start).
-fi_aot=/tmp/site/flashinfer/data/aot/rope/rope.so
-if [ -f .tune/fi_cache.tar.xz ] && [ -d /tmp/site/flashinfer ] && [ ! -f "$fi_aot" ]; then
-  mkdir -p /tmp/fi_cache "$(dirname "$fi_aot")" && tar -C /tmp/fi_cache -xJf .tune/fi_cache.tar.xz
-  find /tmp/fi_cache -path "*/cached_ops/rope/rope.so" -exec cp {} "$fi_aot" \; -quit
-fi
 start=$(date +%s)
 timeout -s INT "$seconds" python3 -m autotune --device cuda:0 --timing graph \
   --storage /tmp/tune/studies.journal --output /tmp/tune/configs --save-path /tmp/tune/csv \
