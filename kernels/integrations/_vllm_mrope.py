@@ -16,20 +16,26 @@ from kernels import RopeSpec
 __all__ = ["MropeLayerView", "mrope_layout_reason", "mrope_native_reason", "native_mrope_op"]
 
 
+@functools.cache
+def _apply_rotary_emb(is_neox: bool) -> type:
+    """The layer's ``apply_rotary_emb`` as ``forward_native`` uses it, built as the layer builds
+    its ``ApplyRotaryEmb``: the style given, enable_fp32_compute off (once per style)."""
+    from vllm.model_executor.layers.rotary_embedding.common import ApplyRotaryEmb
+
+    rotate = functools.partial(ApplyRotaryEmb.forward_static, is_neox_style=is_neox)
+    return type("_Rotate", (), {"forward_native": staticmethod(rotate)})
+
+
 class MropeLayerView:
     """What ``MRotaryEmbedding.forward_native`` reads of its layer, without building one (that
     needs a current vLLM config): to probe the installed ``forward_native`` at registration and
     to run its math for a spec ``select_rope`` refuses."""
 
     def __init__(self, head_size, rotary_dim, is_neox, section, interleaved, cos_sin_cache):
-        from vllm.model_executor.layers.rotary_embedding.common import ApplyRotaryEmb
-
         self.head_size, self.rotary_dim, self.is_neox_style = head_size, rotary_dim, is_neox
         self.mrope_section, self.mrope_interleaved = list(section), interleaved
         self.cos_sin_cache = cos_sin_cache
-        # As the layer builds its ApplyRotaryEmb: the style given, enable_fp32_compute off.
-        rotate = functools.partial(ApplyRotaryEmb.forward_static, is_neox_style=is_neox)
-        self.apply_rotary_emb = type("_Rotate", (), {"forward_native": staticmethod(rotate)})
+        self.apply_rotary_emb = _apply_rotary_emb(is_neox)
 
     def _match_cos_sin_cache_dtype(self, query: torch.Tensor) -> torch.Tensor:
         return self.cos_sin_cache.to(query.device, dtype=query.dtype)
