@@ -63,7 +63,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vllm_layer import vllm_config  # vLLM's config context, also where vLLM finds no GPU
+from vllm_layer import (  # the shared arguments; vLLM's config context (also where it finds no GPU)
+    add_shape_args,
+    vllm_config,
+)
 
 from kernels import get_provider
 from kernels.integrations import vllm as plugin
@@ -172,12 +175,7 @@ FIELDS = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda:0")
-    parser.add_argument(
-        "--models", default=",".join(MODELS), help="comma list: " + ", ".join(MODELS)
-    )
-    parser.add_argument("--tokens", default="1,16,256,4096,16384", help="comma list")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    add_shape_args(parser, MODELS)
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,

@@ -182,14 +182,20 @@ FIELDS = [
 ]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_shape_args(parser: argparse.ArgumentParser, models) -> None:
+    """The arguments the vLLM benchmarks share: device, models (names of ``models``), token
+    counts and dtype."""
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument(
-        "--models", default=",".join(MODELS), help="comma list: " + ", ".join(MODELS)
+        "--models", default=",".join(models), help="comma list: " + ", ".join(models)
     )
     parser.add_argument("--tokens", default="1,16,256,4096,16384", help="comma list")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_shape_args(parser, MODELS)
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds per measurement")
     parser.add_argument(
         "--compiled", action=argparse.BooleanOptionalAction, default=True, help="torch.compile rows"
