@@ -64,6 +64,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vllm_layer import (  # the shared arguments; vLLM's config context (also where it finds no GPU)
+    LLAMA3_8B_ROPE,
     add_shape_args,
     vllm_config,
 )
@@ -108,14 +109,7 @@ MODELS: dict[str, BlockModel] = {
         num_kv_heads=8,
         head_size=128,
         max_position=131072,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        rope_parameters=LLAMA3_8B_ROPE,
     ),
     "qwen3-8b": BlockModel(
         hidden_size=4096,

@@ -40,6 +40,16 @@ from kernels.measure import make_inputs, time_rope
 from kernels.table import library_versions
 from kernels.testing import assert_rope_close, rope_reference
 
+# Llama-3-8B's rope_parameters (its config.json), shared with vllm_block.py.
+LLAMA3_8B_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
 # name -> (get_rope arguments, query heads, kv heads)
 MODELS: dict[str, tuple[dict, int, int]] = {
     "llama3-8b": (
@@ -47,14 +57,7 @@ MODELS: dict[str, tuple[dict, int, int]] = {
             "head_size": 128,
             "max_position": 131072,
             "is_neox_style": True,
-            "rope_parameters": {
-                "rope_type": "llama3",
-                "rope_theta": 500000.0,
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192,
-            },
+            "rope_parameters": LLAMA3_8B_ROPE,
         },
         32,
         8,
