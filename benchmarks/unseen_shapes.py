@@ -42,9 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kernels import RopeSpec, get_provider, select_rope
 from kernels.measure import check_correct, time_rope
-from kernels.perf_model import PerfModel, find_model, find_transferred_model, model_file_name
+from kernels.perf_model import PerfModel, find_model, model_file_name
 from kernels.table import device_table_name, hardware_metadata, shipped_config_dir
-from kernels.transfer import DeviceTraits
 
 # What select_rope reads in each --data variant: (hide this device's files, transfer).
 DATA = {"own": (False, True), "transfer": (True, True), "default": (True, False)}
@@ -134,17 +133,6 @@ def hide_own(table_dir: str | Path, device_name: str, into: Path) -> Path:
     return into
 
 
-def model_read(table_dir: str | Path, device: str, transfer: bool) -> PerfModel | None:
-    """The model ``select_rope`` reads from ``table_dir`` on ``device``: its own, else (with
-    ``transfer``) the nearest device's."""
-    torch_device = torch.device(device)
-    model = find_model(table_dir, torch_device)
-    if model is None and transfer:
-        this = DeviceTraits.from_metadata(hardware_metadata(torch_device))
-        model, _ = find_transferred_model(table_dir, this)
-    return model
-
-
 def short_tag(device_name: str) -> str:
     """``NVIDIA H200`` -> ``h200``, ``NVIDIA H100 80GB HBM3`` -> ``h100``: result file names."""
     words = [w for w in device_name.split() if w.upper() != "NVIDIA"] or ["device"]
@@ -207,7 +195,8 @@ def run(args, variants, device, device_name, todo, timing, hidden: Path) -> int:
         model_path = Path(args.table_dir) / model_file_name("NVIDIA H200")
         model = PerfModel.load(model_path) if model_path.exists() else None
     else:
-        model = model_read(*sources[variants[0]], device)
+        table_dir, transfer = sources[variants[0]]
+        model = find_model(table_dir, torch.device(device), transfer=transfer)
         model_path = None if model is None else model.source
 
     def column(variant: str, field: str) -> str:
