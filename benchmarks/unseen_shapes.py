@@ -232,6 +232,9 @@ def run(args, variants, device, device_name, todo, timing, hidden: Path) -> int:
             ours = row[column(variant, "us")]
             row[column(variant, "speedup")] = (faster / ours) if faster else "-"
         rows.append(row)
+        # One line per case as it lands: a run cut short by its time limit still shows them.
+        fields = (f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        print(" ".join(fields), file=sys.stderr, flush=True)
 
     def fmt(v):
         return f"{v:.2f}" if isinstance(v, float) else str(v)
