@@ -1,0 +1,53 @@
+"""The working tree travels to the GPU machine with every device call, together with what the
+call carries, at most 64 MiB in all. The first set-up call carries ``.gpu/a`` (vLLM's compiled
+op library, built by ``../shared/gpu/prepare.sh``), so the tree must leave it room: a tree that
+grows past that makes the device refuse the call (and costs device time) before anything runs."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEVICE_TREE_LIMIT = 64 << 20  # the device tool's limit on tree plus carried paths
+PART_A_BYTES = 55_930_000  # .gpu/a as prepare.sh builds it, in disk blocks; its own when present
+HEADROOM = 300_000  # files written between the check and the call (logs, a small result)
+BLOCK = 4096  # count whole disk blocks: the stricter count; the tool does not document its own
+
+
+def _on_disk(path: Path) -> int:
+    return -(-path.stat().st_size // BLOCK) * BLOCK if path.is_file() else 0
+
+
+def _tree_files() -> list[Path]:
+    """The files a device call copies: tracked ones and untracked ones git does not ignore."""
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO, capture_output=True, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    return [REPO / name for name in out.decode().split("\0") if name]
+
+
+def _part_a_bytes() -> int:
+    part_a = REPO / ".gpu" / "a"
+    if part_a.is_dir():
+        return sum(_on_disk(p) for p in part_a.rglob("*"))
+    return PART_A_BYTES
+
+
+def test_the_tree_leaves_room_for_the_first_gpu_setup_call():
+    files = _tree_files()
+    tree = sum(_on_disk(p) for p in files)
+    room = DEVICE_TREE_LIMIT - _part_a_bytes() - HEADROOM
+    largest = sorted(files, key=_on_disk)[-3:]
+    assert tree <= room, (
+        f"the working tree is {tree / 1e6:.2f} MB, over the {room / 1e6:.2f} MB that leaves "
+        f".gpu/a room within the device's 64 MiB; largest: "
+        + ", ".join(str(p.relative_to(REPO)) for p in reversed(largest))
+        + ". Recompress journals (xz -9e) or slim benchmarks/results/."
+    )
