@@ -133,6 +133,17 @@ def hide_own(table_dir: str | Path, device_name: str, into: Path) -> Path:
     return into
 
 
+def model_for(
+    source: tuple[str, bool], device: str, model_file: str | None = None
+) -> PerfModel | None:
+    """The model whose own pick is timed: ``model_file`` when given, else the one ``select_rope``
+    reads on ``device`` from ``source`` (table directory, transfer allowed)."""
+    if model_file is not None:
+        return PerfModel.load(model_file)
+    table_dir, transfer = source
+    return find_model(table_dir, torch.device(device), transfer=transfer)
+
+
 def short_tag(device_name: str) -> str:
     """``NVIDIA H200`` -> ``h200``, ``NVIDIA H100 80GB HBM3`` -> ``h100``: result file names."""
     words = [w for w in device_name.split() if w.upper() != "NVIDIA"] or ["device"]
@@ -189,15 +200,12 @@ def run(args, variants, device, device_name, todo, timing, hidden: Path) -> int:
         hide, transfer = DATA[variant]
         where = hide_own(args.table_dir, device_name, hidden) if hide else args.table_dir
         sources[variant] = (str(where), transfer)
-    if args.model:
-        model_path, model = Path(args.model), PerfModel.load(args.model)
-    elif args.cpu_smoke:  # the CPU has no model: exercise the H200's
-        model_path = Path(args.table_dir) / model_file_name("NVIDIA H200")
-        model = PerfModel.load(model_path) if model_path.exists() else None
-    else:
-        table_dir, transfer = sources[variants[0]]
-        model = find_model(table_dir, torch.device(device), transfer=transfer)
-        model_path = None if model is None else model.source
+    model_file = args.model
+    if model_file is None and args.cpu_smoke:  # the CPU has no model: exercise the H200's
+        h200 = Path(args.table_dir) / model_file_name("NVIDIA H200")
+        model_file = str(h200) if h200.exists() else None
+    model = model_for(sources[variants[0]], device, model_file)
+    model_path = None if model is None else model.source
 
     def column(variant: str, field: str) -> str:
         own = {"us": "ours_us", "choice": "ours_choice", "speedup": "speedup"}

@@ -420,3 +420,17 @@ def test_the_benchmark_hides_this_devices_files(tmp_path, monkeypatch):
     assert unseen.short_tag("NVIDIA H100 80GB HBM3") == "h100"
     assert unseen.short_tag("NVIDIA H200") == "h200"
     assert unseen.DATA == {"own": (False, True), "transfer": (True, True), "default": (True, False)}
+
+
+def test_the_benchmarks_model_is_the_one_select_rope_reads(dirs, fake_gpu, tmp_path, monkeypatch):
+    """unseen_shapes.py times the model's own pick: with this device's files hidden, the nearest
+    device's model (transfer on) or none (transfer off), as ``select_rope`` would read them."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    unseen = importlib.import_module("unseen_shapes")
+    fake_gpu("H100")
+    path = put_device_model(dirs["shipped"], "H200", torch_log_us=5.0, triton_log_us=1.0)
+    hidden = unseen.hide_own(dirs["shipped"], "NVIDIA H100 80GB HBM3", tmp_path)
+    model = unseen.model_for((str(hidden), True), "cpu")
+    assert model is not None and model.transfer.startswith("model of NVIDIA H200 transferred")
+    assert unseen.model_for((str(hidden), False), "cpu") is None
+    assert unseen.model_for((str(hidden), False), "cpu", str(path)).source == path
