@@ -54,7 +54,8 @@ case "$1" in
     data=transfer,default
     [ -f "configs/$device.json" ] && data=own,$data
     timeout "${UNSEEN_SECONDS:-300}" python3 benchmarks/unseen_shapes.py --device cuda:0 \
-      --data "$data" 2>&1 | tail -45
+      --data "$data" 2>&1 | tee "$OUT/unseen_shapes.log" | tail -45
+    [ "${FIRST_USE_SECONDS:-240}" = 0 ] && exit 0
     table=configs/$device.json
     [ -f "$table" ] || table=.tune/$device.json
     timeout "${FIRST_USE_SECONDS:-240}" python3 benchmarks/first_use.py --device cuda:0 \
