@@ -8,8 +8,12 @@ give the wall time, including what lies between studies (the warm start, table w
 study's time is charged to the op of its spec, so mRoPE specs joining the default space are
 timed apart from the RoPE ones.
 
+``--eta`` replays one op's counted trials, in the order they finished and with the gaps between
+device calls taken out, through the tuner's own progress bar (tqdm, on a replayed clock) and
+reports at fractions of the run the time left it estimated against the time left in fact.
+
     python benchmarks/journal_time.py \\
-        benchmarks/results/tune_NVIDIA_H100_80GB_HBM3_studies.journal.xz
+        benchmarks/results/tune_NVIDIA_H100_80GB_HBM3_studies.journal.xz --eta rope
 """
 
 from __future__ import annotations
@@ -97,6 +101,61 @@ def stretches(spans: list[tuple[datetime, datetime]], gap_s: float) -> list[floa
     return [(end - start).total_seconds() for start, end in out]
 
 
+def finish_times(storage, op: str, gap_s: float) -> list[float]:
+    """Seconds from the start at which each counted trial of ``op``'s studies finished, in
+    order, with every gap between trials above ``gap_s`` (a stop between device calls)
+    shortened to nothing."""
+    spans = []
+    for summary in storage.get_all_studies():
+        spec = summary.user_attrs.get("spec")
+        if spec is None or ("mrope" if RopeSpec.from_key(spec).is_mrope else "rope") != op:
+            continue
+        trials = storage.get_all_trials(
+            storage.get_study_id_from_name(summary.study_name), deepcopy=False
+        )
+        spans += [
+            (t.datetime_start, t.datetime_complete)
+            for t in counted_trials(trials)
+            if t.datetime_start and t.datetime_complete
+        ]
+    spans.sort(key=lambda span: span[1])
+    out: list[float] = []
+    clock, last = 0.0, None
+    for start, end in spans:
+        step = (end - (last or start)).total_seconds()
+        clock += step if step <= gap_s else (end - start).total_seconds()
+        last = end
+        out.append(clock)
+    return out
+
+
+def eta_replay(
+    finished: list[float], fractions=(0.1, 0.25, 0.5, 0.75, 0.9)
+) -> list[tuple[float, float, float]]:
+    """(fraction done, estimated s left, true s left) at each of ``fractions``: a tqdm bar
+    (as :class:`autotune.progress.Progress` makes it) over ``len(finished)`` trials, advanced
+    one trial at each finish time on a replayed clock."""
+    import io
+
+    from tqdm.auto import tqdm
+
+    now = [0.0]
+    bar = tqdm(total=len(finished), unit="trial", file=io.StringIO())
+    bar._time = lambda: now[0]  # the bar reads its clock through this attribute
+    bar.start_t = bar.last_print_t = 0.0
+    marks = sorted(round(f * len(finished)) for f in fractions)
+    out = []
+    for n, t in enumerate(finished, 1):
+        now[0] = t
+        bar.update(1)
+        if marks and n == marks[0]:
+            marks.pop(0)
+            rate = bar.format_dict["rate"] or n / t
+            out.append((n / len(finished), (len(finished) - n) / rate, finished[-1] - t))
+    bar.close()
+    return out
+
+
 def report(times: dict[tuple[str, str], OpTime], gap_s: float) -> str:
     lines = [
         "| op | timing | studies complete / started | counted trials | s in studies "
@@ -124,9 +183,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("journal", help="the tuner's journal file (.xz accepted)")
     parser.add_argument("--gap-s", type=float, default=60.0, help="a gap that splits stretches")
+    parser.add_argument(
+        "--eta",
+        choices=("rope", "mrope"),
+        help="replay this op's trials through the progress bar and compare its estimates",
+    )
     args = parser.parse_args(argv)
     with opened_journal(args.journal) as storage:
         print(report(op_times(storage, args.gap_s), args.gap_s))
+        if args.eta:
+            finished = finish_times(storage, args.eta, args.gap_s)
+            print(
+                f"\nthe progress bar over {args.eta}'s {len(finished)} counted trials "
+                f"({finished[-1]:.0f} s with the gaps out):\n"
+                "| done | estimated s left | true s left | estimate / truth |\n|---|---|---|---|"
+            )
+            for done, estimate, truth in eta_replay(finished):
+                print(f"| {done:.0%} | {estimate:.0f} | {truth:.0f} | {estimate / truth:.2f} |")
     return 0
 
 

@@ -115,3 +115,22 @@ def test_transfer_in_journal_scores_the_other_tables_choices(tmp_path):
     rows, unmeasured = transfer.transfer_ratios(storage, table)
     assert sorted(rows) == [(ROPE, 16, "triton", 1.25), (ROPE, 256, "vllm", 2.0)]
     assert unmeasured == 1
+
+
+def test_eta_replay_takes_the_gaps_out_and_reads_the_bar(tmp_path):
+    path = tmp_path / "studies.journal"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    # 40 trials of 2 s each, the second half in a later device call 1000 s on.
+    add_study(storage, "a", ROPE, [2 * i for i in range(20)], 2, 20)
+    add_study(storage, "b", ROPE, [1000 + 2 * i for i in range(20)], 2, 20)
+    add_study(storage, "c", MROPE, [5000], 1, 1)  # another op: not in rope's replay
+    finished = journal_time.finish_times(storage, "rope", gap_s=60)
+    assert finished == [2.0 * (i + 1) for i in range(40)]
+    # At a constant rate the bar's estimate is the truth.
+    for done, estimate, truth in journal_time.eta_replay(finished, fractions=(0.25, 0.5)):
+        assert done in (0.25, 0.5)
+        assert abs(estimate - truth) < 1e-6 * truth
+    # A run that slows down is underestimated by a rate-based bar; the replay shows it.
+    slowing = [float(t) for t in range(1, 21)] + [20.0 + 4 * t for t in range(1, 21)]
+    (_, estimate, truth), = journal_time.eta_replay(slowing, fractions=(0.5,))
+    assert truth == 80 and estimate < 0.5 * truth
