@@ -132,5 +132,5 @@ def test_eta_replay_takes_the_gaps_out_and_reads_the_bar(tmp_path):
         assert abs(estimate - truth) < 1e-6 * truth
     # A run that slows down is underestimated by a rate-based bar; the replay shows it.
     slowing = [float(t) for t in range(1, 21)] + [20.0 + 4 * t for t in range(1, 21)]
-    (_, estimate, truth), = journal_time.eta_replay(slowing, fractions=(0.5,))
+    ((_, estimate, truth),) = journal_time.eta_replay(slowing, fractions=(0.5,))
     assert truth == 80 and estimate < 0.5 * truth
