@@ -8,9 +8,9 @@ give the wall time, including what lies between studies (the warm start, table w
 study's time is charged to the op of its spec, so mRoPE specs joining the default space are
 timed apart from the RoPE ones.
 
-``--eta`` replays one op's counted trials, in the order they finished and with the gaps between
-device calls taken out, through the tuner's own progress bar (tqdm, on a replayed clock) and
-reports at fractions of the run the time left it estimated against the time left in fact.
+``--eta`` replays one op's counted trials, in the order they finished, through the tuner's own
+progress bar (on a replayed clock), one bar per stretch as the device calls had, and reports at
+fractions of each stretch the time left it estimated against the time left in fact.
 
     python benchmarks/journal_time.py \\
         benchmarks/results/tune_NVIDIA_H100_80GB_HBM3_studies.journal.xz --eta rope
@@ -101,10 +101,10 @@ def stretches(spans: list[tuple[datetime, datetime]], gap_s: float) -> list[floa
     return [(end - start).total_seconds() for start, end in out]
 
 
-def finish_times(storage, op: str, gap_s: float) -> list[float]:
-    """Seconds from the start at which each counted trial of ``op``'s studies finished, in
-    order, with every gap between trials above ``gap_s`` (a stop between device calls)
-    shortened to nothing."""
+def finish_times(storage, op: str, gap_s: float) -> list[list[float]]:
+    """Per stretch of the run (trials apart by more than ``gap_s``: one device call, one
+    process and one progress bar each), the seconds from its first trial's start at which each
+    counted trial of ``op``'s studies finished, in order."""
     spans = []
     for summary in storage.get_all_studies():
         spec = summary.user_attrs.get("spec")
@@ -119,28 +119,29 @@ def finish_times(storage, op: str, gap_s: float) -> list[float]:
             if t.datetime_start and t.datetime_complete
         ]
     spans.sort(key=lambda span: span[1])
-    out: list[float] = []
-    clock, last = 0.0, None
-    for start, end in spans:
-        step = (end - (last or start)).total_seconds()
-        clock += step if step <= gap_s else (end - start).total_seconds()
+    out: list[list[float]] = []
+    start = last = None
+    for begin, end in spans:
+        if last is None or (end - last).total_seconds() > gap_s:
+            start = begin
+            out.append([])
+        out[-1].append((end - start).total_seconds())
         last = end
-        out.append(clock)
     return out
 
 
 def eta_replay(
     finished: list[float], fractions=(0.1, 0.25, 0.5, 0.75, 0.9)
 ) -> list[tuple[float, float, float]]:
-    """(fraction done, estimated s left, true s left) at each of ``fractions``: a tqdm bar
-    (as :class:`autotune.progress.Progress` makes it) over ``len(finished)`` trials, advanced
-    one trial at each finish time on a replayed clock."""
+    """(fraction done, estimated s left, true s left) at each of ``fractions``: the tuner's
+    progress bar (:func:`autotune.progress.new_bar`) over ``len(finished)`` trials, advanced one
+    trial at each finish time on a replayed clock."""
     import io
 
-    from tqdm.auto import tqdm
+    from autotune.progress import new_bar
 
     now = [0.0]
-    bar = tqdm(total=len(finished), unit="trial", file=io.StringIO())
+    bar = new_bar(len(finished), file=io.StringIO())
     bar._time = lambda: now[0]  # the bar reads its clock through this attribute
     bar.start_t = bar.last_print_t = 0.0
     marks = sorted(round(f * len(finished)) for f in fractions)
@@ -150,7 +151,9 @@ def eta_replay(
         bar.update(1)
         if marks and n == marks[0]:
             marks.pop(0)
-            rate = bar.format_dict["rate"] or n / t
+            rate = (
+                bar.format_dict["rate"] or n / t
+            )  # what the bar shows: its rate, else n / elapsed
             out.append((n / len(finished), (len(finished) - n) / rate, finished[-1] - t))
     bar.close()
     return out
@@ -192,14 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     with opened_journal(args.journal) as storage:
         print(report(op_times(storage, args.gap_s), args.gap_s))
         if args.eta:
-            finished = finish_times(storage, args.eta, args.gap_s)
             print(
-                f"\nthe progress bar over {args.eta}'s {len(finished)} counted trials "
-                f"({finished[-1]:.0f} s with the gaps out):\n"
-                "| done | estimated s left | true s left | estimate / truth |\n|---|---|---|---|"
+                f"\nthe progress bar's time left over {args.eta}'s counted trials, a bar per "
+                "stretch:\n| stretch | trials | s | done | estimated s left | true s left "
+                "| estimate / truth |\n|---|---|---|---|---|---|---|"
             )
-            for done, estimate, truth in eta_replay(finished):
-                print(f"| {done:.0%} | {estimate:.0f} | {truth:.0f} | {estimate / truth:.2f} |")
+            for index, finished in enumerate(finish_times(storage, args.eta, args.gap_s), 1):
+                for done, estimate, truth in eta_replay(finished):
+                    print(
+                        f"| {index} | {len(finished)} | {finished[-1]:.0f} | {done:.0%} "
+                        f"| {estimate:.0f} | {truth:.0f} | {estimate / truth:.2f} |"
+                    )
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import lzma
 from datetime import datetime, timedelta, timezone
 
@@ -117,20 +118,36 @@ def test_transfer_in_journal_scores_the_other_tables_choices(tmp_path):
     assert unmeasured == 1
 
 
-def test_eta_replay_takes_the_gaps_out_and_reads_the_bar(tmp_path):
+def test_eta_replay_per_stretch_reads_the_bar(tmp_path):
     path = tmp_path / "studies.journal"
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
     # 40 trials of 2 s each, the second half in a later device call 1000 s on.
     add_study(storage, "a", ROPE, [2 * i for i in range(20)], 2, 20)
     add_study(storage, "b", ROPE, [1000 + 2 * i for i in range(20)], 2, 20)
     add_study(storage, "c", MROPE, [5000], 1, 1)  # another op: not in rope's replay
-    finished = journal_time.finish_times(storage, "rope", gap_s=60)
-    assert finished == [2.0 * (i + 1) for i in range(40)]
+    stretches = journal_time.finish_times(storage, "rope", gap_s=60)
+    assert stretches == [[2.0 * (i + 1) for i in range(20)]] * 2
     # At a constant rate the bar's estimate is the truth.
-    for done, estimate, truth in journal_time.eta_replay(finished, fractions=(0.25, 0.5)):
+    for done, estimate, truth in journal_time.eta_replay(stretches[0], fractions=(0.25, 0.5)):
         assert done in (0.25, 0.5)
         assert abs(estimate - truth) < 1e-6 * truth
     # A run that slows down is underestimated by a rate-based bar; the replay shows it.
     slowing = [float(t) for t in range(1, 21)] + [20.0 + 4 * t for t in range(1, 21)]
     ((_, estimate, truth),) = journal_time.eta_replay(slowing, fractions=(0.5,))
     assert truth == 80 and estimate < 0.5 * truth
+
+
+def test_the_bar_estimates_from_the_runs_average_rate():
+    """One slow trial (a compile) among fast ones: the bar's time left follows the average
+    since the start, not the last trials' rate."""
+    from autotune.progress import new_bar
+
+    now = [0.0]
+    bar = new_bar(100, file=io.StringIO())
+    bar._time = lambda: now[0]
+    bar.start_t = bar.last_print_t = 0.0
+    for n in range(1, 51):
+        now[0] = n * 1.0 + (20.0 if n == 50 else 0.0)  # the 50th trial took 21 s
+        bar.update(1)
+    rate = bar.format_dict["rate"] or bar.n / now[0]
+    assert abs(50 / rate - 50 * 70 / 50) < 1e-6  # 50 left at 50 trials in 70 s
