@@ -1,7 +1,7 @@
 """How far the unseen shapes' picks are from the best config that could have been picked.
 
 For each case of ``benchmarks/unseen_shapes.py``: ``select_rope``'s choice with the shipped table
-and model, the model's ``--top`` Triton configs at the case's exact token count, and both
+and model, the device's model's ``--top`` Triton configs at the case's exact token count, both
 vendors, each gated against the float64 reference and timed by CUDA-graph replay. The best of
 them all (the "oracle") bounds what a better model could reach with today's kernel.
 
@@ -27,10 +27,10 @@ from kernels import get_provider
 from kernels.compile_ahead import compile_ahead
 from kernels.measure import check_correct, time_rope
 from kernels.perf_model import PerfModel, model_file_name
-from kernels.table import shipped_config_dir
+from kernels.table import hardware_metadata, shipped_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from unseen_shapes import _available, cases, geomean, selector_for, write_csv
+from unseen_shapes import _available, cases, geomean, selector_for, short_tag, write_csv
 
 
 def recheck(fns: dict, winner: str, case, device: str, args) -> dict:
@@ -59,7 +59,9 @@ def main() -> int:
     parser.add_argument("--recheck", type=int, default=0, help="rounds of the second pass")
     args = parser.parse_args()
     device, table_dir = args.device, shipped_config_dir()
-    model = PerfModel.load(Path(table_dir) / model_file_name("NVIDIA H200"))
+    device_name = hardware_metadata(device)["device_name"]
+    print(f"device: {device_name}", flush=True)
+    model = PerfModel.load(Path(table_dir) / model_file_name(device_name))
     triton = get_provider("triton")
     plan = []
     for case in cases():
@@ -113,7 +115,7 @@ def main() -> int:
             flush=True,
         )
         if out:  # after each case: a run cut short keeps what it measured
-            write_csv(Path(out, "unseen_oracle_h200.csv"), rows)
+            write_csv(Path(out, f"unseen_oracle_{short_tag(device_name)}.csv"), rows)
     columns = ["select_rope_x", "oracle_x", "first_pass_gain"]
     columns += ["recheck_gain"] if args.recheck else []
     for col in columns:
