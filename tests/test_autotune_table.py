@@ -200,8 +200,17 @@ def test_round_trip_and_merge(tmp_path):
     )
 
 
-def test_the_shipped_table_round_trips_byte_for_byte_through_its_entries(tmp_path):
-    shipped = ROOT / "configs" / "NVIDIA_H200.json"
+SHIPPED_TABLES = sorted(
+    p for p in (ROOT / "configs").glob("*.json") if not p.name.endswith(".model.json")
+)
+
+
+def test_both_measured_devices_ship_a_table():
+    assert {p.name for p in SHIPPED_TABLES} >= {"NVIDIA_H200.json", "NVIDIA_H100_80GB_HBM3.json"}
+
+
+@pytest.mark.parametrize("shipped", SHIPPED_TABLES, ids=lambda p: p.stem)
+def test_the_shipped_table_round_trips_byte_for_byte_through_its_entries(tmp_path, shipped):
     table = read_table(shipped, provider_names())
     for timing, specs in table["entries"].items():
         for spec_key in specs:

@@ -217,10 +217,10 @@ def test_features_are_the_definitions_models_were_fit_on():
     ]  # fmt: skip
 
 
-def test_the_shipped_model_is_valid():
-    if not SHIPPED.exists():
-        pytest.skip("no shipped model")
-    validate_model(orjson.loads(SHIPPED.read_bytes()))
+@pytest.mark.parametrize("name", ["NVIDIA H200", "NVIDIA H100 80GB HBM3"])
+def test_the_shipped_model_is_valid(name):
+    path = SHIPPED.parent / model_file_name(name)
+    validate_model(orjson.loads(path.read_bytes()))
 
 
 def test_fit_save_load_round_trip(tmp_path):

@@ -27,8 +27,8 @@ import kernels.perf_model as perf_model_mod
 import kernels.table as table_mod
 from kernels import RopeSpec, RopeTableWarning, select_rope
 from kernels import _lookup as lookup_mod
-from kernels.perf_model import PerfModel
-from kernels.table import read_table, shipped_config_dir
+from kernels.perf_model import PerfModel, model_file_name
+from kernels.table import device_table_name, read_table, shipped_config_dir
 from kernels.transfer import (
     TRANSFER_ENV,
     DeviceTraits,
@@ -186,12 +186,13 @@ def test_hardware_metadata_of_the_cpu():
     assert DeviceTraits.from_metadata(metadata).capability is None
 
 
-def test_the_shipped_tables_say_what_decides_a_transfer():
-    table = read_table(shipped_config_dir() / "NVIDIA_H200.json")
+@pytest.mark.parametrize("name", ["NVIDIA H200", "NVIDIA H100 80GB HBM3"])
+def test_the_shipped_tables_say_what_decides_a_transfer(name):
+    table = read_table(shipped_config_dir() / device_table_name(name))
     shipped = DeviceTraits.from_metadata(table["metadata"])
     assert shipped.capability == (9, 0) and shipped.sm_count == 132
     assert shipped.l2_cache_bytes and shipped.bandwidth_gb_s
-    model = PerfModel.load(shipped_config_dir() / "NVIDIA_H200.model.json")
+    model = PerfModel.load(shipped_config_dir() / model_file_name(name))
     assert DeviceTraits.from_metadata(model.metadata) == shipped
 
 
