@@ -5,6 +5,7 @@ and what a GPU of another architecture gets."""
 
 import importlib
 import math
+import shutil
 import types
 import warnings
 
@@ -257,6 +258,22 @@ def test_the_devices_own_table_and_model_win(dirs, fake_gpu):
     rope, messages = selected()
     assert rope.source.name == "NVIDIA_H100_80GB_HBM3.model.json" and messages == []
     assert rope.explain(16).provider == "torch" and "transferred" not in rope.explain(16).why
+
+
+@pytest.mark.parametrize(
+    ("gpu", "source"),
+    [("H100", "NVIDIA_H100_80GB_HBM3"), ("H100 PCIe", "NVIDIA_H100_80GB_HBM3"),
+     ("H200", "NVIDIA_H200")],
+)  # fmt: skip
+def test_the_shipped_tables_serve_each_hopper_gpu_from_the_nearest(dirs, fake_gpu, gpu, source):
+    """With the tables and models as shipped, an H100 PCIe (fewer SMs, less bandwidth) takes
+    the H100's data, not the H200's (here its model: the spec is in no table)."""
+    for path in shipped_config_dir().glob("*.json"):
+        shutil.copy2(path, dirs["shipped"] / path.name)
+    fake_gpu(gpu)
+    rope, _ = selected()
+    assert rope.source.name.split(".")[0] == source
+    assert ("transferred" in rope.explain(16).why) == (gpu == "H100 PCIe")
 
 
 def test_a_gpu_with_a_table_but_no_model_borrows_the_nearest_model(dirs, fake_gpu):
