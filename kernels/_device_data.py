@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ._lookup import transferred_tables, warn_once
+from ._spec import RopeSpec
 from .perf_model import PerfModel, find_model, find_transferred_model
 from .transfer import DeviceTraits, TransferChoice
 
@@ -49,14 +50,22 @@ def device_data(
     file_name: str,
     tables: list[tuple[Path, dict]],
     use_transfer: bool,
+    spec: RopeSpec,
 ) -> DeviceData:
-    """This device's ``tables`` and model; with ``use_transfer``, the nearest device's standing
-    in for what it lacks (:mod:`kernels.transfer`): the tables when it has neither tables nor a
-    model, the model when it has none. Warns once when this device has no table and another
-    device's data is used."""
+    """This device's ``tables`` and model for ``spec``; with ``use_transfer``, the nearest
+    device's standing in for what it lacks (:mod:`kernels.transfer`): the tables when it has
+    neither tables nor a model, the model when it has none or when its own was fit on no shape
+    like ``spec`` and another device's was (:meth:`PerfModel.uncovered`: its trees would
+    extrapolate). Warns once when this device has no table and another device's data is
+    used."""
     model = find_model(table_dir, device)
     if not use_transfer or this.capability is None:
         return DeviceData(tables, model)
+    if model is not None and model.uncovered(spec):
+        covering, _ = find_transferred_model(table_dir, this, covering=spec)
+        if covering is not None:
+            logger.info("select_rope %s on %s: %s", spec.key, this.name, covering.transfer)
+            return DeviceData(tables, covering)
     own_tables, own_model = bool(tables), model is not None
     table_from = model_from = None
     refused = []

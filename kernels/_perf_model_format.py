@@ -15,7 +15,7 @@ File (``NVIDIA H200`` -> ``NVIDIA_H200.model.json``, beside the table)::
         },
         "vllm": {...}, ...
       },
-      "fit": {...}                                  # free-form: rows, specs, residuals
+      "fit": {...}        # free-form: rows, residuals, "specs" (the shapes fit on: what it covers)
     }
 
 A tree's node ``i`` is a leaf when ``left[i] == -1`` (its ``value`` is added); otherwise a call

@@ -43,7 +43,7 @@ from ._perf_model_format import (
     validate_model,
 )
 from ._spec import RopeSpec
-from .perf_features import FEATURES_VERSION
+from .perf_features import CALL_FEATURES, FEATURES_VERSION, call_features
 from .table import RopeTableWarning
 from .transfer import DeviceTraits, TransferChoice, choose_device
 
@@ -64,6 +64,8 @@ __all__ = [
 
 # Rankings a model keeps (a selector's buckets, the tuner's studies).
 _MAX_RANKINGS = 256
+# The call features a spec alone decides (not its token count): what "shapes like it" means.
+_SPEC_FEATURES = frozenset(CALL_FEATURES) - {"log_traffic", "log_tokens"}
 
 # Loaded models by (path, modification time, size): a serving stack builds many selectors.
 _models: dict[tuple[str, int, int], PerfModel | None] = {}
@@ -112,20 +114,25 @@ _transferred: dict[tuple[tuple[str, int, int], int | None, str], PerfModel] = {}
 
 
 def find_transferred_model(
-    table_dir: str | os.PathLike | None, this: DeviceTraits
+    table_dir: str | os.PathLike | None, this: DeviceTraits, *, covering: RopeSpec | None = None
 ) -> tuple[PerfModel | None, TransferChoice]:
     """For a device without a model of its own: the model of the nearest device
     (:func:`kernels.transfer.choose_device` over the ``*.model.json`` files of
     :func:`kernels._lookup.search_directories`), evaluated with this device's SM count, with
     :attr:`PerfModel.transfer` saying whose it is and why; None when none may transfer (the
-    choice says why) or the chosen device's model files cannot be used."""
+    choice says why) or the chosen device's model files cannot be used. With ``covering``,
+    only models fit on shapes like that spec are candidates (:meth:`PerfModel.uncovered`)."""
     if this.capability is None:  # nothing may transfer: no need to look
         return None, choose_device(this, ())
     files = device_files(search_directories(table_dir), "model")
+    if covering is not None:
+        usable = {str(p) for p, _ in files if _covers(_load_shared(p)[1], covering)}
+        files = [(p, traits) for p, traits in files if str(p) in usable]
     choice = choose_device(this, (traits for _, traits in files))
     if choice.device is None:
         return None, choice
-    why = f"model of {choice.device.name} transferred: {choice.why}"
+    unlike = "" if covering is None else " (this device's own was fit on no shape like it)"
+    why = f"model of {choice.device.name} transferred{unlike}: {choice.why}"
     sm_count = None if this.sm_count is None else int(this.sm_count)
     for path, traits in files:
         if traits.name != choice.device.name:
@@ -139,6 +146,27 @@ def find_transferred_model(
                 _transferred[key] = model.transferred(sm_count, why)
             return _transferred[key], choice
     return None, choice
+
+
+def _feature_ranges(fit: Any) -> dict[str, tuple[float, float]]:
+    """Each spec feature's (low, high) over the specs a model file's ``fit`` names (keys that
+    do not parse are left out: ``fit`` is free-form)."""
+    ranges: dict[str, tuple[float, float]] = {}
+    specs = fit.get("specs") if isinstance(fit, Mapping) else None
+    for key in specs if isinstance(specs, list) else ():
+        try:
+            spec = RopeSpec.from_key(key)
+        except (TypeError, ValueError):
+            continue
+        for name, value in zip(CALL_FEATURES, call_features(spec, 1), strict=True):
+            if name in _SPEC_FEATURES:
+                low, high = ranges.get(name, (value, value))
+                ranges[name] = (min(low, value), max(high, value))
+    return ranges
+
+
+def _covers(model: PerfModel | None, spec: RopeSpec) -> bool:
+    return model is not None and not model.uncovered(spec)
 
 
 # -- evaluation --------------------------------------------------------------------------------
@@ -215,6 +243,7 @@ class PerfModel:
         # Whose model this is and why, when another device's (see transferred()).
         self.transfer: str | None = None
         self._forests = {name: _Forest(part) for name, part in data["providers"].items()}
+        self._ranges = _feature_ranges(data.get("fit"))
         self._candidates: dict[tuple[str, RopeSpec], list[dict[str, Any]]] = {}
         # Rankings asked again (a selector's buckets, the tuner's studies): bounded memo.
         self._ranked: dict[tuple[str, RopeSpec, int], list[int]] = {}
@@ -247,6 +276,17 @@ class PerfModel:
     def providers(self) -> tuple[str, ...]:
         """Providers the model predicts, sorted."""
         return tuple(sorted(self._forests))
+
+    def uncovered(self, spec: RopeSpec) -> tuple[str, ...]:
+        """The call features of ``spec`` (:data:`kernels.perf_features.CALL_FEATURES`, less the
+        token count's) outside their range over the shapes the model was fit on: where its
+        trees extrapolate. Empty when ``spec`` lies inside, or the file names no shapes."""
+        return tuple(
+            name
+            for name, value in zip(CALL_FEATURES, call_features(spec, 1), strict=True)
+            if name in self._ranges
+            and not self._ranges[name][0] - 1e-9 <= value <= self._ranges[name][1] + 1e-9
+        )
 
     def _predict(
         self,

@@ -169,7 +169,7 @@ def select_rope(
     this = device_traits(device)
     file_name = device_table_name(this.name)
     tables = read_tables(table_files(table_dir, file_name))  # warns naming select_rope's caller
-    data = device_data(table_dir, this, device, file_name, tables, transfer_enabled(transfer))
+    data = device_data(table_dir, this, device, file_name, tables, transfer_enabled(transfer), spec)
     tables, model = data.tables, data.model
     if spec.is_mrope:
         # The model's features do not describe a multimodal layout (its cos/sin reads): mRoPE

@@ -194,10 +194,15 @@ def put_device_table(directory, name: str, graph: dict) -> Path:
     return path
 
 
-def put_device_model(directory, name: str, torch_log_us: float, triton_log_us: float) -> Path:
-    """Write the fabricated GPU ``name``'s model (:func:`perf_model_data`) in ``directory``."""
+def put_device_model(
+    directory, name: str, torch_log_us: float, triton_log_us: float, fit_specs=None
+) -> Path:
+    """Write the fabricated GPU ``name``'s model (:func:`perf_model_data`) in ``directory``;
+    ``fit_specs``: the spec keys it says it was fit on (none named: it covers every shape)."""
     data = perf_model_data(torch_log_us, triton_log_us)
     data["metadata"] = gpu_metadata(name)
+    if fit_specs is not None:
+        data["fit"] = {"specs": list(fit_specs)}
     path = directory / model_file_name(data["metadata"]["device_name"])
     path.write_bytes(orjson.dumps(data))
     return path

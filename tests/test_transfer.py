@@ -276,6 +276,53 @@ def test_the_shipped_tables_serve_each_hopper_gpu_from_the_nearest(dirs, fake_gp
     assert ("transferred" in rope.explain(16).why) == (gpu == "H100 PCIe")
 
 
+# Rotated bytes per head row: 64 (rotary 16 in fp32) in the own model's shapes, 32 (rotary 8)
+# in the H200's too.
+WIDE, NARROW = (
+    RopeSpec(64, 16, 4, 2, True, torch.float32),
+    RopeSpec(64, 8, 4, 2, True, torch.float32),
+)
+
+
+def test_a_model_covers_the_shapes_it_was_fit_on():
+    data = perf_model_data(1.0, 1.0)
+    assert PerfModel(data).uncovered(NARROW) == ()  # no shapes named: nothing to say
+    data["fit"] = {"specs": [WIDE.key, SPEC.key, "not a spec key"]}
+    model = PerfModel(data)
+    assert model.uncovered(NARROW) == ("log_row_bytes",)
+    assert model.uncovered(WIDE) == () and model.uncovered(SPEC) == ()
+    # Between the shapes fit on is inside; GPT-J and fp16 were never seen.
+    assert model.uncovered(RopeSpec(64, 24, 4, 2, True, torch.float32)) == ()
+    assert model.uncovered(RopeSpec(64, 32, 4, 2, False, torch.float16)) == ("gptj", "float16")
+
+
+@pytest.mark.parametrize("transfer", [True, False])
+def test_a_spec_unlike_the_own_models_shapes_takes_a_model_that_covers_it(dirs, fake_gpu, transfer):
+    fake_gpu("H100")
+    put_device_table(dirs["shipped"], "H100", {WIDE.key: {"16": entry("triton")}})
+    own = put_device_model(dirs["shipped"], "H100", 5.0, 1.0, fit_specs=[WIDE.key])
+    other = put_device_model(dirs["shipped"], "H200", 1.0, 5.0, fit_specs=[WIDE.key, NARROW.key])
+
+    def select(spec):
+        return select_rope(spec.head_size, spec.rotary_dim, spec.num_heads, spec.num_kv_heads,
+                           spec.is_neox, spec.dtype, "cpu", transfer=transfer)  # fmt: skip
+
+    narrow = select(NARROW)
+    if transfer:  # its own model would extrapolate: the H200's speaks for this spec
+        assert narrow.source == other and narrow.explain(16).provider == "torch"
+        assert (
+            "model of NVIDIA H200 transferred (this device's own was fit on no shape like it): "
+            "same compute capability 9.0"
+        ) in narrow.explain(16).why
+    else:
+        assert narrow.source == own and narrow.explain(16).provider == "triton"
+    # A spec like the own model's shapes keeps it (here: between tuned buckets of its table).
+    assert "transferred" not in select(WIDE).explain(64).why
+    # No model covers it: the own model, extrapolating, rather than none.
+    wider_miss = RopeSpec(64, 4, 4, 2, True, torch.float32)
+    assert select(wider_miss).source == own
+
+
 def test_a_gpu_with_a_table_but_no_model_borrows_the_nearest_model(dirs, fake_gpu):
     fake_gpu("H100")
     own = put_device_table(dirs["user"], "H100", {SPEC.key: {"1": entry("torch"),
