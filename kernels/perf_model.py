@@ -131,7 +131,7 @@ def find_transferred_model(
     choice = choose_device(this, (traits for _, traits in files))
     if choice.device is None:
         return None, choice
-    unlike = "" if covering is None else " (this device's own was fit on no shape like it)"
+    unlike = "" if covering is None else " for a shape unlike this device's model's"
     why = f"model of {choice.device.name} transferred{unlike}: {choice.why}"
     sm_count = None if this.sm_count is None else int(this.sm_count)
     for path, traits in files:

@@ -311,8 +311,8 @@ def test_a_spec_unlike_the_own_models_shapes_takes_a_model_that_covers_it(dirs, 
     if transfer:  # its own model would extrapolate: the H200's speaks for this spec
         assert narrow.source == other and narrow.explain(16).provider == "torch"
         assert (
-            "model of NVIDIA H200 transferred (this device's own was fit on no shape like it): "
-            "same compute capability 9.0"
+            "model of NVIDIA H200 transferred for a shape unlike this device's model's: same "
+            "compute capability 9.0"
         ) in narrow.explain(16).why
     else:
         assert narrow.source == own and narrow.explain(16).provider == "triton"
