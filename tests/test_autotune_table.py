@@ -210,6 +210,17 @@ def test_both_measured_devices_ship_a_table():
 
 
 @pytest.mark.parametrize("shipped", SHIPPED_TABLES, ids=lambda p: p.stem)
+def test_every_shipped_spec_spans_the_bucket_range(shipped):
+    """A spec's entries serve every token count, those beyond its tuned buckets from the
+    nearest one: a partly tuned spec (a tuning run stopped within it) would stretch a 2-token
+    winner over 65536 tokens, and stand in as the nearest spec for others. Ship whole specs."""
+    for timing, specs in read_table(shipped, provider_names())["entries"].items():
+        for spec_key, buckets in specs.items():
+            tuned = sorted(int(b) for b in buckets)
+            assert (tuned[0], tuned[-1]) == (1, 65536), (timing, spec_key, tuned)
+
+
+@pytest.mark.parametrize("shipped", SHIPPED_TABLES, ids=lambda p: p.stem)
 def test_the_shipped_table_round_trips_byte_for_byte_through_its_entries(tmp_path, shipped):
     table = read_table(shipped, provider_names())
     for timing, specs in table["entries"].items():
