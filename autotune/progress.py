@@ -17,9 +17,8 @@ def new_bar(total: int, *, enabled: bool = True, file: IO[str] | None = None):
 
     Its time left is the trials left over the run's average rate since the bar started
     (``smoothing=0``), not tqdm's default moving average: a study's first trials compile and
-    token counts differ in cost, so a recent rate swings. Replayed on the H100 tuning journal's
-    four device calls (``benchmarks/journal_time.py --eta``), the average was within 25% of the
-    true time left at 17 of 20 checkpoints, the moving average at 10.
+    token counts differ in cost, so a recent rate swings (``benchmarks/journal_time.py --eta``
+    replays a journal through this bar).
     """
     from tqdm.auto import tqdm
 

@@ -98,6 +98,12 @@ def smoke_cases() -> list[Case]:
     return [Case("tiny GPT-J partial", tiny, 5), Case("tiny, no key", tiny, 3, with_key=False)]
 
 
+def selector_bucket(tokens: int) -> int:
+    """The power-of-two bucket (1 to 65536) nearest ``tokens`` in log scale: the one whose
+    route a selector without table entries runs for it."""
+    return min((2**i for i in range(17)), key=lambda b: abs(math.log(b / tokens)))
+
+
 def geomean(values) -> float:
     return math.exp(statistics.fmean(math.log(v) for v in values))
 

@@ -126,8 +126,7 @@ def find_transferred_model(
         return None, choose_device(this, ())
     files = device_files(search_directories(table_dir), "model")
     if covering is not None:
-        usable = {str(p) for p, _ in files if _covers(_load_shared(p)[1], covering)}
-        files = [(p, traits) for p, traits in files if str(p) in usable]
+        files = [(p, traits) for p, traits in files if _covers(_load_shared(p)[1], covering)]
     choice = choose_device(this, (traits for _, traits in files))
     if choice.device is None:
         return None, choice

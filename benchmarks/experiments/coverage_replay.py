@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from kernels.perf_model import PerfModel
 from kernels.table import shipped_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from unseen_shapes import geomean
+from unseen_shapes import geomean, selector_bucket
 
 OWN, OTHER = "NVIDIA_H100_80GB_HBM3.model.json", "NVIDIA_H200.model.json"
 
@@ -44,9 +43,7 @@ def main() -> int:
         vendor = min(float(r[c]) for c in ("flashinfer_us", "vllm_us") if r[c] not in ("-", ""))
         moved = bool(own.uncovered(spec)) and not other.uncovered(spec)
         if moved:
-            bucket = min(
-                (2**i for i in range(17)), key=lambda b: abs(math.log(b / int(r["tokens"])))
-            )
+            bucket = selector_bucket(int(r["tokens"]))
             names = ["triton", "torch", "torch_compile", "vllm"]
             names += ["flashinfer"] if r["flashinfer_us"] != "-" else []
             pick = other.best(spec, bucket, names)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import sys
 from pathlib import Path
 
@@ -28,15 +27,10 @@ from kernels import RopeSpec
 from kernels.perf_model import PerfModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from unseen_shapes import geomean
+from unseen_shapes import geomean, selector_bucket
 
 MARGINS = (1.0, 1.05, 1.1, 1.15, 1.2, 1.3)
 VENDORS = ("flashinfer", "vllm")
-
-
-def nearest_bucket(tokens: int) -> int:
-    """The power-of-two bucket nearest in log scale, as the selector routes a token count."""
-    return min((2**i for i in range(17)), key=lambda b: abs(math.log(b / tokens)))
 
 
 def score(rows: list[dict], model: PerfModel) -> tuple[dict[float, list[float]], int]:
@@ -44,7 +38,7 @@ def score(rows: list[dict], model: PerfModel) -> tuple[dict[float, list[float]],
     out: dict[float, list[float]] = {m: [] for m in MARGINS}
     skipped = 0
     for r in rows:
-        spec, bucket = RopeSpec.from_key(r["spec"]), nearest_bucket(int(r["tokens"]))
+        spec, bucket = RopeSpec.from_key(r["spec"]), selector_bucket(int(r["tokens"]))
         vendor = {n: float(r[f"{n}_us"]) for n in VENDORS if r[f"{n}_us"] not in ("-", "")}
         pick = model.best(spec, bucket, ["triton", *vendor])
         if pick is None or pick.provider != r["ours_choice"].split(" ", 1)[0]:
