@@ -1,5 +1,6 @@
 """How long ``python -m autotune`` takes to tune one spec from a cold start, and how its table
 compares with a reference table of the same spec (the shipped 48-trial table).
+An mRoPE spec key (``..._mrope16-24-24``) tunes that mRoPE spec.
 
 The tuner runs in a subprocess with a fresh study storage, fresh Triton and Inductor caches
 and ``ROPE_AUTOTUNE_CONFIG_DIR`` pointing at ``--model-dir`` (so its warm start uses that
@@ -49,6 +50,20 @@ def _warm_flashinfer(spec: RopeSpec, device: str) -> float:
     return time.perf_counter() - start
 
 
+def spec_flags(spec: RopeSpec) -> list[str]:
+    """The ``python -m autotune`` flags that name ``spec`` alone (its mRoPE layout included)."""
+    flags = [
+        "--head-size", str(spec.head_size), "--rotary-dim", str(spec.rotary_dim),
+        "--num-heads", str(spec.num_heads), "--num-kv-heads", str(spec.num_kv_heads),
+        "--is-neox-style" if spec.is_neox else "--no-is-neox-style", "--dtype", spec.dtype_name,
+    ]  # fmt: skip
+    if spec.mrope_section is not None:
+        flags += ["--mrope-section", ",".join(map(str, spec.mrope_section))]
+        if spec.mrope_interleaved:
+            flags.append("--mrope-interleaved")
+    return flags
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -66,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", default=None, help="buckets (default: the tuner's)")
     parser.add_argument("--trials", type=int, default=None, help="default: the tuner's")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="result folder ($OUT)")
+    parser.add_argument("--label", default="", help="appended to the result files' names")
     args = parser.parse_args(argv)
     spec = RopeSpec.from_key(args.spec)
     scratch = Path(tempfile.mkdtemp(prefix="tune_time_"))
@@ -76,14 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         "ROPE_AUTOTUNE_CONFIG_DIR": str(args.model_dir.resolve()),
     }
     jit_s = _warm_flashinfer(spec, args.device)
-    style = "--is-neox-style" if spec.is_neox else "--no-is-neox-style"
     command = [
-        sys.executable, "-m", "autotune", "--device", args.device,
-        "--head-size", str(spec.head_size), "--rotary-dim", str(spec.rotary_dim),
-        "--num-heads", str(spec.num_heads), "--num-kv-heads", str(spec.num_kv_heads), style,
-        "--dtype", spec.dtype_name, "--timing", args.timing, "--storage",
-        str(scratch / "studies.journal"), "--output", str(scratch / "out"), "--seed", "0",
-        "--quiet",
+        sys.executable, "-m", "autotune", "--device", args.device, *spec_flags(spec),
+        "--timing", args.timing, "--storage", str(scratch / "studies.journal"),
+        "--output", str(scratch / "out"), "--seed", "0", "--quiet",
     ]  # fmt: skip
     if args.tokens:
         command += ["--tokens", args.tokens]
@@ -134,9 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        name = f"tune_time_{spec.key}_{args.timing}"
+        name = "_".join(filter(None, ("tune_time", spec.key, args.timing, args.label)))
         (Path(args.out) / f"{name}.txt").write_text(text + "\n")
         (Path(args.out) / f"{name}.json").write_bytes(table_path.read_bytes())
+        # The studies' trial times, for benchmarks/journal_time.py.
+        (Path(args.out) / f"{name}.journal").write_bytes((scratch / "studies.journal").read_bytes())
     return 0
 
 
