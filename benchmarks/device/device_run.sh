@@ -10,6 +10,7 @@
 #   bash benchmarks/device/device_run.sh mrope-warm    # an mRoPE spec tuned cold and twin-warm-started
 #   bash benchmarks/device/device_run.sh aliasing      # the compiled-aliasing fault with four op bodies
 #   bash benchmarks/device/device_run.sh transfer      # unseen shapes with own/transferred/default data; first use
+#   bash benchmarks/device/device_run.sh small-slices  # tune Pythia-410m's rotary 16, refit, unseen shapes
 #   bash benchmarks/device/device_run.sh untuned       # cold tuning time, unseen shapes (carry .tune_loso)
 #   bash benchmarks/device/device_run.sh verify        # the shipped table re-timed; eager small tokens
 #   bash benchmarks/device/device_run.sh small-tokens  # Triton sweep vs FlashInfer/vLLM, 16-1024 tokens
@@ -67,6 +68,18 @@ case "$1" in
     timeout "${FIRST_USE_SECONDS:-240}" python3 benchmarks/first_use.py --device cuda:0 \
       --table "$table" --limit "${FIRST_USE_SPECS:-8}" --out "$OUT/first_use.txt" \
       --csv "$OUT/first_use.csv" 2>&1 | tail -25 ;;
+  small-slices)
+    # Pythia-410m's spec (16 heads of 64, rotary 16: 32-byte slices) added to this device's
+    # tuning journal (tune.sh resumes .tune/'s), the model refit on the whole journal, then the
+    # unseen shapes with that model (own) beside the nearest device's (transfer).
+    device=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
+    bash benchmarks/device/tune.sh "${TUNE_SECONDS:-150}" --head-size 64 --rotary-dim 16 \
+      --num-heads 16 --num-kv-heads 16 --dtype bf16 | tail -8
+    python3 -m autotune export --storage /tmp/tune/studies.journal --output /tmp/tune/export \
+      --quiet && cp "/tmp/tune/export/$device.model.json" configs/ \
+      && cp "/tmp/tune/configs/$device.json" configs/ && cp "configs/$device.model.json" "$OUT/"
+    timeout "${UNSEEN_SECONDS:-240}" python3 benchmarks/unseen_shapes.py --device cuda:0 \
+      --data "${UNSEEN_DATA:-own,transfer}" 2>&1 | tee "$OUT/unseen_shapes.log" | tail -45 ;;
   untuned)
     # The compiled vLLM override's arguments (a fault is named by the call that made it), the
     # tuning time of one spec from a cold start against the shipped table (the model in
