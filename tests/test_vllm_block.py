@@ -65,14 +65,38 @@ def test_ours_agrees_with_vllm_default_and_rotates(vb, blocks, model, tokens):
         (tokens, spec.q_size),
         (tokens, spec.kv_size),
     ]
-    diff, reason = vb.compare(want, got, DTYPE)
+    reference = vb.reference_block(blocks[model]["vllm-default"], positions, hidden)
+    assert [x.dtype for x in reference] == [torch.float64] * 3
+    baseline = vb.errors(reference, want)
+    diff, reason = vb.compare(reference, got, DTYPE, baseline)
     assert reason is None, reason
-    assert diff > 0 or torch.equal(want[1], got[1])
+    assert 0 < diff < 0.05
     # The check sees RoPE even for one token, whose attention output it does not change.
-    _, reason = vb.compare(want, plain, DTYPE)
+    _, reason = vb.compare(reference, plain, DTYPE, baseline)
     assert reason is not None
     if tokens == 1:
         assert torch.equal(want[0], plain[0]) and reason.startswith("q:")
+
+
+def test_reference_block_is_the_block_in_float64(vb, blocks):
+    """The float64 block against the eager block run in float32 (weights upcast, its own
+    rotary layer's cache): the same math, so they agree to float32's precision."""
+    model = vb.MODELS["qwen3-8b"]
+    block = blocks["qwen3-8b"]["vllm-default"]
+    positions, hidden = vb.make_inputs(model, 37, DTYPE, CPU)
+    reference = vb.reference_block(block, positions, hidden)
+    weights = {
+        name: None if w is None else w.float()
+        for name, w in {
+            "qkv": block.qkv_weight, "qkv_bias": block.qkv_bias, "o": block.o_weight,
+            "o_bias": block.o_bias, "q_norm": block.q_norm.weight, "k_norm": block.k_norm.weight,
+        }.items()
+    }  # fmt: skip
+    rotary = vb.build_rope(model, "vllm-default", torch.float32, CPU)
+    rotary.cos_sin_cache.copy_(block.rotary.cos_sin_cache.float())
+    got = run(vb.AttentionBlock(model, weights, rotary), positions, hidden.float())
+    for want, have in zip(reference, got, strict=True):
+        torch.testing.assert_close(have.double(), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("model", ["qwen3-8b", "phi-2"])
@@ -92,17 +116,24 @@ def test_no_rope_block_is_the_block_at_position_zero(vb, blocks, model):
     assert torch.equal(plain[1], q)
 
 
-def test_compare_bounds_scale_with_the_reference(vb):
+def test_compare_bounds_errors_by_the_baseline(vb):
     ref = (torch.full((4, 4), 10.0), torch.ones(2, 8), torch.ones(2, 8))
-    near = (ref[0] + 0.2, ref[1] + 0.01, ref[2])
-    assert vb.compare(ref, near, DTYPE)[1] is None
+    ref = tuple(x.double() for x in ref)
+    baseline = (0.2, 0.05, 0.05)
+    near = (ref[0] + 0.35, ref[1] + 0.09, ref[2])
+    diff, reason = vb.compare(ref, near, DTYPE, baseline)
+    assert reason is None and diff == pytest.approx(0.35)
     far = (ref[0], ref[1], ref[2].clone())
-    far[2][1, 3] = 1.1
-    diff, reason = vb.compare(ref, far, DTYPE)
-    assert reason.startswith("k: 1 of 16") and diff == pytest.approx(0.1, rel=1e-3)
+    far[2][1, 3] = 1.11
+    assert (
+        vb.compare(ref, far, DTYPE, baseline)[1] == "k: largest difference 0.11 over the bound 0.1"
+    )
+    # No baseline error: the bound is the dtype's rtol times the reference's rms.
+    assert vb.compare(ref, far, DTYPE, (0.0, 0.0, 0.0))[1].endswith("over the bound 0.016")
     nan = (ref[0].clone(), ref[1], ref[2])
     nan[0][0, 0] = float("nan")
-    assert vb.compare(ref, nan, DTYPE)[1].startswith("out: 1 of 16")
+    assert vb.compare(ref, nan, DTYPE, baseline)[1].startswith("out: largest difference inf")
+    assert vb.errors(ref, nan)[0] == float("inf")
 
 
 def test_fill_times_rope_share_and_speedups(vb):
@@ -146,7 +177,7 @@ def test_cpu_smoke_run_writes_the_table(vb, tmp_path):
 
 
 def test_a_failed_check_is_reported_and_not_timed(vb, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(vb, "compare", lambda reference, got, dtype: (0.5, "q: forced"))
+    monkeypatch.setattr(vb, "compare", lambda reference, got, *args: (0.5, "q: forced"))
     argv = ["--device", "cpu", "--models", "phi-2", "--tokens", "1", "--no-compile"]
     assert vb.main([*argv, "--repeats", "1", "--out", str(tmp_path)]) == 1
     _, rows = read_rows(tmp_path)
