@@ -5,13 +5,11 @@
   studies. Each starts from the finished trials of the same bucket's study over fewer
   providers, so the new provider costs its default's trial, not a new search (:class:`Donors`).
 * From the device's performance model: a new study first measures the Triton configs the model
-  predicts fastest for its spec and bucket (:func:`model_candidates`); an mRoPE study, the
-  same configs of ``triton_mrope`` ranked for its plain-RoPE twin.
+  predicts fastest for its spec and bucket (:func:`model_candidates`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -36,23 +34,13 @@ WARM_START_CONFIGS = 8
 
 def model_candidates(model: PerfModel, count: int = WARM_START_CONFIGS):
     """The runner's ``first_candidates``: the model's ``count`` best predicted Triton configs
-    for a study's spec and bucket (none when the study searches no Triton kernel).
-
-    An mRoPE study gets them for ``triton_mrope``, ranked for the spec's plain-RoPE twin (same
-    heads, dims, style, dtype): the two kernels share their space and tiling and differ only
-    in the cos/sin loads, and the model (fit on RoPE alone) ranked the H100's measured
-    ``triton_mrope`` configs of Qwen2-VL-2B at 1, 2 and 4 tokens with the fastest first in each
-    (``benchmarks/NOTES.md``, session 18). The same few configs in every bucket of a spec also
-    compile once, where a sampled config compiles in each study (about 1.2 s a trial).
-    """
+    for a study's spec and bucket (none when the study does not search Triton)."""
 
     def first(key: StudyKey, space: CandidateSpace) -> list[Candidate]:
-        for name in ("triton", "triton_mrope"):
-            if name in space.providers:
-                twin = dataclasses.replace(key.spec, mrope_section=None, mrope_interleaved=False)
-                ranked = model.rank_configs("triton", twin, key.tokens, count)
-                return [Candidate(name, config) for config in ranked]
-        return []
+        if "triton" not in space.providers:
+            return []
+        ranked = model.rank_configs("triton", key.spec, key.tokens, count)
+        return [Candidate("triton", config) for config in ranked]
 
     return first
 

@@ -7,7 +7,6 @@
 #   bash benchmarks/device/device_run.sh integrations  # vLLM's layers and a transformers model, with and without us
 #   bash benchmarks/device/device_run.sh block         # a compiled vLLM attention block: vLLM's RoPE, its op, ours
 #   bash benchmarks/device/device_run.sh mrope         # mRoPE: ours, vLLM's forward_cuda, Inductor's forward_native
-#   bash benchmarks/device/device_run.sh mrope-warm    # an mRoPE spec tuned cold and twin-warm-started
 #   bash benchmarks/device/device_run.sh aliasing      # the compiled-aliasing fault with four op bodies
 #   bash benchmarks/device/device_run.sh transfer      # unseen shapes with own/transferred/default data; first use
 #   bash benchmarks/device/device_run.sh small-slices  # tune Pythia-410m's rotary 16, refit, unseen shapes
@@ -44,10 +43,6 @@ case "$1" in
     timeout 200 python3 benchmarks/vllm_layer.py --device cuda:0 --out "$OUT/vllm_layer_mrope" \
       --models qwen2.5-vl-7b,qwen3-vl-8b,qwen2-vl-2b --tokens 1,16,256,4096,16384 2>&1 \
       | grep -v "INFO\|WARNING" | tail -40 ;;
-  mrope-warm)
-    timeout "${WARM_SECONDS:-300}" python3 benchmarks/experiments/mrope_warm_start.py \
-      --spec "${WARM_SPEC:-q28_kv4_d128_r128_neox_bfloat16_mrope16-24-24}" --out "$OUT" 2>&1 \
-      | grep -v "INFO\|WARNING" | tail -20 ;;
   aliasing)
     timeout 240 python3 benchmarks/experiments/aliasing_repro.py 2>&1 | tee "$OUT/aliasing.txt"
     timeout 300 python3 benchmarks/experiments/aliasing_repro.py --sanitize --bodies ours,vllm \
@@ -125,6 +120,6 @@ case "$1" in
   tune)
     bash benchmarks/device/tune_h200.sh "${TUNE_SECONDS:-300}" ;;
   *)
-    echo "usage: device_run.sh tests|integrations|block|mrope|mrope-warm|aliasing|transfer|untuned|verify|small-tokens|losing|defaults|search|tune" >&2
+    echo "usage: device_run.sh tests|integrations|block|mrope|aliasing|transfer|untuned|verify|small-tokens|losing|defaults|search|tune" >&2
     exit 2 ;;
 esac
