@@ -5,6 +5,7 @@ On the CPU vLLM finds no platform, so with the custom op on a layer's ``forward`
 against vLLM's own CUDA op, eagerly and under CUDA graph capture.
 """
 
+import logging
 import os
 import subprocess
 import sys
@@ -197,19 +198,47 @@ def test_other_rope_classes_stay_vllms(name):
     assert type(rope) is getattr(rope_module, name)
 
 
+@pytest.mark.parametrize("on_by_default", [True, False])
 @pytest.mark.parametrize(
     ("custom_ops", "runs_override"),
     [
         (("all",), True),
         (("none", "+rotary_embedding"), True),
-        (("none",), False),
+        (("none",), "on_by_default"),  # vLLM's default under Inductor
         (("all", "-rotary_embedding"), False),
+        (("none", "-rotary_embedding"), False),
     ],
 )
-def test_the_rotary_embedding_switch_turns_the_override_on_and_off(custom_ops, runs_override):
-    rope = make_rope(COVERED["Llama3RotaryEmbedding"], custom_ops=custom_ops)
-    forward = rope._forward_method.__func__
-    assert (forward is plugin._SelectedRope.forward_cuda) == runs_override
+def test_the_rotary_embedding_switch_turns_the_override_on_and_off(
+    monkeypatch, on_by_default, custom_ops, runs_override
+):
+    monkeypatch.setattr(plugin, "ON_BY_DEFAULT", on_by_default)
+    if runs_override == "on_by_default":
+        runs_override = on_by_default
+    for name in ("Llama3RotaryEmbedding", "RotaryEmbedding"):
+        rope = make_rope(COVERED[name], custom_ops=custom_ops)
+        forward = rope._forward_method.__func__
+        assert (forward is plugin._SelectedRope.forward_cuda) == runs_override, name
+    if not runs_override:  # vLLM's path with the op off: its forward_native
+        assert forward is rope_module.RotaryEmbedding.forward_native
+
+
+def test_the_log_says_whether_the_op_is_on_and_why(monkeypatch, caplog):
+    monkeypatch.setattr(plugin, "_LOGGED", set())
+    monkeypatch.setattr(plugin, "ON_BY_DEFAULT", True)
+    with caplog.at_level(logging.INFO, logger="vllm.rope_autotune"):
+        make_rope(COVERED["RotaryEmbedding"], custom_ops=("none",))
+        make_rope(COVERED["RotaryEmbedding"], head_size=32, custom_ops=("none",))  # logged once
+        make_rope(
+            COVERED["RotaryEmbedding"], head_size=16, custom_ops=("none", "-rotary_embedding")
+        )
+    lines = [r.getMessage() for r in caplog.records if "custom op" in r.getMessage()]
+    assert lines == [
+        "rope-autotune: custom op 'rotary_embedding' on for RotaryEmbedding: "
+        "rope-autotune turns it on by default",
+        "rope-autotune: custom op 'rotary_embedding' off for RotaryEmbedding: "
+        "custom_ops has -rotary_embedding",
+    ]
 
 
 @pytest.mark.parametrize("fusion", plugin.FUSION_PASSES)

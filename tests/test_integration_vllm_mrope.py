@@ -207,11 +207,17 @@ def test_the_other_multimodal_classes_stay_vllms():
     [
         (("all",), True),
         (("none", "+rotary_embedding"), True),
-        (("none",), False),
+        (("none",), "on_by_default"),  # vLLM's default under Inductor
         (("all", "-rotary_embedding"), False),
     ],
 )
-def test_the_rotary_embedding_switch_turns_the_override_on_and_off(custom_ops, runs_override):
+@pytest.mark.parametrize("on_by_default", [True, False])
+def test_the_rotary_embedding_switch_turns_the_override_on_and_off(
+    monkeypatch, on_by_default, custom_ops, runs_override
+):
+    monkeypatch.setattr(plugin, "ON_BY_DEFAULT", on_by_default)
+    if runs_override == "on_by_default":
+        runs_override = on_by_default
     rope = make_rope("interleaved", custom_ops=custom_ops)
     forward = rope._forward_method.__func__
     assert (forward is plugin._SelectedMrope.forward_cuda) == runs_override

@@ -32,9 +32,13 @@ interleaved layout whose time section is not the largest) keeps vLLM's ``forward
 
 The overrides keep the in-tree ``name`` (``rotary_embedding``), so vLLM's switch
 ``custom_ops=["+rotary_embedding"]`` / ``["-rotary_embedding"]`` turns them on and off as it
-does vLLM's own op. vLLM's fusion passes (:data:`FUSION_PASSES`: QK-norm+RoPE, RoPE+KV-cache)
-match vLLM's own rotary op in the compiled graph and would not find ours, so a base-op layer
-built while one of them is on keeps vLLM's op (one warning); none of them matches mRoPE.
+does vLLM's own op; with :data:`ON_BY_DEFAULT` they are also on where vLLM would leave the op
+off by default (``custom_ops`` ``"none"``, its default when Inductor compiles the model), so
+the compiled graph holds our op instead of Inductor's compile of ``forward_native``; one log
+line per class and decision says which and why. vLLM's fusion passes (:data:`FUSION_PASSES`:
+QK-norm+RoPE, RoPE+KV-cache) match vLLM's own rotary op in the compiled graph and would not find
+ours, so a base-op layer built while one of them is on keeps vLLM's op (one warning); none of
+them matches mRoPE.
 """
 
 import logging
@@ -56,6 +60,7 @@ __all__ = [
     "COVERED_CLASSES",
     "FUSION_PASSES",
     "MROPE_CLASSES",
+    "ON_BY_DEFAULT",
     "register",
     "registered_overrides",
     "selector_for",
@@ -245,8 +250,17 @@ FUSION_PASSES: tuple[str, ...] = (
 )
 
 
+# Whether covered layers run select_rope where vLLM leaves its rotary custom op off by default
+# (``custom_ops`` "none"). On: in a compiled vLLM attention block the op beat Inductor's
+# compile of forward_native (benchmarks/vllm_block.py; docs/DESIGN.md#on-by-default-in-vllm).
+ON_BY_DEFAULT = True
+_LOGGED: set[tuple[str, bool]] = set()  # (class, on) decisions logged once
+
+
 class _Override:
-    """What the overrides share: eager calls through the selector of the layer's one spec.
+    """What the overrides share: the custom op's switch (vLLM's, except that with
+    :data:`ON_BY_DEFAULT` the op is on unless ``custom_ops`` has ``-rotary_embedding``), and
+    eager calls through the selector of the layer's one spec.
 
     While a layer's eager calls all have one spec, it calls that spec's selector directly: the
     selector checks every call against its spec (heads, dtype, device, rotary dim) and raises
@@ -257,6 +271,28 @@ class _Override:
 
     _selector: RopeSelector | None = None
     _specs_vary = False
+
+    @classmethod
+    def enabled(cls) -> bool:
+        from vllm.config import get_cached_compilation_config
+
+        if super().enabled():
+            on, why = True, "vLLM's custom_ops switch it on"
+        elif f"-{cls.name}" in get_cached_compilation_config().custom_ops:
+            on, why = False, f"custom_ops has -{cls.name}"
+        else:
+            on = ON_BY_DEFAULT
+            why = "rope-autotune turns it on by default" if on else "vLLM's default leaves it off"
+        if (cls.__name__, on) not in _LOGGED:
+            _LOGGED.add((cls.__name__, on))
+            logger.info(
+                "rope-autotune: custom op %r %s for %s: %s",
+                cls.name,
+                "on" if on else "off",
+                cls.__name__.removeprefix("RopeAutotune"),
+                why,
+            )
+        return on
 
     def _rotate(
         self,
@@ -425,9 +461,10 @@ def register() -> None:
             override.name = cls.name
             _OVERRIDES[name] = override
         logger.info(
-            "rope-autotune: vLLM RoPE layers %s run select_rope when the custom op %r is on",
+            "rope-autotune: vLLM RoPE layers %s run select_rope when the custom op %r is on (%s)",
             ", ".join(sorted(_OVERRIDES)),
             base.name,
+            f"on unless custom_ops has -{base.name}" if ON_BY_DEFAULT else "vLLM's default",
         )
 
 
