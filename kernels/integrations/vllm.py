@@ -251,8 +251,9 @@ FUSION_PASSES: tuple[str, ...] = (
 
 
 # Whether covered layers run select_rope where vLLM leaves its rotary custom op off by default
-# (``custom_ops`` "none"). On: in a compiled vLLM attention block the op beat Inductor's
-# compile of forward_native (benchmarks/vllm_block.py; docs/DESIGN.md#on-by-default-in-vllm).
+# (``custom_ops`` "none"). On: in compiled attention blocks (benchmarks/vllm_block.py) the op
+# was no slower than Inductor's compile of forward_native beyond the run-to-run spread, and
+# faster where RoPE's share shows (docs/DESIGN.md#on-by-default-in-vllm).
 ON_BY_DEFAULT = True
 _LOGGED: set[tuple[str, bool]] = set()  # (class, on) decisions logged once
 
