@@ -223,6 +223,21 @@ def test_the_rotary_embedding_switch_turns_the_override_on_and_off(
         assert forward is rope_module.RotaryEmbedding.forward_native
 
 
+@pytest.mark.parametrize("on_by_default", [True, False])
+def test_vllms_default_config_runs_the_override_when_on_by_default(monkeypatch, on_by_default):
+    """A VllmConfig with nothing set: vLLM compiles (mode VLLM_COMPILE) with custom_ops
+    "none", where the override runs only because of ON_BY_DEFAULT."""
+    monkeypatch.setattr(plugin, "ON_BY_DEFAULT", on_by_default)
+    config = VllmConfig(device_config=DeviceConfig("cpu"))
+    assert config.compilation_config.custom_ops == ["none"]
+    with set_current_vllm_config(config):
+        params = dict(COVERED["RotaryEmbedding"])
+        rope = rope_module.get_rope(64, MAX_POSITION, True, params, torch.bfloat16)
+    forward = rope._forward_method.__func__
+    expected = plugin._SelectedRope.forward_cuda if on_by_default else None
+    assert forward is (expected or rope_module.RotaryEmbedding.forward_native)
+
+
 def test_the_log_says_whether_the_op_is_on_and_why(monkeypatch, caplog):
     monkeypatch.setattr(plugin, "_LOGGED", set())
     monkeypatch.setattr(plugin, "ON_BY_DEFAULT", True)
