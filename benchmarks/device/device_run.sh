@@ -16,7 +16,7 @@
 #   bash benchmarks/device/device_run.sh losing        # sweep where FlashInfer won a bucket (revision 2)
 #   bash benchmarks/device/device_run.sh defaults      # the untuned Triton default vs FlashInfer/vLLM
 #   bash benchmarks/device/device_run.sh search        # the search against an exhaustive sweep
-#   TUNE_SECONDS=400 bash benchmarks/device/device_run.sh tune   # a resumable stretch of the table run
+#   TUNE_SECONDS=400 bash benchmarks/device/device_run.sh tune   # a resumable stretch of tune.sh
 set -u
 . "$(dirname "$0")/site.sh"
 case "$1" in
@@ -118,7 +118,7 @@ case "$1" in
       --spec q16_kv16_d256_r64_gptj_bfloat16 --tokens 256,16384 --repeats 10 \
       --json "$OUT/search_vs_exhaustive_h200.json" ;;
   tune)
-    bash benchmarks/device/tune_h200.sh "${TUNE_SECONDS:-300}" ;;
+    bash benchmarks/device/tune.sh "${TUNE_SECONDS:-300}" ;;
   *)
     echo "usage: device_run.sh tests|integrations|block|mrope|aliasing|transfer|untuned|verify|small-tokens|losing|defaults|search|tune" >&2
     exit 2 ;;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A resumable stretch of `python -m autotune` on whatever GPU this machine has, for a device
-# that has no shipped table yet. Run from the repository root on the GPU machine, after
+# A resumable stretch of `python -m autotune` (the default space unless flags say otherwise) on
+# whatever GPU this machine has. Run from the repository root on the GPU machine, after
 # ../shared/gpu's two set-up calls:
 #
 #   bash benchmarks/device/tune.sh SECONDS [autotune flags...]

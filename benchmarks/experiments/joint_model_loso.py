@@ -10,7 +10,7 @@ times for one call as two samples). The score is the pick's measured time over t
 measured best, so the result is a replay of GPU measurements, not a prediction.
 
     xz -dc benchmarks/results/tune_NVIDIA_H100_80GB_HBM3_studies.journal.xz > /tmp/h100.journal
-    xz -dc benchmarks/results/tune_h200_studies.journal.xz > /tmp/h200.journal
+    xz -dc benchmarks/results/tune_NVIDIA_H200_studies.journal.xz > /tmp/h200.journal
     python benchmarks/experiments/joint_model_loso.py /tmp/h100.journal /tmp/h200.journal
 """
 
