@@ -21,8 +21,9 @@ Variants, each layer built under vLLM's config with ``CompilationConfig(custom_o
 - ``vllm-default``: ``custom_ops=["none"]``: the layer runs ``forward_native`` and Inductor
   compiles it with the block (vLLM's default with Inductor);
 - ``vllm-op``: ``["none", "+rotary_embedding"]``: vLLM's ``forward_cuda``, its CUDA op;
-- ``ours``: the same switch with the plugin registered (``kernels.integrations.vllm``): the
-  override's ``forward_cuda``, one opaque op inside the graph;
+- ``ours``: vLLM's default (``["none"]``) with the plugin registered
+  (``kernels.integrations.vllm``), which turns the op on: the override's ``forward_cuda``, one
+  opaque op inside the graph;
 - ``no-rope``: the rotary step replaced by identity, so ``block - no-rope`` is what RoPE costs.
 
 Each block is compiled with ``torch.compile(fullgraph=True, dynamic=False)``, a static graph
@@ -148,7 +149,7 @@ NO_ROPE = "no-rope"
 CUSTOM_OPS = {
     "vllm-default": ["none"],
     "vllm-op": ["none", "+rotary_embedding"],
-    "ours": ["none", "+rotary_embedding"],
+    "ours": ["none"],  # the plugin is on by default
 }
 
 FIELDS = [
