@@ -157,11 +157,19 @@ def _feature_ranges(fit: Any) -> dict[str, tuple[float, float]]:
             spec = RopeSpec.from_key(key)
         except (TypeError, ValueError):
             continue
-        for name, value in zip(CALL_FEATURES, call_features(spec, 1), strict=True):
-            if name in _SPEC_FEATURES:
-                low, high = ranges.get(name, (value, value))
-                ranges[name] = (min(low, value), max(high, value))
+        for name, value in _spec_features(spec).items():
+            low, high = ranges.get(name, (value, value))
+            ranges[name] = (min(low, value), max(high, value))
     return ranges
+
+
+def _spec_features(spec: RopeSpec) -> dict[str, float]:
+    """``spec``'s call features that its token count does not decide (:data:`_SPEC_FEATURES`)."""
+    return {
+        name: value
+        for name, value in zip(CALL_FEATURES, call_features(spec, 1), strict=True)
+        if name in _SPEC_FEATURES
+    }
 
 
 def _covers(model: PerfModel | None, spec: RopeSpec) -> bool:
@@ -282,7 +290,7 @@ class PerfModel:
         trees extrapolate. Empty when ``spec`` lies inside, or the file names no shapes."""
         return tuple(
             name
-            for name, value in zip(CALL_FEATURES, call_features(spec, 1), strict=True)
+            for name, value in _spec_features(spec).items()
             if name in self._ranges
             and not self._ranges[name][0] - 1e-9 <= value <= self._ranges[name][1] + 1e-9
         )
