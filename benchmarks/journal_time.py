@@ -63,20 +63,25 @@ def opened_journal(path: str | Path) -> Iterator:
         yield open_storage(path, create=False)
 
 
-def op_times(storage, gap_s: float = 60.0) -> dict[tuple[str, str], OpTime]:
-    """Per (op, timing): the studies of ``storage`` with a spec attribute, and their trials. A
-    study's seconds leave out its gaps above ``gap_s`` (one stopped in a device call and resumed
-    in the next)."""
-    times: dict[tuple[str, str], OpTime] = defaultdict(OpTime)
+def studies(storage) -> Iterator[tuple[str, dict, list]]:
+    """``(op, user attributes, trials)`` of each study of ``storage`` with a spec attribute,
+    ``op`` being ``"mrope"`` or ``"rope"`` by its spec."""
     for summary in storage.get_all_studies():
         attrs = summary.user_attrs
         if "spec" not in attrs:
             continue
         op = "mrope" if RopeSpec.from_key(attrs["spec"]).is_mrope else "rope"
+        study_id = storage.get_study_id_from_name(summary.study_name)
+        yield op, attrs, storage.get_all_trials(study_id, deepcopy=False)
+
+
+def op_times(storage, gap_s: float = 60.0) -> dict[tuple[str, str], OpTime]:
+    """Per (op, timing): the studies of ``storage`` with a spec attribute, and their trials. A
+    study's seconds leave out its gaps above ``gap_s`` (one stopped in a device call and resumed
+    in the next)."""
+    times: dict[tuple[str, str], OpTime] = defaultdict(OpTime)
+    for op, attrs, trials in studies(storage):
         entry = times[(op, attrs.get("timing", "?"))]
-        trials = storage.get_all_trials(
-            storage.get_study_id_from_name(summary.study_name), deepcopy=False
-        )
         entry.studies += 1
         entry.complete += is_complete(attrs, trials)
         entry.trials += len(counted_trials(trials))
@@ -106,13 +111,9 @@ def finish_times(storage, op: str, gap_s: float) -> list[list[float]]:
     process and one progress bar each), the seconds from its first trial's start at which each
     counted trial of ``op``'s studies finished, in order."""
     spans = []
-    for summary in storage.get_all_studies():
-        spec = summary.user_attrs.get("spec")
-        if spec is None or ("mrope" if RopeSpec.from_key(spec).is_mrope else "rope") != op:
+    for study_op, _, trials in studies(storage):
+        if study_op != op:
             continue
-        trials = storage.get_all_trials(
-            storage.get_study_id_from_name(summary.study_name), deepcopy=False
-        )
         spans += [
             (t.datetime_start, t.datetime_complete)
             for t in counted_trials(trials)
