@@ -81,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", default=None, help="buckets (default: the tuner's)")
     parser.add_argument("--trials", type=int, default=None, help="default: the tuner's")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="result folder ($OUT)")
-    parser.add_argument("--label", default="", help="appended to the result files' names")
     args = parser.parse_args(argv)
     spec = RopeSpec.from_key(args.spec)
     scratch = Path(tempfile.mkdtemp(prefix="tune_time_"))
@@ -146,11 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        name = "_".join(filter(None, ("tune_time", spec.key, args.timing, args.label)))
+        name = f"tune_time_{spec.key}_{args.timing}"
         (Path(args.out) / f"{name}.txt").write_text(text + "\n")
         (Path(args.out) / f"{name}.json").write_bytes(table_path.read_bytes())
-        # The studies' trial times, for benchmarks/journal_time.py.
-        (Path(args.out) / f"{name}.journal").write_bytes((scratch / "studies.journal").read_bytes())
     return 0
 
 

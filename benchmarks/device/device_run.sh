@@ -54,7 +54,6 @@ case "$1" in
     device=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
     data=transfer,default
     [ -f "configs/$device.json" ] && data=own,$data
-    data=${UNSEEN_DATA:-$data}  # e.g. UNSEEN_DATA=own: one column
     timeout "${UNSEEN_SECONDS:-300}" python3 benchmarks/unseen_shapes.py --device cuda:0 \
       --data "$data" 2>&1 | tee "$OUT/unseen_shapes.log" | tail -45
     [ "${FIRST_USE_SECONDS:-240}" = 0 ] && exit 0
@@ -74,7 +73,7 @@ case "$1" in
       --quiet && cp "/tmp/tune/export/$device.model.json" configs/ \
       && cp "/tmp/tune/configs/$device.json" configs/ && cp "configs/$device.model.json" "$OUT/"
     timeout "${UNSEEN_SECONDS:-240}" python3 benchmarks/unseen_shapes.py --device cuda:0 \
-      --data "${UNSEEN_DATA:-own,transfer}" 2>&1 | tee "$OUT/unseen_shapes.log" | tail -45 ;;
+      --data own,transfer 2>&1 | tee "$OUT/unseen_shapes.log" | tail -45 ;;
   untuned)
     # The compiled vLLM override's arguments (a fault is named by the call that made it), the
     # tuning time of one spec from a cold start against the shipped table (the model in
