@@ -278,7 +278,7 @@ class _Override:
         from vllm.config import get_cached_compilation_config
 
         if super().enabled():
-            on, why = True, "vLLM's custom_ops switch it on"
+            on, why = True, "vLLM's custom_ops turn it on"
         elif f"-{cls.name}" in get_cached_compilation_config().custom_ops:
             on, why = False, f"custom_ops has -{cls.name}"
         else:
