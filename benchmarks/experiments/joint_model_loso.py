@@ -12,6 +12,9 @@ measured best, so the result is a replay of GPU measurements, not a prediction.
     xz -dc benchmarks/results/tune_NVIDIA_H100_80GB_HBM3_studies.journal.xz > /tmp/h100.journal
     xz -dc benchmarks/results/tune_NVIDIA_H200_studies.journal.xz > /tmp/h200.journal
     python benchmarks/experiments/joint_model_loso.py /tmp/h100.journal /tmp/h200.journal
+
+(``results/joint_model_loso_h100.txt`` read the H100 journal of commit 3a4357d, before
+Pythia-410m's studies joined it: ``git show 3a4357d:benchmarks/results/<that file>``.)
 """
 
 from __future__ import annotations

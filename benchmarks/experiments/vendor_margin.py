@@ -9,9 +9,12 @@ was measured by ``benchmarks/unseen_shapes.py`` (the selection and both vendors)
 is scored on those CSVs with the model that made the selection (cases where today's model
 picks another provider than the CSV records are skipped and counted).
 
+    git show 3a4357d:configs/NVIDIA_H100_80GB_HBM3.model.json > /tmp/h100_before_pythia.json
     cd benchmarks/results; python ../experiments/vendor_margin.py \\
-      unseen_shapes_h100_own_transfer_default.csv:../../configs/NVIDIA_H100_80GB_HBM3.model.json \\
+      unseen_shapes_h100_own_transfer_default.csv:/tmp/h100_before_pythia.json \\
       unseen_shapes_h200.csv:../../configs/NVIDIA_H200.model.json
+
+(the H100 run read its model before Pythia-410m joined the H100's table.)
 """
 
 from __future__ import annotations
