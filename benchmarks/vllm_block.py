@@ -38,13 +38,11 @@ RoPE, whose output can be small where its inputs are not). A variant that fails 
 and is not timed (exit status 1).
 
 Timing on CUDA: the compiled block replayed in a CUDA graph (``do_bench_cudagraph``, median of
-its rounds, microseconds per block); inputs are built before. The variants take turns for
-``--rounds`` timings each and keep their median, so a drift of the machine reaches them alike.
-The weights are the same tensors in every replay: a block's are 50 to 80 MB, at or above the
-L2's size, so replays read them mostly from memory, as a model's layers do. On the CPU
-(``--device cpu``, a smoke run: build, check, write the table) the time is host wall time,
-median of ``--repeats`` calls after a warm-up, which says nothing about a GPU; vLLM's op does
-not exist there, so ``vllm-op`` is left out.
+its rounds, microseconds per block); inputs are built before. The weights are the same tensors
+in every replay: a block's are 50 to 80 MB, at or above the L2's size, so replays read them
+mostly from memory, as a model's layers do. On the CPU (``--device cpu``, a smoke run: build, check,
+write the table) the time is host wall time, median of ``--repeats`` calls after a warm-up,
+which says nothing about a GPU; vLLM's op does not exist there, so ``vllm-op`` is left out.
 
 Writes ``vllm_block.csv`` and ``vllm_block.txt`` to ``$OUT`` (or ``--out``) after each row, and
 prints the table.
@@ -189,9 +187,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch.compile each block (--no-compile: eager, the CPU smoke run)",
     )
     parser.add_argument("--rep-ms", type=int, default=20, help="CUDA: ms of calls per graph")
-    parser.add_argument(
-        "--rounds", type=int, default=5, help="timings per variant, in turns; the median is kept"
-    )
     parser.add_argument("--repeats", type=int, default=5, help="CPU: timed calls per block")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="result folder ($OUT)")
     return parser.parse_args(argv)
@@ -502,19 +497,14 @@ def run_model(
                 blocks["ours"].rotary, model.num_heads, model.num_kv_heads, dtype, device
             )
             row["ours_choice"] = selector.explain(tokens).provider if selector else "vllm op"
-        # Variants take turns, round after round, and each keeps its median: a drift of the
-        # machine over the rounds reaches every variant alike.
-        rounds: dict[str, list[float]] = {variant: [] for variant in calls}
-        for _ in range(args.rounds):
-            for variant in list(rounds):
-                try:
-                    with torch.no_grad():  # as in the warm-up: grad mode is a Dynamo guard
-                        rounds[variant].append(time_block(calls[variant], device, args))
-                except Exception as exc:  # e.g. a capture that fails: reported, the rest timed
-                    notes[variant] = f"timing ERROR {type(exc).__name__}"
-                    print(f"ERROR {name} {tokens} {variant} timing: {exc}", file=sys.stderr)
-                    del rounds[variant]
-        times = {variant: statistics.median(ts) for variant, ts in rounds.items()}
+        times: dict[str, float] = {}
+        for variant, call in calls.items():
+            try:
+                with torch.no_grad():  # as in the warm-up: grad mode is one of Dynamo's guards
+                    times[variant] = time_block(call, device, args)
+            except Exception as exc:  # e.g. a capture that fails: reported, the rest timed
+                notes[variant] = f"timing ERROR {type(exc).__name__}"
+                print(f"ERROR {name} {tokens} {variant} timing: {exc}", file=sys.stderr)
         ok &= not any(n.startswith(("FAIL", "ERROR", "timing")) for n in notes.values())
         row["check"] = "; ".join(f"{v} {n}" for v, n in notes.items()) or "ok"
         fill_times(row, times)

@@ -207,26 +207,3 @@ def test_eager_blocks_on_the_gpu(vb, tmp_path):
     _, rows = read_rows(tmp_path)
     assert rows[0]["check"] == "ok"
     assert float(rows[0]["vllm_op_us"]) > 0 and float(rows[0]["ours_us"]) > 0
-
-
-def test_variants_take_turns_and_keep_their_median(vb, tmp_path, monkeypatch):
-    # Per variant in the order they are timed (no-rope, vllm-default, ours; no vllm-op on the
-    # CPU), its three rounds.
-    rounds = {0: [20.0, 13.0, 15.0], 1: [30.0, 11.0, 90.0], 2: [10.0, 12.0, 14.0]}
-    order, seen = [], {}
-
-    def fake_time(fn, device, args):
-        index = seen.setdefault(id(fn), len(seen))
-        order.append(index)
-        return rounds[index][order.count(index) - 1]
-
-    monkeypatch.setattr(vb, "time_block", fake_time)
-    argv = ["--device", "cpu", "--models", "phi-2", "--tokens", "1", "--no-compile"]
-    assert vb.main([*argv, "--rounds", "3", "--out", str(tmp_path)]) == 0
-    assert order == [0, 1, 2] * 3
-    _, rows = read_rows(tmp_path)
-    assert (rows[0]["no_rope_us"], rows[0]["vllm_default_us"], rows[0]["ours_us"]) == (
-        "15.00",
-        "30.00",
-        "12.00",
-    )
