@@ -8,11 +8,10 @@ records its :class:`autotune.outcome.TrialOutcome`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,10 +19,8 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from kernels import RopeSpec, get_provider
-from kernels.compile_ahead import compile_ahead
-from kernels.measure import GATE_TOKENS, time_rope
-from kernels.providers import RopeFn
+from kernels import get_provider
+from kernels.measure import time_rope
 
 from .gate import CorrectnessGate, failure_of
 from .outcome import Outcome, TrialOutcome
@@ -63,24 +60,6 @@ class Objective:
 
     def __post_init__(self) -> None:
         self._gate = CorrectnessGate(self.device, self.seed)
-
-    def compile_ahead(self, spec: RopeSpec, candidates: Iterable[Candidate]) -> int:
-        """Compile the Triton kernels that gating and timing ``candidates`` on ``spec`` will run,
-        on a pool of threads (:func:`kernels.compile_ahead.compile_ahead`), so that a batch of
-        trials pays about one compile instead of one each. Candidates whose provider has no
-        kernel to compile, or rejects the config (the trial says why), are skipped.
-
-        Returns:
-            The number of compiles started.
-        """
-        jobs: dict[tuple, tuple[RopeFn, RopeSpec, bool]] = {}
-        for candidate in candidates:
-            provider = get_provider(candidate.provider)
-            with contextlib.suppress(ValueError):
-                fn = provider.callable_for(spec, candidate.config)
-                keyless = provider.supports(spec, has_key=False)
-                jobs.setdefault(candidate.key, (fn, spec, keyless))
-        return compile_ahead(jobs.values(), self.device, GATE_TOKENS)
 
     def __call__(self, trial: Trial, key: StudyKey, candidate: Candidate) -> float:
         """Measure ``candidate`` as ``trial``; the value is its median time in microseconds.

@@ -27,7 +27,7 @@ from .studies import (
 )
 from .warm_start import Donors
 
-__all__ = ["BATCH_TRIALS", "StudyRunner"]
+__all__ = ["StudyRunner"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +38,6 @@ _MAX_IDLE_ASKS = 20
 # Transient failures (out of memory, a library that fails to load) in a row after which a study
 # stops for this run; the next run retries it.
 _MAX_TRANSIENT = 5
-# Trials asked at once and compiled together on threads before they are measured one by one.
-BATCH_TRIALS = 8
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 # Candidates a new study measures first, beyond each provider's default (e.g. a performance
@@ -206,8 +204,14 @@ class StudyRunner:
                     "%s: %d transient failures in a row; the next run retries", key.name, transient
                 )
                 break
-            wanted = max(target - len(counted_trials(trials)), len(waiting_trials(trials)), 1)
-            for trial in self._run_batch(study, key, space, min(wanted, BATCH_TRIALS)):
+            finished: list[FrozenTrial] = []
+            study.optimize(
+                lambda trial: self._trial(trial, key, space),
+                n_trials=1,
+                catch=(CandidateError,),
+                callbacks=[*self.callbacks, lambda _s, t, out=finished: out.append(t)],
+            )
+            for trial in finished:
                 outcome = TrialOutcome.of(trial)
                 kind = None if outcome is None else outcome.kind
                 transient = transient + 1 if kind is Outcome.TRANSIENT else 0
@@ -220,56 +224,8 @@ class StudyRunner:
             study.set_user_attr("complete", target)
         return done
 
-    def _run_batch(
-        self, study: optuna.Study, key: StudyKey, space: CandidateSpace, size: int
-    ) -> list[FrozenTrial]:
-        """Ask ``size`` trials at once (enqueued ones first; the sampler's constant liar keeps
-        sampled ones apart), compile their Triton kernels together on threads, then measure
-        them one at a time: one at a time, a cold study spends most of its time compiling
-        while the host's other cores idle.
-
-        Returns:
-            The batch's finished trials, in order.
-
-        Raises:
-            KeyboardInterrupt: from a trial or a callback; every trial of the batch not yet
-                finished is failed (so it is redone on resume) and an enqueued one is enqueued
-                again.
-        """
-        asked = [study.ask() for _ in range(size)]
-        candidates = [space.suggest(trial) for trial in asked]
-        self.objective.compile_ahead(key.spec, candidates)
-        finished: list[FrozenTrial] = []
-        started = 0
-        try:
-            for trial, candidate in zip(asked, candidates, strict=True):
-                started += 1  # _measure tells the study how it ended, whatever happens
-                frozen = self._measure(study, trial, key, candidate)
-                finished.append(frozen)
-                for callback in self.callbacks:
-                    callback(study, frozen)
-        finally:
-            for trial in asked[started:]:
-                if trial.user_attrs.get("enqueued"):
-                    study.enqueue_trial(trial.params, user_attrs={"enqueued": True})
-                study.tell(trial, state=TrialState.FAIL)
-        return finished
-
-    def _measure(
-        self, study: optuna.Study, trial: Trial, key: StudyKey, candidate: Candidate
-    ) -> FrozenTrial:
-        """Run the objective on one asked trial and tell the study how it ended (as
-        ``Study.optimize`` does: pruned, failed by a :class:`CandidateError`, complete)."""
-        try:
-            value = self.objective(trial, key, candidate)
-        except optuna.TrialPruned:
-            return study.tell(trial, state=TrialState.PRUNED)
-        except CandidateError:
-            return study.tell(trial, state=TrialState.FAIL)
-        except BaseException:
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        return study.tell(trial, value)
+    def _trial(self, trial: Trial, key: StudyKey, space: CandidateSpace) -> float:
+        return self.objective(trial, key, space.suggest(trial))
 
 
 def _params_key(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:

@@ -1,7 +1,6 @@
 """Real searches on the CPU (torch, and triton under the interpreter) with tiny shapes: the
 candidates, the correctness gate, failures that never win, the table, and resuming."""
 
-import dataclasses
 import itertools
 import os
 import signal
@@ -19,7 +18,7 @@ from optuna.trial import TrialState
 from autotune import open_storage, tune
 from autotune.export import build_tables
 from autotune.objective import Objective
-from autotune.runner import BATCH_TRIALS, StudyRunner
+from autotune.runner import StudyRunner
 from autotune.space import CandidateSpace
 from autotune.studies import StudyKey, is_counted
 from kernels import RopeSpec, get_provider
@@ -388,77 +387,6 @@ def test_adding_an_untunable_provider_measures_it_alone(tmp_path, twin_provider)
     tune([TINY], [4], providers=["torch", "triton", twin_provider], trials=6, **kwargs)
     keys = measured_keys(all_trials(storage)[name])
     assert len(keys) == 6 and len(set(keys)) == 6 and keys[5][0] == "triton"
-
-
-@dataclass
-class _RecordingObjective(Objective):
-    """The tuner's objective, recording what it compiles ahead and what it measures, in order."""
-
-    events: list = dataclasses.field(default_factory=list)
-
-    def compile_ahead(self, spec, candidates):
-        candidates = list(candidates)
-        self.events.append(("compile", [c.key for c in candidates]))
-        return super().compile_ahead(spec, candidates)
-
-    def __call__(self, trial, key, candidate):
-        self.events.append(("measure", candidate.key))
-        return super().__call__(trial, key, candidate)
-
-
-def test_trials_are_asked_in_batches_and_compiled_before_they_are_measured(tmp_path):
-    storage = open_storage(tmp_path / "s.journal")
-    objective = _RecordingObjective(torch.device("cpu"), seed=0, time_kwargs=QUICK)
-    runner = StudyRunner(storage, objective, device_metadata("cpu"), BATCH_TRIALS + 3, seed=0)
-    key = runner.key("graph", TINY, 7, ["torch", "triton"])
-    assert runner.run(key)
-
-    batches = [keys for kind, keys in objective.events if kind == "compile"]
-    assert len(batches) >= 2 and all(1 <= len(b) <= BATCH_TRIALS for b in batches)
-    # The first batch starts with the enqueued defaults; every measured candidate was in the
-    # batch compiled just before it, and each batch is measured in the order it was asked.
-    space = runner.space(TINY, key.providers)
-    assert batches[0][:2] == [c.key for c in space.default_candidates(7)]
-    pending: list = []
-    for kind, keys in objective.events:
-        if kind == "compile":
-            assert not pending, "a batch was asked before the last one was measured"
-            pending = list(keys)
-        else:
-            assert pending and keys == pending.pop(0)
-    trials = all_trials(storage)[key.name]
-    assert len([t for t in trials if is_counted(t)]) == BATCH_TRIALS + 3
-    assert not [t for t in trials if not t.state.is_finished()]
-
-
-def test_an_interrupt_mid_batch_fails_the_rest_and_keeps_the_enqueued(tmp_path):
-    storage = open_storage(tmp_path / "s.journal")
-
-    def interrupt_on_first(study, trial):
-        raise KeyboardInterrupt
-
-    runner = StudyRunner(
-        storage, Objective(torch.device("cpu"), seed=0, time_kwargs=QUICK),
-        device_metadata("cpu"), 6, seed=0, callbacks=[interrupt_on_first],
-    )  # fmt: skip
-    key = runner.key("graph", TINY, 5, ["torch", "triton"])
-    with pytest.raises(KeyboardInterrupt):
-        runner.run(key)
-    trials = all_trials(storage)[key.name]
-    # The first default was measured; the rest of its batch failed, and the other default,
-    # asked in the same batch, waits again.
-    states = [t.state for t in trials]
-    assert states[0] == TrialState.COMPLETE and states[-1] == TrialState.WAITING
-    assert len(states) > 3 and set(states[1:-1]) == {TrialState.FAIL}
-    assert trials[-1].system_attrs["fixed_params"] == trials[1].params
-    assert runner.remaining(key) == 5
-    runner = StudyRunner(
-        storage, Objective(torch.device("cpu"), seed=0, time_kwargs=QUICK),
-        device_metadata("cpu"), 6, seed=0,
-    )  # fmt: skip
-    assert runner.run(key)
-    keys = measured_keys(all_trials(storage)[key.name])
-    assert len(keys) == 6 and len(set(keys)) == 6
 
 
 def test_measured_trials_record_where_their_time_went(tmp_path):

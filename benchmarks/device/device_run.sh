@@ -16,7 +16,6 @@
 #   bash benchmarks/device/device_run.sh losing        # sweep where FlashInfer won a bucket (revision 2)
 #   bash benchmarks/device/device_run.sh defaults      # the untuned Triton default vs FlashInfer/vLLM
 #   bash benchmarks/device/device_run.sh search        # the search against an exhaustive sweep
-#   bash benchmarks/device/device_run.sh batch-compile # tuning with trials compiled in batches vs one at a time
 #   TUNE_SECONDS=400 bash benchmarks/device/device_run.sh tune   # a resumable stretch of tune.sh
 set -u
 . "$(dirname "$0")/site.sh"
@@ -117,14 +116,9 @@ case "$1" in
       --device cuda:0 --spec q32_kv8_d128_r128_neox_bfloat16 \
       --spec q16_kv16_d256_r64_gptj_bfloat16 --tokens 256,16384 --repeats 10 \
       --json "$OUT/search_vs_exhaustive_h200.json" ;;
-  batch-compile)
-    # Cold studies of one mRoPE spec, whose time is mostly Triton compiling, in both arms.
-    timeout 300 python3 benchmarks/experiments/batch_compile.py --device cuda:0 \
-      --spec q28_kv4_d128_r128_neox_bfloat16_mrope16-24-24 --tokens 1,256,16384 2>&1 \
-      | tee "$OUT/batch_compile.txt" | grep -v "INFO\|WARNING\|^\[" ;;
   tune)
     bash benchmarks/device/tune.sh "${TUNE_SECONDS:-300}" ;;
   *)
-    echo "usage: device_run.sh tests|integrations|block|mrope|aliasing|transfer|untuned|verify|small-tokens|losing|defaults|search|batch-compile|tune" >&2
+    echo "usage: device_run.sh tests|integrations|block|mrope|aliasing|transfer|untuned|verify|small-tokens|losing|defaults|search|tune" >&2
     exit 2 ;;
 esac
