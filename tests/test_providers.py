@@ -309,6 +309,52 @@ def _skip_unless_runs(name: str, case: Case) -> None:
         pytest.skip(f"{name}: {reason}")
 
 
+class _FakeOpPacket:
+    """Stands in for ``torch.ops._C.rotary_embedding``: the overload records its arguments."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.default = lambda *args: self.calls.append(args)
+
+    def __call__(self, *args):
+        raise AssertionError("the packet resolves its overload per call: call .default")
+
+
+@pytest.mark.parametrize(
+    "layout", ["vllm", "int32 positions", "batch [B, S]", "heads [T, H, D]", "no key"]
+)
+def test_vllm_gets_its_own_layout_untouched_and_others_as_token_head_views(layout, monkeypatch):
+    import kernels.providers._vllm as vllm_provider
+
+    op = _FakeOpPacket()
+    monkeypatch.setattr(vllm_provider, "load_vllm_rotary_op", lambda: op)
+    spec = RopeSpec(64, 64, 4, 2, True, torch.float16)
+    fn = get_provider("vllm").build(spec, {})
+    qkv = torch.randn(6, (4 + 2 * 2) * 64, dtype=torch.float16)
+    query, key = qkv[:, : 4 * 64], qkv[:, 4 * 64 : 6 * 64]
+    positions = torch.arange(6)
+    cache = torch.randn(16, 64)
+    if layout == "int32 positions":
+        positions = positions.int()
+    elif layout == "batch [B, S]":
+        positions, query, key = positions.view(2, 3), query.view(2, 3, -1), key.view(2, 3, -1)
+    elif layout == "heads [T, H, D]":
+        query, key = query.view(6, 4, 64), key.view(6, 2, 64)
+    elif layout == "no key":
+        key = None
+    fn(positions, query, key, cache)
+
+    ((pos, q, k, head_size, cos_sin, is_neox),) = op.calls
+    assert (head_size, cos_sin, is_neox) == (64, cache, True)
+    if layout in ("vllm", "no key"):
+        assert pos is positions and q is query and k is key  # no view, no copy
+        return
+    assert pos.dtype == torch.int64 and pos.shape == (6,) and pos.tolist() == list(range(6))
+    for view, heads, source in ((q, 4, qkv[:, : 4 * 64]), (k, 2, qkv[:, 4 * 64 : 6 * 64])):
+        assert view.shape == (6, heads, 64) and view.data_ptr() == source.data_ptr()
+        assert view.stride() == (qkv.stride(0), 64, 1)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_MATRIX, ids=lambda c: c.id)
 @pytest.mark.parametrize("name", NAMES)

@@ -56,9 +56,21 @@ class VllmProvider(Provider):
         op = load_vllm_rotary_op()
         if isinstance(op, str):
             raise RuntimeError(f"vllm: {op}")
-        head_size, is_neox = spec.head_size, spec.is_neox
+        op = getattr(op, "default", op)  # the overload: the packet resolves it on every call
+        head_size, is_neox, int64 = spec.head_size, spec.is_neox, torch.int64
 
         def run(positions, query, key, cos_sin_cache):
+            # vLLM's own layout ([T] int64 positions, [T, H*D] q and k, strided views of a
+            # fused qkv) goes to the op as it is: an eager call then costs the op's own host
+            # time and four metadata reads.
+            if (
+                positions.dtype is int64
+                and positions.dim() == 1
+                and query.dim() == 2
+                and (key is None or key.dim() == 2)
+            ):
+                op(positions, query, key, head_size, cos_sin_cache, is_neox)
+                return
             n = positions.numel()
             q = as_token_head_view("query", query, head_size, n)
             k = None if key is None else as_token_head_view("key", key, head_size, n)
@@ -67,7 +79,7 @@ class VllmProvider(Provider):
             # (a per-call copy, the one allocation on this path; pass int64 to avoid it).
             if positions.dim() != 1:
                 positions = positions.view(-1)
-            if positions.dtype != torch.int64:
+            if positions.dtype != int64:
                 positions = positions.long()
             op(positions, q, k, head_size, cos_sin_cache, is_neox)
 
