@@ -65,6 +65,10 @@ class RopeSelector:
     boundaries, and calls that bucket's provider: no allocation, no host-device sync, nothing
     captured into a CUDA graph but the provider's own kernels. Inside ``torch.compile`` it is
     the custom op ``torch.ops.rope_autotune.rope``, whose body is this same call.
+
+    ``timing`` is the timing mode of the table entries its routes follow: ``"eager"`` only where
+    the table has eager entries for the spec; ``"graph"`` for graph entries, a prediction of the
+    performance model (fit on graph timings) and the untuned fallback.
     """
 
     __slots__ = (

@@ -119,7 +119,9 @@ def select_rope(
         provider: Force this provider for every token count (skips the table).
         config: With ``provider``: force this config too (else the provider's default).
         timing: Which table entries to follow: ``"graph"`` (CUDA graph replay, what serving
-            stacks run) or ``"eager"`` (host launch cost included).
+            stacks run) or ``"eager"`` (host launch cost included; the graph entries where the
+            tables have no eager ones for the spec). The selector's ``timing`` says which it
+            follows.
         table_dir: Search only this directory (or this ``.json`` file) instead of the search
             path.
         transfer: Whether a GPU without a table or model of its own may use the nearest
@@ -199,7 +201,7 @@ def select_rope(
         selector = RopeSelector(
             spec,
             device,
-            timing,
+            used,
             buckets,
             tuple(routes[b] for b in buckets),
             tuple(keyless[b] for b in buckets),
@@ -219,7 +221,7 @@ def select_rope(
             "select_rope %s on %s: %s; predicted by %s", spec.key, device, why, model.source
         )
         selector = RopeSelector(
-            spec, device, timing, FALLBACK_BUCKETS, tuple(routes), tuple(keyless),
+            spec, device, "graph", FALLBACK_BUCKETS, tuple(routes), tuple(keyless),
             model.source, None, debug=debug, first_use=note,
         )  # fmt: skip
     else:
@@ -238,7 +240,7 @@ def select_rope(
         routes = tuple(fallback_route(spec, device, b, True, why) for b in buckets)
         keyless = tuple(fallback_route(spec, device, b, False, why) for b in buckets)
         selector = RopeSelector(
-            spec, device, timing, buckets, routes, keyless, None, None, debug=debug,
+            spec, device, "graph", buckets, routes, keyless, None, None, debug=debug,
             first_use=note,
         )  # fmt: skip
     logger.debug("select_rope %s on %s: %s", spec.key, device, selector)

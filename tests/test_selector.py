@@ -63,40 +63,6 @@ def one_warning(match: str, fn, *args, **kwargs):
     return result, str(ours[0].message)
 
 
-@dataclass(frozen=True)
-class RecordingProvider(TorchProvider):
-    """The torch math, recording (name, token count) per call; optionally needing a key."""
-
-    name: str = "recording"
-    description: str = "test provider"
-    needs_key: bool = False
-    calls: list = field(default_factory=list, compare=False)
-
-    def unsupported_reason(self, spec, *, has_key=True):
-        return "needs a key tensor" if self.needs_key and not has_key else None
-
-    def build(self, spec, config):
-        inner = super().build(spec, config)
-
-        def run(positions, query, key, cache):
-            self.calls.append((self.name, positions.numel()))
-            inner(positions, query, key, cache)
-
-        return run
-
-
-@pytest.fixture
-def recorders(registered):
-    """Two registered test providers: ``rec_a`` and ``rec_keyed`` (needs a key)."""
-    made = {
-        "rec_a": RecordingProvider(name="rec_a"),
-        "rec_keyed": RecordingProvider(name="rec_keyed", needs_key=True),
-    }
-    for provider in made.values():
-        registered(provider)
-    return made
-
-
 def qk(spec: RopeSpec, n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(n, spec.num_heads * spec.head_size, generator=g).to(spec.dtype)
@@ -175,8 +141,16 @@ def test_timing_eager_follows_eager_entries(dirs):
     eager = no_warnings(select, timing="eager")
     assert eager.explain(8).provider == "torch"
     assert "entries.eager." in eager.explain(8).why
+    assert eager.timing == "eager" and no_warnings(select).timing == "graph"
     with pytest.raises(ValueError, match="timing"):
         select(timing="replay")
+
+
+def test_timing_eager_without_eager_entries_follows_and_says_graph(dirs):
+    put(dirs["env"], make_table(graph={SPEC.key: {"8": entry("triton")}}))
+    eager = no_warnings(select, timing="eager")
+    assert eager.timing == "graph" and eager.explain(8).provider == "triton"
+    assert "entries.graph." in eager.explain(8).why
 
 
 # -- buckets -------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from kernels.integrations._vllm_mrope import (
     mrope_native_reason,
     native_mrope_op,
 )
+from kernels.integrations._vllm_timing import CaptureSplit, eager_above
 
 __all__ = [
     "BASE_OP_CLASSES",
@@ -99,6 +100,10 @@ RopeCall = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Te
 # (head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device, mrope_section,
 #  mrope_interleaved) -> rope callable; mrope_section is None for plain RoPE.
 _ROPES: dict[tuple, RopeCall] = {}
+# The token count above which vLLM runs this process's calls eagerly (0: all of them; None: not
+# known, every call follows graph entries), read from the config the covered layers are built
+# under (kernels.integrations._vllm_timing.eager_above).
+_EAGER_ABOVE: int | None = None
 _BUILD_LOCK = threading.Lock()
 _REGISTER_LOCK = threading.Lock()
 _OVERRIDES: dict[str, type] = {}  # in-tree class name -> our override class
@@ -141,16 +146,32 @@ def _build(sig: tuple) -> RopeCall:
             else:
                 fn = native_mrope_op(head_size, rotary_dim, is_neox, section, interleaved)
         else:
+            fn = _eager_aware(selector, _EAGER_ABOVE)
             logger.info(
                 "rope-autotune: vLLM RoPE %s on %s runs %s; 1 token: %s",
                 selector.spec.key,
                 device,
-                selector,
+                fn,
                 selector.explain(1),
             )
-            fn = selector
         _ROPES[sig] = fn
         return fn
+
+
+def _eager_aware(graph: RopeSelector, above: int | None) -> RopeSelector | CaptureSplit:
+    """``graph``, or, where vLLM runs calls above ``above`` tokens eagerly and the tables hold
+    eager entries for its spec, the eager selector for those calls (for every call at 0)."""
+    if above is None:
+        return graph
+    spec = graph.spec
+    eager = select_rope(
+        spec.head_size, spec.rotary_dim, spec.num_heads, spec.num_kv_heads, spec.is_neox,
+        spec.dtype, graph.device, timing="eager", mrope_section=spec.mrope_section,
+        mrope_interleaved=spec.mrope_interleaved,
+    )  # fmt: skip
+    if eager.timing != "eager":
+        return graph
+    return eager if above == 0 else CaptureSplit(graph, eager, above)
 
 
 def _vllm_op(head_size: int, is_neox: bool) -> RopeCall:
@@ -270,16 +291,23 @@ class _Override:
     heads), each call's spec is looked up.
     """
 
-    _selector: RopeSelector | None = None
+    _selector: RopeSelector | CaptureSplit | None = None
     _specs_vary = False
 
     @classmethod
     def enabled(cls) -> bool:
         from vllm.config import get_cached_compilation_config
 
+        global _EAGER_ABOVE
+        config = get_cached_compilation_config()
+        above = eager_above(config)
+        if above != _EAGER_ABOVE:  # another engine config: selectors follow its capture sizes
+            with _BUILD_LOCK:
+                _EAGER_ABOVE = above
+                _ROPES.clear()
         if super().enabled():
             on, why = True, "vLLM's custom_ops turn it on"
-        elif f"-{cls.name}" in get_cached_compilation_config().custom_ops:
+        elif f"-{cls.name}" in config.custom_ops:
             on, why = False, f"custom_ops has -{cls.name}"
         else:
             on = ON_BY_DEFAULT
@@ -315,7 +343,7 @@ class _Override:
             positions, query, key, self.head_size, cos_sin_cache, self.is_neox_style,
             mrope_section, mrope_interleaved,
         )  # fmt: skip
-        if not self._specs_vary and isinstance(fn, RopeSelector):
+        if not self._specs_vary and isinstance(fn, (RopeSelector, CaptureSplit)):
             self._selector = fn
 
 
@@ -491,9 +519,13 @@ def selector_for(
     num_kv_heads: int | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    num_tokens: int = 1,
 ) -> RopeSelector | None:
-    """The selector an overridden ``layer`` uses for calls with these heads (built if needed),
-    or None when it runs vLLM's own op; ``print(selector.explain(num_tokens))`` says why.
+    """The selector an overridden ``layer`` uses for calls of ``num_tokens`` tokens with these
+    heads (built if needed), or None when it runs vLLM's own op;
+    ``print(selector.explain(num_tokens))`` says why. Its ``timing`` says whether the call
+    follows graph or eager entries (eager above vLLM's CUDA graph capture sizes, where the
+    tables have eager entries).
 
     ``dtype`` and ``device`` default to the layer's cache's; ``num_kv_heads`` to ``num_heads``.
     An mRoPE layer's selector has the layer's sections.
@@ -518,4 +550,6 @@ def selector_for(
         interleaved,
     )
     fn = _ROPES.get(sig) or _build(sig)
+    if isinstance(fn, CaptureSplit):
+        return fn.selector(num_tokens)
     return fn if isinstance(fn, RopeSelector) else None
