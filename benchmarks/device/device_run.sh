@@ -16,6 +16,7 @@
 #   bash benchmarks/device/device_run.sh losing        # sweep where FlashInfer won a bucket (revision 2)
 #   bash benchmarks/device/device_run.sh defaults      # the untuned Triton default vs FlashInfer/vLLM
 #   bash benchmarks/device/device_run.sh search        # the search against an exhaustive sweep
+#   bash benchmarks/device/device_run.sh eager         # eager entries for vllm_layer.py's models, then its rows
 #   TUNE_SECONDS=400 bash benchmarks/device/device_run.sh tune   # a resumable stretch of tune.sh
 set -u
 . "$(dirname "$0")/site.sh"
@@ -116,9 +117,22 @@ case "$1" in
       --device cuda:0 --spec q32_kv8_d128_r128_neox_bfloat16 \
       --spec q16_kv16_d256_r64_gptj_bfloat16 --tokens 256,16384 --repeats 10 \
       --json "$OUT/search_vs_exhaustive_h200.json" ;;
+  eager)
+    # Eager-timed entries (resuming this device's journal) for the specs of vllm_layer.py's five
+    # text models, merged into this tree's table; the vllm provider's host cost per call; then
+    # the layers, eager calls built as enforce_eager builds them.
+    device=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
+    bash benchmarks/device/tune.sh "${TUNE_SECONDS:-300}" --timing eager --model llama-3-8b \
+      --model qwen2.5-7b --model phi-2 --model gpt-j-6b --tensor-parallel-size 1 --dtype bf16 \
+      | tail -6
+    cp "/tmp/tune/configs/$device.json" configs/
+    python3 benchmarks/selector_overhead.py --device cuda:0 --provider vllm 2>&1 \
+      | tee "$OUT/selector_overhead.log" | tail -8
+    timeout "${LAYER_SECONDS:-240}" python3 benchmarks/vllm_layer.py --device cuda:0 --no-compiled \
+      --out "$OUT/vllm_layer" 2>&1 | grep -v "INFO\|WARNING" | tail -30 ;;
   tune)
     bash benchmarks/device/tune.sh "${TUNE_SECONDS:-300}" ;;
   *)
-    echo "usage: device_run.sh tests|integrations|block|mrope|aliasing|transfer|untuned|verify|small-tokens|losing|defaults|search|tune" >&2
+    echo "usage: device_run.sh tests|integrations|block|mrope|aliasing|transfer|untuned|verify|small-tokens|losing|defaults|search|eager|tune" >&2
     exit 2 ;;
 esac
