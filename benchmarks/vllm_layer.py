@@ -409,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
             tokens = row["tokens"]
             selector = selector_for(eager, num_heads, num_kv_heads, dtype, device, tokens)
             row["provider_eager"] = selector.explain(tokens).provider if selector else "vllm"
+            within = compare_outputs(vllm_layer, eager, spec, tokens, device)["within_tolerance"]
+            row["within_tolerance"] &= within
+            failed |= not within
             v = time_rope(run_vllm, spec, tokens, device, mode="eager", **timing).median_us
             o = time_rope(run_eager, spec, tokens, device, mode="eager", **timing).median_us
             row["vllm_eager_us"], row["ours_eager_us"] = f"{v:.2f}", f"{o:.2f}"

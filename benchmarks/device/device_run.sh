@@ -126,6 +126,8 @@ case "$1" in
       --model qwen2.5-7b --model phi-2 --model gpt-j-6b --tensor-parallel-size 1 --dtype bf16 \
       | tail -6
     cp "/tmp/tune/configs/$device.json" configs/
+    timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_providers.py \
+      -k "matrix_gpu and vllm" 2>&1 | tail -2
     python3 benchmarks/selector_overhead.py --device cuda:0 --provider vllm 2>&1 \
       | tee "$OUT/selector_overhead.log" | tail -8
     timeout "${LAYER_SECONDS:-240}" python3 benchmarks/vllm_layer.py --device cuda:0 --no-compiled \
