@@ -160,13 +160,14 @@ def _build(sig: tuple) -> RopeCall:
 
 def _eager_aware(graph: RopeSelector, above: int | None) -> RopeSelector | CaptureSplit:
     """``graph``, or, where vLLM runs calls above ``above`` tokens eagerly and the tables hold
-    eager entries for its spec, the eager selector for those calls (for every call at 0)."""
+    eager entries for its spec (``python -m autotune --timing eager``; never tuned on first
+    use), the eager selector for those calls (for every call at 0)."""
     if above is None:
         return graph
     spec = graph.spec
     eager = select_rope(
         spec.head_size, spec.rotary_dim, spec.num_heads, spec.num_kv_heads, spec.is_neox,
-        spec.dtype, graph.device, timing="eager", mrope_section=spec.mrope_section,
+        spec.dtype, graph.device, timing="eager", tune="off", mrope_section=spec.mrope_section,
         mrope_interleaved=spec.mrope_interleaved,
     )  # fmt: skip
     if eager.timing != "eager":
