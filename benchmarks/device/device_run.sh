@@ -120,13 +120,14 @@ case "$1" in
   eager)
     # Eager-timed entries (resuming this device's journal) for the specs of vllm_layer.py's five
     # text models, merged into this tree's table; the vllm provider's host cost per call; then
-    # the layers, eager calls built as enforce_eager builds them.
+    # the layers, eager calls built as enforce_eager builds them. The eager search is between
+    # Triton and vLLM's op (the contest at small token counts is their host cost), to fit a call.
     device=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
-    bash benchmarks/device/tune.sh "${TUNE_SECONDS:-300}" --timing eager --model llama-3-8b \
-      --model qwen2.5-7b --model phi-2 --model gpt-j-6b --tensor-parallel-size 1 --dtype bf16 \
-      | tail -6
+    bash benchmarks/device/tune.sh "${TUNE_SECONDS:-300}" --timing eager --providers triton,vllm \
+      --model llama-3-8b --model qwen2.5-7b --model phi-2 --model gpt-j-6b \
+      --tensor-parallel-size 1 --dtype bf16 | tail -6
     cp "/tmp/tune/configs/$device.json" configs/
-    timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_providers.py \
+    timeout "${TEST_SECONDS:-90}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_providers.py \
       -k "matrix_gpu and vllm" 2>&1 | tail -2
     python3 benchmarks/selector_overhead.py --device cuda:0 --provider vllm 2>&1 \
       | tee "$OUT/selector_overhead.log" | tail -8
