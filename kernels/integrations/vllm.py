@@ -158,6 +158,17 @@ def _build(sig: tuple) -> RopeCall:
         return fn
 
 
+def _follow_capture_sizes(compilation_config) -> None:
+    """Record the token count above which this engine runs calls eagerly; selectors built for
+    another engine's config are dropped, so that each follows its own."""
+    global _EAGER_ABOVE
+    above = eager_above(compilation_config)
+    if above != _EAGER_ABOVE:
+        with _BUILD_LOCK:
+            _EAGER_ABOVE = above
+            _ROPES.clear()
+
+
 def _eager_aware(graph: RopeSelector, above: int | None) -> RopeSelector | CaptureSplit:
     """``graph``, or, where vLLM runs calls above ``above`` tokens eagerly and the tables hold
     eager entries for its spec (``python -m autotune --timing eager``; never tuned on first
@@ -299,13 +310,10 @@ class _Override:
     def enabled(cls) -> bool:
         from vllm.config import get_cached_compilation_config
 
-        global _EAGER_ABOVE
         config = get_cached_compilation_config()
-        above = eager_above(config)
-        if above != _EAGER_ABOVE:  # another engine config: selectors follow its capture sizes
-            with _BUILD_LOCK:
-                _EAGER_ABOVE = above
-                _ROPES.clear()
+        # vLLM asks this of every layer it builds, under the engine's config: the one moment its
+        # capture sizes can be read (its forward passes run without a current config).
+        _follow_capture_sizes(config)
         if super().enabled():
             on, why = True, "vLLM's custom_ops turn it on"
         elif f"-{cls.name}" in config.custom_ops:
