@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from kernels import RopeSelector
+from kernels import RopeSelector, select_rope
 
-__all__ = ["CaptureSplit", "eager_above"]
+__all__ = ["CaptureSplit", "eager_above", "eager_aware"]
 
 
 def eager_above(compilation_config: Any) -> int | None:
@@ -60,3 +60,20 @@ class CaptureSplit:
 
     def __repr__(self) -> str:
         return f"CaptureSplit(graph up to {self.above} tokens: {self.graph}; above: {self.eager})"
+
+
+def eager_aware(graph: RopeSelector, above: int | None) -> RopeSelector | CaptureSplit:
+    """``graph``, or, where vLLM runs calls above ``above`` tokens eagerly and the tables hold
+    eager entries for its spec (``python -m autotune --timing eager``; never tuned on first
+    use), the eager selector for those calls (for every call at 0)."""
+    if above is None:
+        return graph
+    spec = graph.spec
+    eager = select_rope(
+        spec.head_size, spec.rotary_dim, spec.num_heads, spec.num_kv_heads, spec.is_neox,
+        spec.dtype, graph.device, timing="eager", tune="off", mrope_section=spec.mrope_section,
+        mrope_interleaved=spec.mrope_interleaved,
+    )  # fmt: skip
+    if eager.timing != "eager":
+        return graph
+    return eager if above == 0 else CaptureSplit(graph, eager, above)

@@ -54,7 +54,7 @@ from kernels.integrations._vllm_mrope import (
     mrope_native_reason,
     native_mrope_op,
 )
-from kernels.integrations._vllm_timing import CaptureSplit, eager_above
+from kernels.integrations._vllm_timing import CaptureSplit, eager_above, eager_aware
 
 __all__ = [
     "BASE_OP_CLASSES",
@@ -146,7 +146,7 @@ def _build(sig: tuple) -> RopeCall:
             else:
                 fn = native_mrope_op(head_size, rotary_dim, is_neox, section, interleaved)
         else:
-            fn = _eager_aware(selector, _EAGER_ABOVE)
+            fn = eager_aware(selector, _EAGER_ABOVE)
             logger.info(
                 "rope-autotune: vLLM RoPE %s on %s runs %s; 1 token: %s",
                 selector.spec.key,
@@ -167,23 +167,6 @@ def _follow_capture_sizes(compilation_config) -> None:
         with _BUILD_LOCK:
             _EAGER_ABOVE = above
             _ROPES.clear()
-
-
-def _eager_aware(graph: RopeSelector, above: int | None) -> RopeSelector | CaptureSplit:
-    """``graph``, or, where vLLM runs calls above ``above`` tokens eagerly and the tables hold
-    eager entries for its spec (``python -m autotune --timing eager``; never tuned on first
-    use), the eager selector for those calls (for every call at 0)."""
-    if above is None:
-        return graph
-    spec = graph.spec
-    eager = select_rope(
-        spec.head_size, spec.rotary_dim, spec.num_heads, spec.num_kv_heads, spec.is_neox,
-        spec.dtype, graph.device, timing="eager", tune="off", mrope_section=spec.mrope_section,
-        mrope_interleaved=spec.mrope_interleaved,
-    )  # fmt: skip
-    if eager.timing != "eager":
-        return graph
-    return eager if above == 0 else CaptureSplit(graph, eager, above)
 
 
 def _vllm_op(head_size: int, is_neox: bool) -> RopeCall:
