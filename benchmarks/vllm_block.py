@@ -73,7 +73,6 @@ from vllm_layer import (  # the shared arguments; vLLM's config context (also wh
     vllm_config,
 )
 
-from autotune.models import MAX_TOKENS
 from kernels import get_provider
 from kernels.integrations import vllm as plugin
 from kernels.table import library_versions
@@ -214,9 +213,7 @@ def build_rope(model: BlockModel, variant: str, dtype: torch.dtype, device: torc
 
     # get_rope memoizes layers by their arguments, whatever the config they were built under.
     rope_module._ROPE_DICT.clear()
-    # Replayed as CUDA graphs at every measured size: an engine capturing them all (graph entries).
-    captured = vllm_config(CUSTOM_OPS[variant], capture_up_to=MAX_TOKENS)
-    with plugin_registered(variant == "ours"), captured:
+    with plugin_registered(variant == "ours"), vllm_config(CUSTOM_OPS[variant]):
         layer = rope_module.get_rope(
             model.head_size,
             model.max_position,

@@ -8,11 +8,8 @@ multimodal models' ``MRotaryEmbedding``):
 - outputs: the override against vLLM's ``forward_cuda`` (bit-identical or the largest
   difference) and both against a float64 reference on the layer's cache (within the dtype's
   tolerance or FAIL);
-- times of ``forward_cuda`` (vLLM's CUDA op vs the override's selector; median, microseconds,
-  ``kernels.measure.time_rope``): CUDA graph replay, the override built under an engine config
-  that captures every measured token count (graph entries), and eager back-to-back calls, the
-  override built as ``enforce_eager`` builds it (eager entries where the tables have them; the
-  "eager choice" column);
+- times of ``forward_cuda`` (vLLM's CUDA op vs the override's selector): CUDA graph replay and
+  eager back-to-back calls (median, microseconds; ``kernels.measure.time_rope``);
 - under ``torch.compile`` (Inductor, ``fullgraph=True``): vLLM's ``forward_native`` (what vLLM
   compiles when custom ops are off, its default with Inductor) against the override (custom op
   ``+rotary_embedding``), graph replay, and the number of graphs Dynamo has compiled for the
@@ -178,7 +175,6 @@ FIELDS = [
     "vllm_graph_us",
     "ours_graph_us",
     "speedup_graph",
-    "provider_eager",
     "vllm_eager_us",
     "ours_eager_us",
     "speedup_eager",
@@ -212,17 +208,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 @contextmanager
-def vllm_config(custom_ops: list[str], capture_up_to: int):
-    """vLLM's config with ``custom_ops``, resolved as an engine that captures CUDA graphs up to
-    ``capture_up_to`` tokens (0: none, as ``enforce_eager`` leaves it): the plugin's calls follow
-    graph entries up to there, eager entries above (kernels.integrations._vllm_timing)."""
-    from vllm.config import (
-        CompilationConfig,
-        CUDAGraphMode,
-        DeviceConfig,
-        VllmConfig,
-        set_current_vllm_config,
-    )
+def vllm_config(custom_ops: list[str]):
+    from vllm.config import CompilationConfig, DeviceConfig, VllmConfig, set_current_vllm_config
 
     try:
         device_config = DeviceConfig(device="cuda")
@@ -232,16 +219,11 @@ def vllm_config(custom_ops: list[str], capture_up_to: int):
         device_config=device_config,
         compilation_config=CompilationConfig(custom_ops=custom_ops),
     )
-    compilation = config.compilation_config
-    compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE if capture_up_to else CUDAGraphMode.NONE
-    compilation.max_cudagraph_capture_size = capture_up_to
     with set_current_vllm_config(config):
         yield
 
 
-def build_layer(
-    name: str, dtype: torch.dtype, device: torch.device, overridden: bool, capture_up_to: int = 0
-):
+def build_layer(name: str, dtype: torch.dtype, device: torch.device, overridden: bool):
     from vllm.model_executor.layers import rotary_embedding as rope_module
 
     from kernels.integrations import vllm as plugin
@@ -249,7 +231,7 @@ def build_layer(
     kwargs, _, _ = MODELS[name]
     (plugin.register if overridden else plugin.unregister)()
     rope_module._ROPE_DICT.clear()
-    with vllm_config(["all"], capture_up_to):
+    with vllm_config(["all"]):
         layer = rope_module.get_rope(
             kwargs["head_size"],
             kwargs["max_position"],
@@ -330,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         _, num_heads, num_kv_heads = MODELS[name]
         vllm_layer = build_layer(name, dtype, device, overridden=False)
-        # Graph replay and the compiled rows: an engine capturing every measured token count.
-        ours = build_layer(name, dtype, device, overridden=True, capture_up_to=max(tokens_list))
+        ours = build_layer(name, dtype, device, overridden=True)
         section = getattr(ours, "mrope_section", None)  # MRotaryEmbedding's
         spec = RopeSpec(
             ours.head_size, ours.rotary_dim, num_heads, num_kv_heads, ours.is_neox_style, dtype,
@@ -377,15 +358,16 @@ def main(argv: list[str] | None = None) -> int:
                 "spec": spec.key,
                 "tokens": tokens,
             }
-            selector = selector_for(ours, num_heads, num_kv_heads, dtype, device, tokens)
+            selector = selector_for(ours, num_heads, num_kv_heads, dtype, device)
             row["provider"] = selector.explain(tokens).provider if selector else "vllm (fallback)"
             row.update(compare_outputs(vllm_layer, ours, spec, tokens, device))
             failed |= not row["within_tolerance"]
             timing = {"repeats": args.repeats}
-            v = time_rope(run_vllm, spec, tokens, device, mode="graph", **timing).median_us
-            o = time_rope(run_ours, spec, tokens, device, mode="graph", **timing).median_us
-            row["vllm_graph_us"], row["ours_graph_us"] = f"{v:.2f}", f"{o:.2f}"
-            row["speedup_graph"] = f"{v / o:.2f}"
+            for mode in ("graph", "eager"):
+                v = time_rope(run_vllm, spec, tokens, device, mode=mode, **timing).median_us
+                o = time_rope(run_ours, spec, tokens, device, mode=mode, **timing).median_us
+                row[f"vllm_{mode}_us"], row[f"ours_{mode}_us"] = f"{v:.2f}", f"{o:.2f}"
+                row[f"speedup_{mode}"] = f"{v / o:.2f}"
             if compiled:
                 n = time_rope(compiled["native"], spec, tokens, device, **timing).median_us
                 o = time_rope(compiled["ours"], spec, tokens, device, **timing).median_us
@@ -399,23 +381,6 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        # Eager calls: the layer as an engine that captures nothing (enforce_eager) builds it.
-        eager = build_layer(name, dtype, device, overridden=True, capture_up_to=0)
-
-        def run_eager(p, q, k, c, layer=eager):
-            layer.forward_cuda(p, q, k)
-
-        for row in rows[len(rows) - len(tokens_list) :]:
-            tokens = row["tokens"]
-            selector = selector_for(eager, num_heads, num_kv_heads, dtype, device, tokens)
-            row["provider_eager"] = selector.explain(tokens).provider if selector else "vllm"
-            within = compare_outputs(vllm_layer, eager, spec, tokens, device)["within_tolerance"]
-            row["within_tolerance"] &= within
-            failed |= not within
-            v = time_rope(run_vllm, spec, tokens, device, mode="eager", **timing).median_us
-            o = time_rope(run_eager, spec, tokens, device, mode="eager", **timing).median_us
-            row["vllm_eager_us"], row["ours_eager_us"] = f"{v:.2f}", f"{o:.2f}"
-            row["speedup_eager"] = f"{v / o:.2f}"
     write(rows, args.out)
     return 1 if failed else 0
 
@@ -423,10 +388,9 @@ def main(argv: list[str] | None = None) -> int:
 def write(rows: list[dict], out: str | None) -> None:
     header = (
         "| model | class | tokens | choice | equal to vLLM | vLLM graph us | ours | x | "
-        "eager choice | vLLM eager us | ours | x | native compiled us | ours compiled | x | "
-        "graphs |"
+        "vLLM eager us | ours | x | native compiled us | ours compiled | x | graphs |"
     )
-    lines = [header, "|" + "---|" * 16]
+    lines = [header, "|" + "---|" * 15]
     for r in rows:
         equal = "bit-identical" if r["bit_identical"] else f"max diff {r['max_abs_diff']}"
         if not r["within_tolerance"]:
@@ -434,8 +398,7 @@ def write(rows: list[dict], out: str | None) -> None:
         lines.append(
             f"| {r['model']} | {r['layer_class']} | {r['tokens']} | {r['provider']} | {equal} | "
             f"{r['vllm_graph_us']} | {r['ours_graph_us']} | {r['speedup_graph']} | "
-            f"{r['provider_eager']} | {r['vllm_eager_us']} | {r['ours_eager_us']} | "
-            f"{r['speedup_eager']} | "
+            f"{r['vllm_eager_us']} | {r['ours_eager_us']} | {r['speedup_eager']} | "
             f"{r.get('native_compiled_us', '-')} | {r.get('ours_compiled_us', '-')} | "
             f"{r.get('speedup_compiled', '-')} | {r.get('ours_compiled_graphs', '-')} |"
         )

@@ -9,7 +9,6 @@ import importlib.util
 import os
 import platform
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -30,7 +29,6 @@ from kernels.perf_model import (  # noqa: E402
     model_file_name,
 )
 from kernels.providers import TRITON, register_provider, unregister_provider  # noqa: E402
-from kernels.providers._torch import TorchProvider  # noqa: E402
 from kernels.table import device_metadata, device_table_name, write_table  # noqa: E402
 
 # The repository root (scripts in benchmarks/, subprocesses that import the tree).
@@ -74,40 +72,6 @@ def fresh_table_warnings(monkeypatch):
 
 # This CPU's table file name (the one select_rope looks for on the CPU).
 FILE = CPU_TABLE
-
-
-@dataclass(frozen=True)
-class RecordingProvider(TorchProvider):
-    """The torch math, recording (name, token count) per call; optionally needing a key."""
-
-    name: str = "recording"
-    description: str = "test provider"
-    needs_key: bool = False
-    calls: list = field(default_factory=list, compare=False)
-
-    def unsupported_reason(self, spec, *, has_key=True):
-        return "needs a key tensor" if self.needs_key and not has_key else None
-
-    def build(self, spec, config):
-        inner = super().build(spec, config)
-
-        def run(positions, query, key, cache):
-            self.calls.append((self.name, positions.numel()))
-            inner(positions, query, key, cache)
-
-        return run
-
-
-@pytest.fixture
-def recorders(registered):
-    """Two registered test providers: ``rec_a`` and ``rec_keyed`` (needs a key)."""
-    made = {
-        "rec_a": RecordingProvider(name="rec_a"),
-        "rec_keyed": RecordingProvider(name="rec_keyed", needs_key=True),
-    }
-    for provider in made.values():
-        registered(provider)
-    return made
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 rope_module = pytest.importorskip("vllm.model_executor.layers.rotary_embedding")
-from conftest import entry, make_table, put  # noqa: E402
 from vllm.config import (  # noqa: E402
     CompilationConfig,
     DeviceConfig,
@@ -27,7 +26,6 @@ from vllm.model_executor.custom_op import op_registry_oot  # noqa: E402
 
 from kernels import RopeSelector, get_provider  # noqa: E402
 from kernels.integrations import vllm as plugin  # noqa: E402
-from kernels.integrations._vllm_timing import CaptureSplit, eager_above  # noqa: E402
 from kernels.testing import TOLERANCES, assert_rope_close, rope_reference  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -371,77 +369,6 @@ def test_a_layer_with_one_spec_keeps_its_selector():
         positions, query, key = make_inputs(7, 4, 2, 64, torch.float32, "cpu", "fused", seed=seed)
         check_against_native(rope, positions, query, key)
     assert rope._selector is plugin.selector_for(rope, 4, 2) and not rope._specs_vary
-
-
-# -- graph entries for captured calls, eager entries for eager ones ------------------------------
-
-
-def test_eager_above_reads_vllms_capture_settings():
-    from vllm.config import CUDAGraphMode
-
-    assert eager_above(CompilationConfig(cudagraph_mode=CUDAGraphMode.NONE)) == 0
-    captured = CompilationConfig(cudagraph_mode=CUDAGraphMode.PIECEWISE)
-    captured.max_cudagraph_capture_size = 512
-    assert eager_above(captured) == 512
-    assert eager_above(CompilationConfig()) is None  # not resolved by an engine: graph entries
-    with vllm_config(["none"]):  # vLLM on a machine without CUDA graphs captures nothing
-        from vllm.config import get_cached_compilation_config
-
-        assert eager_above(get_cached_compilation_config()) == 0
-
-
-@contextmanager
-def captured_up_to(max_size):
-    """A resolved engine config that captures CUDA graphs up to ``max_size`` tokens (0: none,
-    as ``enforce_eager`` leaves it), built as a GPU engine would resolve it."""
-    from vllm.config import CUDAGraphMode
-
-    config = VllmConfig(
-        device_config=DeviceConfig(device="cpu"),
-        compilation_config=CompilationConfig(custom_ops=["all"]),
-    )
-    compilation = config.compilation_config
-    compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE if max_size else CUDAGraphMode.NONE
-    compilation.max_cudagraph_capture_size = max_size
-    with set_current_vllm_config(config):
-        yield
-
-
-EAGER_SPEC_KEY = "q4_kv2_d64_r64_neox_float32"
-
-
-@pytest.mark.parametrize("max_size", [8, 0], ids=["captured up to 8", "enforce_eager"])
-def test_captured_calls_follow_graph_entries_and_eager_calls_eager_ones(dirs, recorders, max_size):
-    buckets = {str(b): entry("torch") for b in (1, 8, 64)}
-    eager = {str(b): entry("rec_a") for b in (1, 8, 64)}
-    put(dirs["env"], make_table(graph={EAGER_SPEC_KEY: buckets}, eager={EAGER_SPEC_KEY: eager}))
-    with captured_up_to(max_size):
-        rope = rope_module.get_rope(64, MAX_POSITION, True, dict(COVERED["RotaryEmbedding"]),
-                                    torch.float32)  # fmt: skip
-    calls = recorders["rec_a"].calls
-    for num_tokens in (1, 8, 9, 64):
-        positions, query, key = make_inputs(num_tokens, 4, 2, 64, torch.float32, "cpu", "fused")
-        before = len(calls)
-        check_against_native(rope, positions, query, key)
-        eager_call = num_tokens > max_size
-        assert calls[before:] == ([("rec_a", num_tokens)] if eager_call else []), num_tokens
-        selector = plugin.selector_for(rope, 4, 2, num_tokens=num_tokens)
-        assert selector.timing == ("eager" if eager_call else "graph")
-        assert selector.explain(num_tokens).provider == ("rec_a" if eager_call else "torch")
-    # The layer keeps its spec's callable: with nothing captured, the eager selector itself.
-    assert isinstance(rope._selector, RopeSelector if max_size == 0 else CaptureSplit)
-
-
-def test_without_eager_entries_every_call_follows_graph_entries(dirs, recorders):
-    put(dirs["env"], make_table(graph={EAGER_SPEC_KEY: {"8": entry("rec_a")}}))
-    with captured_up_to(4):
-        rope = rope_module.get_rope(64, MAX_POSITION, True, dict(COVERED["RotaryEmbedding"]),
-                                    torch.float32)  # fmt: skip
-    for num_tokens in (2, 16):
-        positions, query, key = make_inputs(num_tokens, 4, 2, 64, torch.float32, "cpu", "packed")
-        check_against_native(rope, positions, query, key)
-    assert recorders["rec_a"].calls == [("rec_a", 2), ("rec_a", 16)]
-    assert isinstance(rope._selector, RopeSelector) and rope._selector.timing == "graph"
 
 
 def test_compiled_layer_keeps_one_graph_with_our_op():

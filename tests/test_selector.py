@@ -63,6 +63,40 @@ def one_warning(match: str, fn, *args, **kwargs):
     return result, str(ours[0].message)
 
 
+@dataclass(frozen=True)
+class RecordingProvider(TorchProvider):
+    """The torch math, recording (name, token count) per call; optionally needing a key."""
+
+    name: str = "recording"
+    description: str = "test provider"
+    needs_key: bool = False
+    calls: list = field(default_factory=list, compare=False)
+
+    def unsupported_reason(self, spec, *, has_key=True):
+        return "needs a key tensor" if self.needs_key and not has_key else None
+
+    def build(self, spec, config):
+        inner = super().build(spec, config)
+
+        def run(positions, query, key, cache):
+            self.calls.append((self.name, positions.numel()))
+            inner(positions, query, key, cache)
+
+        return run
+
+
+@pytest.fixture
+def recorders(registered):
+    """Two registered test providers: ``rec_a`` and ``rec_keyed`` (needs a key)."""
+    made = {
+        "rec_a": RecordingProvider(name="rec_a"),
+        "rec_keyed": RecordingProvider(name="rec_keyed", needs_key=True),
+    }
+    for provider in made.values():
+        registered(provider)
+    return made
+
+
 def qk(spec: RopeSpec, n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(n, spec.num_heads * spec.head_size, generator=g).to(spec.dtype)

@@ -3,8 +3,7 @@
 vLLM's compiled op does not exist here, so a subprocess registers a CPU op of its schema where
 vLLM registers it (``torch.ops._C.rotary_embedding``, computing RoPE with the ``torch``
 provider's math), through which vLLM's layers and the ``vllm`` provider both run. The table
-gives graph and eager entries different winners, so the rows show which entries each pass
-follows.
+makes the ``vllm`` provider the winner, so the override's rows run its direct route to the op.
 """
 
 import csv
@@ -44,15 +43,9 @@ LLAMA3_8B = "q32_kv8_d128_r128_neox_bfloat16"
 
 
 @pytest.mark.slow
-def test_graph_rows_follow_graph_entries_and_eager_rows_eager_ones(tmp_path):
+def test_rows_run_the_table_winner_and_match_vllm(tmp_path):
     buckets = ("1", "16", "256")
-    put(
-        tmp_path,
-        make_table(
-            graph={LLAMA3_8B: {b: entry("torch") for b in buckets}},
-            eager={LLAMA3_8B: {b: entry("vllm") for b in buckets}},
-        ),
-    )
+    put(tmp_path, make_table(graph={LLAMA3_8B: {b: entry("vllm") for b in buckets}}))
     argv = ["--device", "cpu", "--models", "llama3-8b", "--tokens", "3,17", "--no-compiled",
             "--repeats", "2", "--out", str(tmp_path / "out")]  # fmt: skip
     env = {**os.environ, "ROPE_AUTOTUNE_CONFIG_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
@@ -65,6 +58,6 @@ def test_graph_rows_follow_graph_entries_and_eager_rows_eager_ones(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["tokens"] for r in rows] == ["3", "17"]
     for row in rows:
-        assert row["spec"] == LLAMA3_8B and row["within_tolerance"] == "True"
-        assert (row["provider"], row["provider_eager"]) == ("torch", "vllm")
+        assert row["spec"] == LLAMA3_8B and row["provider"] == "vllm"
+        assert row["within_tolerance"] == "True" and row["bit_identical"] == "True"
         assert float(row["ours_graph_us"]) > 0 and float(row["ours_eager_us"]) > 0

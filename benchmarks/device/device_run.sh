@@ -16,7 +16,7 @@
 #   bash benchmarks/device/device_run.sh losing        # sweep where FlashInfer won a bucket (revision 2)
 #   bash benchmarks/device/device_run.sh defaults      # the untuned Triton default vs FlashInfer/vLLM
 #   bash benchmarks/device/device_run.sh search        # the search against an exhaustive sweep
-#   bash benchmarks/device/device_run.sh eager         # eager entries for vllm_layer.py's models, then its rows
+#   bash benchmarks/device/device_run.sh eager         # eager entries for vllm_layer.py's models; the vllm provider
 #   TUNE_SECONDS=400 bash benchmarks/device/device_run.sh tune   # a resumable stretch of tune.sh
 set -u
 . "$(dirname "$0")/site.sh"
@@ -119,9 +119,9 @@ case "$1" in
       --json "$OUT/search_vs_exhaustive_h200.json" ;;
   eager)
     # Eager-timed entries (resuming this device's journal) for the specs of vllm_layer.py's five
-    # text models, merged into this tree's table; the vllm provider's host cost per call; then
-    # the layers, eager calls built as enforce_eager builds them. The eager search is between
-    # Triton and vLLM's op (the contest at small token counts is their host cost), to fit a call.
+    # text models, merged into this tree's table; the vllm provider's GPU tests and host cost
+    # per call; then the layers' rows. The eager search is between Triton and vLLM's op (the
+    # contest at small token counts is their host cost), to fit a call.
     device=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
     bash benchmarks/device/tune.sh "${TUNE_SECONDS:-300}" --timing eager --providers triton,vllm \
       --model llama-3-8b --model qwen2.5-7b --model phi-2 --model gpt-j-6b \

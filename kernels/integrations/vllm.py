@@ -54,7 +54,6 @@ from kernels.integrations._vllm_mrope import (
     mrope_native_reason,
     native_mrope_op,
 )
-from kernels.integrations._vllm_timing import CaptureSplit, eager_above, eager_aware
 
 __all__ = [
     "BASE_OP_CLASSES",
@@ -100,10 +99,6 @@ RopeCall = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Te
 # (head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device, mrope_section,
 #  mrope_interleaved) -> rope callable; mrope_section is None for plain RoPE.
 _ROPES: dict[tuple, RopeCall] = {}
-# The token count above which vLLM runs this process's calls eagerly (0: all of them; None: not
-# known, every call follows graph entries), read from the config the covered layers are built
-# under (kernels.integrations._vllm_timing.eager_above).
-_EAGER_ABOVE: int | None = None
 _BUILD_LOCK = threading.Lock()
 _REGISTER_LOCK = threading.Lock()
 _OVERRIDES: dict[str, type] = {}  # in-tree class name -> our override class
@@ -146,27 +141,16 @@ def _build(sig: tuple) -> RopeCall:
             else:
                 fn = native_mrope_op(head_size, rotary_dim, is_neox, section, interleaved)
         else:
-            fn = eager_aware(selector, _EAGER_ABOVE)
             logger.info(
                 "rope-autotune: vLLM RoPE %s on %s runs %s; 1 token: %s",
                 selector.spec.key,
                 device,
-                fn,
+                selector,
                 selector.explain(1),
             )
+            fn = selector
         _ROPES[sig] = fn
         return fn
-
-
-def _follow_capture_sizes(compilation_config) -> None:
-    """Record the token count above which this engine runs calls eagerly; selectors built for
-    another engine's config are dropped, so that each follows its own."""
-    global _EAGER_ABOVE
-    above = eager_above(compilation_config)
-    if above != _EAGER_ABOVE:
-        with _BUILD_LOCK:
-            _EAGER_ABOVE = above
-            _ROPES.clear()
 
 
 def _vllm_op(head_size: int, is_neox: bool) -> RopeCall:
@@ -286,20 +270,16 @@ class _Override:
     heads), each call's spec is looked up.
     """
 
-    _selector: RopeSelector | CaptureSplit | None = None
+    _selector: RopeSelector | None = None
     _specs_vary = False
 
     @classmethod
     def enabled(cls) -> bool:
         from vllm.config import get_cached_compilation_config
 
-        config = get_cached_compilation_config()
-        # vLLM asks this of every layer it builds, under the engine's config: the one moment its
-        # capture sizes can be read (its forward passes run without a current config).
-        _follow_capture_sizes(config)
         if super().enabled():
             on, why = True, "vLLM's custom_ops turn it on"
-        elif f"-{cls.name}" in config.custom_ops:
+        elif f"-{cls.name}" in get_cached_compilation_config().custom_ops:
             on, why = False, f"custom_ops has -{cls.name}"
         else:
             on = ON_BY_DEFAULT
@@ -335,7 +315,7 @@ class _Override:
             positions, query, key, self.head_size, cos_sin_cache, self.is_neox_style,
             mrope_section, mrope_interleaved,
         )  # fmt: skip
-        if not self._specs_vary and isinstance(fn, (RopeSelector, CaptureSplit)):
+        if not self._specs_vary and isinstance(fn, RopeSelector):
             self._selector = fn
 
 
@@ -511,13 +491,9 @@ def selector_for(
     num_kv_heads: int | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-    num_tokens: int = 1,
 ) -> RopeSelector | None:
-    """The selector an overridden ``layer`` uses for calls of ``num_tokens`` tokens with these
-    heads (built if needed), or None when it runs vLLM's own op;
-    ``print(selector.explain(num_tokens))`` says why. Its ``timing`` says whether the call
-    follows graph or eager entries (eager above vLLM's CUDA graph capture sizes, where the
-    tables have eager entries).
+    """The selector an overridden ``layer`` uses for calls with these heads (built if needed),
+    or None when it runs vLLM's own op; ``print(selector.explain(num_tokens))`` says why.
 
     ``dtype`` and ``device`` default to the layer's cache's; ``num_kv_heads`` to ``num_heads``.
     An mRoPE layer's selector has the layer's sections.
@@ -542,6 +518,4 @@ def selector_for(
         interleaved,
     )
     fn = _ROPES.get(sig) or _build(sig)
-    if isinstance(fn, CaptureSplit):
-        return fn.selector(num_tokens)
     return fn if isinstance(fn, RopeSelector) else None
