@@ -304,12 +304,12 @@ def test_a_bad_variable_warns_and_is_off_a_bad_argument_raises(dirs, monkeypatch
 
 
 def test_the_vllm_plugin_tunes_on_first_use_by_the_variable(dirs, timings, monkeypatch):
-    from kernels.integrations import vllm as plugin
+    from kernels.integrations import _vllm_calls
 
     monkeypatch.setenv(fu.TUNE_ENV, "first-use")
     sig = (*ARGS, torch.device("cpu"), None, False)  # no mRoPE sections
-    monkeypatch.setattr(plugin, "_ROPES", {})
-    rope = plugin._build(sig)
+    monkeypatch.setattr(_vllm_calls, "_ROPES", {})
+    rope = _vllm_calls.rope_for(sig)
     assert len(timings) == len(QUICK_BUCKETS)
     assert "tuned on first use by this process" in rope.explain(4).why
 

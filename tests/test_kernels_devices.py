@@ -58,9 +58,11 @@ def test_the_selector_and_the_tuner_share_it(monkeypatch):
 
 def test_the_vllm_integration_keys_its_selectors_by_the_normalized_device(two_gpus, monkeypatch):
     vllm = pytest.importorskip("kernels.integrations.vllm")
+    from kernels.integrations import _vllm_calls
+
     built = []
-    monkeypatch.setattr(vllm, "_ROPES", {})
-    monkeypatch.setattr(vllm, "_build", lambda sig: built.append(sig))
+    monkeypatch.setattr(_vllm_calls, "_ROPES", {})
+    monkeypatch.setattr(_vllm_calls, "_build", lambda sig: built.append(sig))
     layer = torch.nn.Module()
     layer.cos_sin_cache = torch.zeros(8, 16)
     layer.head_size, layer.is_neox_style, layer.dtype = 16, True, torch.float32

@@ -18,7 +18,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import vllm_layer as vl  # noqa: E402
 
 from kernels import RopeSpec  # noqa: E402
-from kernels.integrations import vllm as plugin  # noqa: E402
+from kernels.integrations import _vllm_calls as plugin  # noqa: E402
 from kernels.measure import make_inputs  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def describe(name: str, t: torch.Tensor | None) -> str:
     )
 
 
-original = plugin._rotary_embedding
+original = plugin.rotary_embedding
 
 
 def traced(positions, query, key, head_size, cos_sin_cache, is_neox):
@@ -55,7 +55,7 @@ def traced(positions, query, key, head_size, cos_sin_cache, is_neox):
     print("    ok", flush=True)
 
 
-plugin._rotary_embedding = traced
+plugin.rotary_embedding = traced
 device = torch.device("cuda:0")
 layer = vl.build_layer("llama3-8b", torch.bfloat16, device, overridden=True)
 spec = RopeSpec(layer.head_size, layer.rotary_dim, 32, 8, layer.is_neox_style, torch.bfloat16)

@@ -21,14 +21,15 @@ The override's ``forward_cuda`` converts the layer's cache exactly as vLLM's doe
 ``query`` and ``key`` (or only ``query`` when ``key`` is None) in place with the selector for
 the call's spec, and returns ``(query, key)``. Selectors are built on first use, one per spec
 (head size, rotary dim, heads read from the tensors, style, dtype, device, mRoPE sections) and
-shared by every layer with that spec. With ``ROPE_AUTOTUNE_TUNE=first-use`` in the environment, a
-spec the tables lack is tuned then, in vLLM's warm-up run, and persisted for the next start
-(:mod:`kernels.first_use`). Inside ``torch.compile`` the call is one opaque op,
-``torch.ops.rope_autotune.vllm_rotary_embedding`` (``vllm_mrotary_embedding`` for mRoPE), with a
-fake implementation, so the graph does not break. A spec ``select_rope`` refuses runs vLLM's own
-math: its rotary op, or for mRoPE its ``forward_native`` (its Triton mRoPE kernel rotates NeoX
-halves only). An mRoPE layer whose section layout :class:`kernels.RopeSpec` does not name (an
-interleaved layout whose time section is not the largest) keeps vLLM's ``forward_cuda``.
+shared by every layer with that spec (:mod:`._vllm_calls`). With ``ROPE_AUTOTUNE_TUNE=first-use``
+in the environment, a spec the tables lack is tuned then, in vLLM's warm-up run, and persisted
+for the next start (:mod:`kernels.first_use`). Inside ``torch.compile`` the call is one opaque
+op, ``torch.ops.rope_autotune.vllm_rotary_embedding`` (``vllm_mrotary_embedding`` for mRoPE),
+with a fake implementation, so the graph does not break. A spec ``select_rope`` refuses runs
+vLLM's own math: its rotary op, or for mRoPE its ``forward_native`` (its Triton mRoPE kernel
+rotates NeoX halves only). An mRoPE layer whose section layout :class:`kernels.RopeSpec` does
+not name (an interleaved layout whose time section is not the largest) keeps vLLM's
+``forward_cuda``.
 
 The overrides keep the in-tree ``name`` (``rotary_embedding``), so vLLM's switch
 ``custom_ops=["+rotary_embedding"]`` / ``["-rotary_embedding"]`` turns them on and off as it
@@ -43,17 +44,13 @@ them matches mRoPE.
 
 import logging
 import threading
-from collections.abc import Callable
 
 import torch
 
-from kernels import RopeSelector, select_rope
+from kernels import RopeSelector
 from kernels.devices import normalize_device
-from kernels.integrations._vllm_mrope import (
-    mrope_layout_reason,
-    mrope_native_reason,
-    native_mrope_op,
-)
+from kernels.integrations._vllm_calls import rope_for, rotary_embedding
+from kernels.integrations._vllm_mrope import mrope_layout_reason, mrope_native_reason
 
 __all__ = [
     "BASE_OP_CLASSES",
@@ -94,151 +91,8 @@ COVERED_CLASSES: tuple[str, ...] = BASE_OP_CLASSES + MROPE_CLASSES
 
 _is_compiling = torch.compiler.is_compiling
 
-RopeCall = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], None]
-
-# (head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device, mrope_section,
-#  mrope_interleaved) -> rope callable; mrope_section is None for plain RoPE.
-_ROPES: dict[tuple, RopeCall] = {}
-_BUILD_LOCK = threading.Lock()
 _REGISTER_LOCK = threading.Lock()
 _OVERRIDES: dict[str, type] = {}  # in-tree class name -> our override class
-
-
-def _num_heads(x: torch.Tensor, token_dims: int, head_size: int) -> int:
-    # [T, H, D] / [B, S, H, D] give heads a dimension; [T, H*D] / [B, S, H*D] pack them.
-    return x.shape[-2] if x.dim() - token_dims == 2 else x.shape[-1] // head_size
-
-
-def _build(sig: tuple) -> RopeCall:
-    """The rope callable for ``sig``: a selector, or vLLM's own math when none can be built."""
-    with _BUILD_LOCK:
-        fn = _ROPES.get(sig)
-        if fn is not None:
-            return fn
-        head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device = sig[:7]
-        section, interleaved = sig[7:]
-        try:
-            selector = select_rope(
-                head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device,
-                mrope_section=section, mrope_interleaved=interleaved,
-            )  # fmt: skip
-        except (ValueError, TypeError, RuntimeError) as exc:
-            logger.warning(
-                "rope-autotune: cannot select a RoPE kernel for head_size=%d rotary_dim=%d "
-                "heads=%d/%d %s%s on %s (%s); this shape runs vLLM's own %s",
-                head_size,
-                rotary_dim,
-                num_heads,
-                num_kv_heads,
-                dtype,
-                "" if section is None else f" mrope_section={list(section)}",
-                device,
-                exc,
-                "op" if section is None else "forward_native",
-            )
-            if section is None:
-                fn = _vllm_op(head_size, is_neox)
-            else:
-                fn = native_mrope_op(head_size, rotary_dim, is_neox, section, interleaved)
-        else:
-            logger.info(
-                "rope-autotune: vLLM RoPE %s on %s runs %s; 1 token: %s",
-                selector.spec.key,
-                device,
-                selector,
-                selector.explain(1),
-            )
-            fn = selector
-        _ROPES[sig] = fn
-        return fn
-
-
-def _vllm_op(head_size: int, is_neox: bool) -> RopeCall:
-    from vllm import _custom_ops as ops
-
-    def run(positions, query, key, cos_sin_cache):
-        ops.rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
-
-    return run
-
-
-def _rotary_embedding(
-    positions: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor | None,
-    head_size: int,
-    cos_sin_cache: torch.Tensor,
-    is_neox: bool,
-    mrope_section: tuple[int, ...] | None = None,
-    mrope_interleaved: bool = False,
-) -> RopeCall:
-    """Rotate in place with the rope callable for the call's signature; returns that callable."""
-    # mRoPE positions are [3, T] or [T]; its query and key have one token dimension either way.
-    token_dims = positions.dim() if mrope_section is None else 1
-    num_heads = _num_heads(query, token_dims, head_size)
-    num_kv_heads = num_heads if key is None else _num_heads(key, token_dims, head_size)
-    sig = (
-        head_size,
-        cos_sin_cache.shape[-1],
-        num_heads,
-        num_kv_heads,
-        is_neox,
-        query.dtype,
-        query.device,
-        mrope_section,
-        mrope_interleaved,
-    )
-    fn = _ROPES.get(sig)
-    if fn is None:
-        fn = _build(sig)
-    fn(positions, query, key, cos_sin_cache)
-    return fn
-
-
-@torch.library.custom_op("rope_autotune::vllm_rotary_embedding", mutates_args=("query", "key"))
-def _rotary_embedding_op(
-    positions: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor | None,
-    head_size: int,
-    cos_sin_cache: torch.Tensor,
-    is_neox: bool,
-) -> None:
-    """In-place RoPE with vLLM's rotary op's signature, through the selector for the call."""
-    _rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
-    return None
-
-
-@_rotary_embedding_op.register_fake
-def _rotary_embedding_fake(positions, query, key, head_size, cos_sin_cache, is_neox) -> None:
-    return None  # in place: shapes and strides unchanged
-
-
-@torch.library.custom_op("rope_autotune::vllm_mrotary_embedding", mutates_args=("query", "key"))
-def _mrotary_embedding_op(
-    positions: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor | None,
-    head_size: int,
-    cos_sin_cache: torch.Tensor,
-    is_neox: bool,
-    mrope_section: list[int],
-    mrope_interleaved: bool,
-) -> None:
-    """In-place multimodal RoPE (positions ``[3, T]`` or ``[T]``) through the selector for the
-    call, with the layer's sections."""
-    _rotary_embedding(
-        positions, query, key, head_size, cos_sin_cache, is_neox,
-        tuple(mrope_section), mrope_interleaved,
-    )  # fmt: skip
-    return None
-
-
-@_mrotary_embedding_op.register_fake
-def _mrotary_embedding_fake(
-    positions, query, key, head_size, cos_sin_cache, is_neox, mrope_section, mrope_interleaved
-) -> None:
-    return None  # in place: shapes and strides unchanged
 
 
 # vLLM's compile passes that fuse its own rotary op with neighbours; they match
@@ -311,7 +165,7 @@ class _Override:
                 return
             except (TypeError, ValueError):  # another spec (a bad call raises again below)
                 self._selector, self._specs_vary = None, True
-        fn = _rotary_embedding(
+        fn = rotary_embedding(
             positions, query, key, self.head_size, cos_sin_cache, self.is_neox_style,
             mrope_section, mrope_interleaved,
         )  # fmt: skip
@@ -517,5 +371,5 @@ def selector_for(
         section,
         interleaved,
     )
-    fn = _ROPES.get(sig) or _build(sig)
+    fn = rope_for(sig)
     return fn if isinstance(fn, RopeSelector) else None
