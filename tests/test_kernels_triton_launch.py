@@ -1,7 +1,7 @@
-"""The Triton launcher: its fast path (Triton's private ``CompiledKernel.run``) passes the
-kernel's arguments in signature order, checked on the CPU by running what it passes through the
-interpreter; it is pinned to the tested Triton releases, and any other release takes the public
-``kernel[grid](...)`` launch."""
+"""The Triton launchers (RoPE and mRoPE): the fast path (Triton's private
+``CompiledKernel.run``) passes the kernel's arguments in signature order, checked on the CPU by
+running what it passes through the interpreter; it is pinned to the tested Triton releases, and
+any other release takes the public ``kernel[grid](...)`` launch."""
 
 from __future__ import annotations
 
@@ -11,10 +11,14 @@ import triton
 from _reference64 import Case, build_inputs, check_outputs, with_
 from conftest import case_spec
 
-from kernels.providers import _triton_launch
+from kernels import RopeSpec, cos_sin_cache
+from kernels.providers import _triton_launch, _triton_mrope
 from kernels.providers._triton import default_triton_config
 from kernels.providers._triton_kernel import rope_kernel
 from kernels.providers._triton_launch import TritonLauncher, fast_launch_supported
+from kernels.providers._triton_mrope import MropeLauncher
+from kernels.providers._triton_mrope_kernel import mrope_kernel
+from kernels.testing import assert_rope_close, rope_reference
 
 
 class _Compiled:
@@ -25,29 +29,32 @@ class _Compiled:
     function = object()
     packed_metadata = object()
 
-    def __init__(self, kernel: RecordingKernel) -> None:
-        self.kernel = kernel
+    def __init__(self, recorder: RecordingKernel) -> None:
+        self.recorder = recorder
 
     def run(self, grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata,
             enter_hook, exit_hook, *args):  # fmt: skip
         assert (function, packed_metadata) == (self.function, self.packed_metadata)
         assert (grid_z, launch_metadata, enter_hook, exit_hook) == (1, None, None, None)
-        assert len(args) == len(rope_kernel.arg_names), args
-        self.kernel.fast_launches += 1
-        rope_kernel[(grid_x, grid_y)](**dict(zip(rope_kernel.arg_names, args, strict=True)))
+        kernel = self.recorder.kernel
+        assert len(args) == len(kernel.arg_names), args
+        self.recorder.fast_launches += 1
+        kernel[(grid_x, grid_y)](**dict(zip(kernel.arg_names, args, strict=True)))
 
 
 class RecordingKernel:
-    """``rope_kernel`` whose public launch also hands back a :class:`_Compiled`."""
+    """A JIT kernel (``rope_kernel`` unless told) whose public launch, which compiles on a GPU,
+    also hands back a :class:`_Compiled`."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernel=rope_kernel) -> None:
+        self.kernel = kernel
         self.public_launches = 0
         self.fast_launches = 0
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.public_launches += 1
-            rope_kernel[grid](*args, **kwargs)
+            self.kernel[grid](*args, **kwargs)
             return _Compiled(self)
 
         return launch
@@ -73,6 +80,39 @@ def test_fast_path_passes_the_kernels_arguments_in_order(case, monkeypatch):
         launcher(inputs.positions, inputs.query, inputs.key, inputs.cos_sin_cache)
         check_outputs(inputs, case.dtype)
     assert (kernel.public_launches, kernel.fast_launches) == (1, 2)
+
+
+MROPE_SPECS = [
+    RopeSpec(64, 64, 4, 2, True, torch.float32, mrope_section=(8, 12, 12)),
+    RopeSpec(64, 48, 3, 1, False, torch.float32, mrope_section=(8, 8, 8), mrope_interleaved=True),
+]
+
+
+@pytest.mark.parametrize("spec", MROPE_SPECS, ids=lambda s: s.key)
+def test_mrope_fast_path_and_one_compile_for_both_position_forms(spec, monkeypatch):
+    """``[3, T]`` positions (a slice of a longer buffer) and text-only ``[T]`` positions run
+    one compiled kernel: the first call compiles (public launch), every later one, text-only
+    included, takes the fast path with the arguments in signature order."""
+    monkeypatch.setattr(_triton_mrope, "_current_stream", lambda index: 0)
+    recorder = RecordingKernel(mrope_kernel)
+    launcher = MropeLauncher(spec, default_triton_config(spec, 4), kernel=recorder, fast=True)
+    width = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_size
+    q_width, k_width = spec.num_heads * spec.head_size, spec.num_kv_heads * spec.head_size
+    cache = cos_sin_cache(64, spec.rotary_dim)
+    for seed, text_only in enumerate((False, True, False, True)):
+        g = torch.Generator().manual_seed(seed)
+        qkv = torch.randn(5, width, generator=g)
+        buffer = torch.randint(0, 64, (3, 7), generator=g)
+        positions = buffer[0, :5].clone() if text_only else buffer[:, :5]
+        query, key = qkv[:, :q_width], qkv[:, q_width : q_width + k_width]
+        expected_q, expected_k = rope_reference(
+            positions, query, key, cache, spec.head_size, spec.is_neox,
+            mrope_section=spec.mrope_section, mrope_interleaved=spec.mrope_interleaved,
+        )  # fmt: skip
+        launcher(positions, query, key, cache)
+        assert_rope_close(query, expected_q, spec.dtype, "query")
+        assert_rope_close(key, expected_k, spec.dtype, "key")
+    assert (recorder.public_launches, recorder.fast_launches) == (1, 3)
 
 
 @pytest.mark.parametrize("version", ["3.6.0", "3.6.1", "3.9.0", "3.9.0+git1234"])

@@ -32,9 +32,9 @@ class MropeLauncher(TritonLauncher):
     with the RoPE launcher's grid, constexprs and fast path (:class:`TritonLauncher`).
 
     Per call it adds the spec's stream map on the call's device (made on the first call there:
-    make that call outside CUDA graph capture), the positions' stride between streams (never
-    specialized on), and whether they are ``[3, T]`` or text-only ``[T]`` (a constexpr, in the
-    fast path's key).
+    make that call outside CUDA graph capture) and the positions' stride between streams (never
+    specialized on; 0 for text-only ``[T]`` positions, so that ``[3, T]`` and ``[T]`` calls
+    share one compiled kernel).
 
     Raises:
         ValueError: ``spec`` is not an mRoPE spec.
@@ -70,13 +70,13 @@ class MropeLauncher(TritonLauncher):
         if num_tokens == 0:
             return
         k, strides, k_heads = self._arguments(positions, query, key, num_tokens)
-        streams = 3 if positions.dim() == 2 else 1
-        ints = (positions.stride(0) if streams == 3 else 0, *strides, cos_sin_cache.stride(0))
+        pos_stride = positions.stride(0) if positions.dim() == 2 else 0
+        ints = (pos_stride, *strides, cos_sin_cache.stride(0))
         stream_map = self._stream_map(positions)
         fast = self.fast and not launch_hooks_active()
         if fast:
             specialization = (
-                k_heads, streams, positions.dtype, cos_sin_cache.dtype, query.device.index,
+                k_heads, positions.dtype, cos_sin_cache.dtype, query.device.index,
                 positions.data_ptr() % 16 == 0, query.data_ptr() % 16 == 0,
                 k.data_ptr() % 16 == 0, cos_sin_cache.data_ptr() % 16 == 0,
                 *[(v == 1, v % 16 == 0, v < 2**31) for v in ints[1:]],  # not pos_stride_s
@@ -89,13 +89,13 @@ class MropeLauncher(TritonLauncher):
                     grid_t, grid_h, 1, _current_stream(query.device.index),
                     compiled.function, compiled.packed_metadata, None, None, None,
                     positions, query, k, cos_sin_cache, stream_map, num_tokens, *ints,
-                    *self.constexprs.values(), streams, k_heads,
+                    *self.constexprs.values(), k_heads,
                 )  # fmt: skip
                 return
         grid = self.grid(num_tokens, k_heads > 0)
         compiled = self.kernel[grid](
             positions, query, k, cos_sin_cache, stream_map, num_tokens, *ints,
-            STREAMS=streams, NUM_K_HEADS=k_heads, **self.constexprs, **self.options,
+            NUM_K_HEADS=k_heads, **self.constexprs, **self.options,
         )  # fmt: skip
         if fast and compiled is not None:
             self.compiled[specialization] = compiled, grid[1]
@@ -107,12 +107,11 @@ class MropeLauncher(TritonLauncher):
             return
         num_tokens = max(positions.shape[-1], 1)
         k, strides, k_heads = self._arguments(positions, query, key, num_tokens)
-        streams = 3 if positions.dim() == 2 else 1
-        pos_stride = positions.stride(0) if streams == 3 else 0
+        pos_stride = positions.stride(0) if positions.dim() == 2 else 0
         self.kernel.warmup(
             positions, query, k, cos_sin_cache, self._stream_map(positions), num_tokens,
             pos_stride, *strides, cos_sin_cache.stride(0),
-            STREAMS=streams, NUM_K_HEADS=k_heads, **self.constexprs, **self.options, grid=(1,),
+            NUM_K_HEADS=k_heads, **self.constexprs, **self.options, grid=(1,),
         )  # fmt: skip
 
 

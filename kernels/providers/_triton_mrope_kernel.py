@@ -6,9 +6,10 @@ program, head blocks of ``BLOCK_H`` dealt over ``HEAD_SPLIT`` programs, only the
 touched) with one change, in how a token block's cos/sin is loaded: frequency ``j`` of token
 ``t`` reads the cache row of ``positions[stream(j), t]``, ``stream`` being the layout's map (a
 small int32 tensor, ``HALF_PAD`` long). So each stream's rows are read straight from the cache,
-without first gathering ``[3, T, rotary_dim]`` as vLLM does. ``STREAMS == 1`` is a text-only
-call (``[T]`` positions: every stream alike), which is plain RoPE. The heads are rotated by the
-RoPE kernel's own block function.
+without first gathering ``[3, T, rotary_dim]`` as vLLM does. A text-only call (``[T]``
+positions: every stream alike) passes a stride of 0 between streams, so it runs the same
+compiled kernel as ``[3, T]`` calls. The heads are rotated by the RoPE kernel's own block
+function.
 """
 
 import triton
@@ -19,9 +20,10 @@ from ._triton_kernel import _rotate_block
 __all__ = ["mrope_kernel"]
 
 
-# num_tokens changes every call, and so does the positions' stride between streams when they
-# are a [3, T] tensor of their own: specializing on them (== 1, % 16) would only multiply
-# compiles (a position is loaded once per token, alignment buys nothing).
+# num_tokens changes every call, and so does the positions' stride between streams (a [3, T]
+# tensor of its own, a slice of a longer buffer, 0 for text-only [T] positions): specializing on
+# them (== 1, % 16, and so 0 apart) would only multiply compiles (a position is loaded once per
+# token and stream, alignment buys nothing).
 @triton.jit(do_not_specialize=["num_tokens", "pos_stride_s"])
 def mrope_kernel(
     pos_ptr,
@@ -30,7 +32,7 @@ def mrope_kernel(
     cache_ptr,
     streams_ptr,  # [HALF_PAD] int32: the stream of each frequency (0 past ROT_HALF)
     num_tokens,
-    pos_stride_s,  # elements between the streams' rows of [3, T] positions
+    pos_stride_s,  # elements between the streams' rows of [3, T] positions; 0 for [T]
     q_stride_t,
     q_stride_h,
     k_stride_t,
@@ -43,7 +45,6 @@ def mrope_kernel(
     BLOCK_T: tl.constexpr,  # tokens per program
     BLOCK_H: tl.constexpr,  # heads per inner step
     HEAD_SPLIT: tl.constexpr,  # programs sharing one token block's q and k head blocks
-    STREAMS: tl.constexpr,  # 3 for [3, T] positions, 1 for text-only [T] positions
     NUM_K_HEADS: tl.constexpr,  # Hk; 0 when there is no key (last: the launcher appends it)
 ):
     pid_t = tl.program_id(0)
@@ -57,14 +58,11 @@ def mrope_kernel(
 
     # This token block's cos/sin: each frequency from its stream's row, loaded once and reused
     # for every head below.
-    if STREAMS == 3:
-        stream = tl.load(streams_ptr + d)[None, :]
-        p_t = tl.load(pos_ptr + t, mask=t_mask, other=0).to(tl.int64)
-        p_h = tl.load(pos_ptr + pos_stride_s + t, mask=t_mask, other=0).to(tl.int64)
-        p_w = tl.load(pos_ptr + 2 * pos_stride_s + t, mask=t_mask, other=0).to(tl.int64)
-        pos = tl.where(stream == 0, p_t[:, None], tl.where(stream == 1, p_h[:, None], p_w[:, None]))
-    else:
-        pos = tl.load(pos_ptr + t, mask=t_mask, other=0).to(tl.int64)[:, None]
+    stream = tl.load(streams_ptr + d)[None, :]
+    p_t = tl.load(pos_ptr + t, mask=t_mask, other=0).to(tl.int64)
+    p_h = tl.load(pos_ptr + pos_stride_s + t, mask=t_mask, other=0).to(tl.int64)
+    p_w = tl.load(pos_ptr + 2 * pos_stride_s + t, mask=t_mask, other=0).to(tl.int64)
+    pos = tl.where(stream == 0, p_t[:, None], tl.where(stream == 1, p_h[:, None], p_w[:, None]))
     cs_row = cache_ptr + pos * cache_stride + d[None, :]
     cos = tl.load(cs_row, mask=cs_mask, other=0.0).to(tl.float32)
     sin = tl.load(cs_row + ROT_HALF, mask=cs_mask, other=0.0).to(tl.float32)
