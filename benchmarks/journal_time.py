@@ -8,12 +8,18 @@ give the wall time, including what lies between studies (the warm start, table w
 study's time is charged to the op of its spec, so mRoPE specs joining the default space are
 timed apart from the RoPE ones.
 
+``--phases`` adds, per op and provider, where its trials' seconds went: each phase the trials
+recorded (``phase_s``: binding, the float64 gate, building inputs, warm-up, measuring), how many
+trials ran the gate (the first trial of a config in a process: for Triton, its compiles) and
+its median seconds when it ran, and the trials' seconds outside those phases (sampling, the
+storage's writes; trials asked in batches overlap, so for them it also holds the waits).
+
 ``--eta`` replays one op's counted trials, in the order they finished, through the tuner's own
 progress bar (on a replayed clock), one bar per stretch as the device calls had, and reports at
 fractions of each stretch the time left it estimated against the time left in fact.
 
     python benchmarks/journal_time.py \\
-        benchmarks/results/tune_NVIDIA_H100_80GB_HBM3_studies.journal.xz --eta rope
+        benchmarks/results/tune_NVIDIA_H100_80GB_HBM3_studies.journal.xz --eta rope --phases
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import argparse
 import contextlib
 import lzma
 import shutil
+import statistics
 import sys
 import tempfile
 from collections import defaultdict
@@ -93,6 +100,60 @@ def op_times(storage, gap_s: float = 60.0) -> dict[tuple[str, str], OpTime]:
         entry.seconds += sum(stretches(spans, gap_s))
         entry.spans.extend(spans)
     return dict(times)
+
+
+# The phases a measured trial records, in the order they run (autotune.objective).
+PHASES = ("bind", "gate", "inputs", "warmup", "measure")
+# A gate phase longer than this ran the check (a kernel's first call, its compile included);
+# a shorter one found the process's earlier result for the config.
+GATE_RAN_S = 0.001
+
+
+@dataclass
+class PhaseTime:
+    """One op and provider's measured trials: seconds per phase, and in the trials in all."""
+
+    trials: int = 0
+    gate_runs: list[float] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    wall: float = 0.0
+
+
+def phase_times(storage) -> dict[tuple[str, str], PhaseTime]:
+    """Per (op, provider): the trials of ``storage`` that recorded their phases."""
+    times: dict[tuple[str, str], PhaseTime] = defaultdict(PhaseTime)
+    for op, _, trials in studies(storage):
+        for t in trials:
+            phases = t.user_attrs.get("phase_s")
+            if not phases or not (t.datetime_start and t.datetime_complete):
+                continue
+            entry = times[(op, t.user_attrs.get("provider", "?"))]
+            entry.trials += 1
+            if phases.get("gate", 0.0) > GATE_RAN_S:
+                entry.gate_runs.append(phases["gate"])
+            for name, seconds in phases.items():
+                entry.phases[name] = entry.phases.get(name, 0.0) + seconds
+            entry.wall += (t.datetime_complete - t.datetime_start).total_seconds()
+    return dict(times)
+
+
+def phase_report(times: dict[tuple[str, str], PhaseTime]) -> str:
+    names = list(dict.fromkeys([*PHASES, *(n for t in times.values() for n in t.phases)]))
+    lines = [
+        "| op | provider | trials | gate ran | median s a gate run | "
+        + " | ".join(f"s {n}" for n in names)
+        + " | s outside phases | s per trial |",
+        "|---|---|---|---|---|" + "---|" * len(names) + "---|---|",
+    ]
+    for (op, provider), t in sorted(times.items()):
+        outside = t.wall - sum(t.phases.values())
+        gate_median = statistics.median(t.gate_runs) if t.gate_runs else 0.0
+        lines.append(
+            f"| {op} | {provider} | {t.trials} | {len(t.gate_runs)} | {gate_median:.3f} | "
+            + " | ".join(f"{t.phases.get(n, 0.0):.1f}" for n in names)
+            + f" | {outside:.1f} | {t.wall / t.trials:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 def stretches(spans: list[tuple[datetime, datetime]], gap_s: float) -> list[float]:
@@ -188,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("journal", help="the tuner's journal file (.xz accepted)")
     parser.add_argument("--gap-s", type=float, default=60.0, help="a gap that splits stretches")
     parser.add_argument(
+        "--phases", action="store_true", help="where each op and provider's trials spent time"
+    )
+    parser.add_argument(
         "--eta",
         choices=("rope", "mrope"),
         help="replay this op's trials through the progress bar and compare its estimates",
@@ -195,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with opened_journal(args.journal) as storage:
         print(report(op_times(storage, args.gap_s), args.gap_s))
+        if args.phases:
+            print("\nthe measured trials' seconds, per phase:")
+            print(phase_report(phase_times(storage)))
         if args.eta:
             print(
                 f"\nthe progress bar's time left over {args.eta}'s counted trials, a bar per "

@@ -75,6 +75,58 @@ def test_main_reads_an_xz_journal(tmp_path, capsys):
     assert "wall 8 s" in out
 
 
+def add_phased(storage, name, spec, trials):
+    """A study of ``spec`` with measured ``(provider, seconds long, phase_s)`` trials, one after
+    another from T0."""
+    study = optuna.create_study(storage=storage, study_name=name)
+    for attr, value in {"spec": spec, "timing": "graph", "target": len(trials)}.items():
+        study.set_user_attr(attr, value)
+    begin = T0
+    for i, (provider, seconds, phases) in enumerate(trials):
+        end = begin + timedelta(seconds=seconds)
+        attrs = {"outcome": "measured", "provider": provider, "median_us": 1.0, "phase_s": phases}
+        study.add_trial(
+            FrozenTrial(
+                number=i,
+                state=TrialState.COMPLETE,
+                value=1.0,
+                datetime_start=begin,
+                datetime_complete=end,
+                params={},
+                distributions={},
+                user_attrs=attrs,
+                system_attrs={},
+                intermediate_values={},
+                trial_id=i,
+            )
+        )
+        begin = end
+
+
+def test_phases_per_op_and_provider(tmp_path, capsys):
+    path = tmp_path / "studies.journal"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    compiled = {"bind": 0.0, "gate": 0.6, "inputs": 0.01, "warmup": 0.01, "measure": 0.03}
+    cached = {**compiled, "gate": 0.0004}
+    add_phased(
+        storage, "a", MROPE, [("triton_mrope", 0.7, compiled), ("triton_mrope", 0.1, cached)]
+    )
+    add_phased(storage, "b", ROPE, [("vllm", 0.05, {"gate": 0.0, "measure": 0.04})])
+    times = journal_time.phase_times(storage)
+    mrope = times[("mrope", "triton_mrope")]
+    assert (mrope.trials, mrope.gate_runs) == (2, [0.6])  # the cached gate did not run the check
+    assert abs(mrope.phases["gate"] - 0.6004) < 1e-9 and abs(mrope.wall - 0.8) < 1e-9
+    assert times[("rope", "vllm")].trials == 1
+    assert journal_time.main([str(path), "--phases"]) == 0
+    out = capsys.readouterr().out
+    # 0.8 s in trials, 0.7004 s in their phases: 0.1 s outside them.
+    assert (
+        "| mrope | triton_mrope | 2 | 1 | 0.600 | 0.0 | 0.6 | 0.0 | 0.0 | 0.1 | 0.1 | 0.400 |"
+        in out
+    )
+    assert "| rope | vllm | 1 | 0 | 0.000 | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 0.050 |" in out
+
+
 def add_trials(storage, name, spec, tokens, trials):
     """A study of ``spec`` at ``tokens`` with measured ``(provider, config, median_us)`` trials."""
     study = optuna.create_study(storage=storage, study_name=name)
