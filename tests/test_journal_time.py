@@ -17,6 +17,23 @@ ROPE = "q32_kv8_d128_r128_neox_bfloat16"
 MROPE = "q28_kv4_d128_r128_neox_bfloat16_mrope16-24-24"
 
 
+def measured(number, begin, seconds, value=1.0, **attrs):
+    """A complete, measured trial that started at ``begin`` and took ``seconds``."""
+    return FrozenTrial(
+        number=number,
+        state=TrialState.COMPLETE,
+        value=value,
+        datetime_start=begin,
+        datetime_complete=begin + timedelta(seconds=seconds),
+        params={},
+        distributions={},
+        user_attrs={"outcome": "measured", "median_us": value, **attrs},
+        system_attrs={},
+        intermediate_values={},
+        trial_id=number,
+    )
+
+
 def add_study(storage, name, spec, starts, step, target):
     """A study of ``spec`` with measured trials starting ``starts`` seconds after T0, each
     ``step`` seconds long."""
@@ -24,22 +41,7 @@ def add_study(storage, name, spec, starts, step, target):
     for attr, value in {"spec": spec, "timing": "graph", "target": target}.items():
         study.set_user_attr(attr, value)
     for i, start in enumerate(starts):
-        begin = T0 + timedelta(seconds=start)
-        study.add_trial(
-            FrozenTrial(
-                number=i,
-                state=TrialState.COMPLETE,
-                value=1.0,
-                datetime_start=begin,
-                datetime_complete=begin + timedelta(seconds=step),
-                params={},
-                distributions={},
-                user_attrs={"outcome": "measured", "median_us": 1.0},
-                system_attrs={},
-                intermediate_values={},
-                trial_id=i,
-            )
-        )
+        study.add_trial(measured(i, T0 + timedelta(seconds=start), step))
 
 
 def test_time_per_op_and_stretches(tmp_path):
@@ -83,24 +85,8 @@ def add_phased(storage, name, spec, trials):
         study.set_user_attr(attr, value)
     begin = T0
     for i, (provider, seconds, phases) in enumerate(trials):
-        end = begin + timedelta(seconds=seconds)
-        attrs = {"outcome": "measured", "provider": provider, "median_us": 1.0, "phase_s": phases}
-        study.add_trial(
-            FrozenTrial(
-                number=i,
-                state=TrialState.COMPLETE,
-                value=1.0,
-                datetime_start=begin,
-                datetime_complete=end,
-                params={},
-                distributions={},
-                user_attrs=attrs,
-                system_attrs={},
-                intermediate_values={},
-                trial_id=i,
-            )
-        )
-        begin = end
+        study.add_trial(measured(i, begin, seconds, provider=provider, phase_s=phases))
+        begin += timedelta(seconds=seconds)
 
 
 def test_phases_per_op_and_provider(tmp_path, capsys):
@@ -133,22 +119,7 @@ def add_trials(storage, name, spec, tokens, trials):
     for attr, value in {"spec": spec, "timing": "graph", "tokens": tokens}.items():
         study.set_user_attr(attr, value)
     for i, (provider, config, median) in enumerate(trials):
-        attrs = {"outcome": "measured", "provider": provider, "config": config}
-        study.add_trial(
-            FrozenTrial(
-                number=i,
-                state=TrialState.COMPLETE,
-                value=median,
-                datetime_start=T0,
-                datetime_complete=T0,
-                params={},
-                distributions={},
-                user_attrs={**attrs, "median_us": median},
-                system_attrs={},
-                intermediate_values={},
-                trial_id=i,
-            )
-        )
+        study.add_trial(measured(i, T0, 0, median, provider=provider, config=config))
 
 
 def test_transfer_in_journal_scores_the_other_tables_choices(tmp_path):
