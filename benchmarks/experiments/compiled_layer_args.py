@@ -18,7 +18,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import vllm_layer as vl  # noqa: E402
 
 from kernels import RopeSpec  # noqa: E402
-from kernels.integrations import _vllm_calls as plugin  # noqa: E402
+from kernels.integrations import vllm as plugin  # noqa: E402
 from kernels.measure import make_inputs  # noqa: E402
 
 

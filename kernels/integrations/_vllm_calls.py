@@ -1,14 +1,10 @@
-"""The rope callables vLLM's layers call through the plugin, one per call signature, and the
-custom ops that hold them in compiled graphs.
+"""The rope callables vLLM's layers call through the plugin, one per call signature.
 
 A call's signature is what picks its kernel: head size, rotary dim, the heads read from the
 tensors, style, dtype, device and, for mRoPE, the sections. Its callable is built on first use
 and shared by every layer with that signature: the selector :func:`kernels.select_rope` returns,
 or vLLM's own math where ``select_rope`` refuses the spec (its rotary op, or for mRoPE its
-``forward_native``). Inside ``torch.compile`` a layer calls the custom op
-``torch.ops.rope_autotune.vllm_rotary_embedding`` (``vllm_mrotary_embedding`` for mRoPE)
-instead, whose body is :func:`rotary_embedding` and whose fake implementation keeps the graph
-whole.
+``forward_native``). :func:`rotary_embedding` is the body of the plugin's custom ops too.
 """
 
 import logging
@@ -128,49 +124,3 @@ def rope_for(sig: tuple) -> RopeCall:
     """The rope callable for a call signature (``(head_size, rotary_dim, num_heads,
     num_kv_heads, is_neox, dtype, device, mrope_section, mrope_interleaved)``), built if new."""
     return _ROPES.get(sig) or _build(sig)
-
-
-@torch.library.custom_op("rope_autotune::vllm_rotary_embedding", mutates_args=("query", "key"))
-def _rotary_embedding_op(
-    positions: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor | None,
-    head_size: int,
-    cos_sin_cache: torch.Tensor,
-    is_neox: bool,
-) -> None:
-    """In-place RoPE with vLLM's rotary op's signature, through the selector for the call."""
-    rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
-    return None
-
-
-@_rotary_embedding_op.register_fake
-def _rotary_embedding_fake(positions, query, key, head_size, cos_sin_cache, is_neox) -> None:
-    return None  # in place: shapes and strides unchanged
-
-
-@torch.library.custom_op("rope_autotune::vllm_mrotary_embedding", mutates_args=("query", "key"))
-def _mrotary_embedding_op(
-    positions: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor | None,
-    head_size: int,
-    cos_sin_cache: torch.Tensor,
-    is_neox: bool,
-    mrope_section: list[int],
-    mrope_interleaved: bool,
-) -> None:
-    """In-place multimodal RoPE (positions ``[3, T]`` or ``[T]``) through the selector for the
-    call, with the layer's sections."""
-    rotary_embedding(
-        positions, query, key, head_size, cos_sin_cache, is_neox,
-        tuple(mrope_section), mrope_interleaved,
-    )  # fmt: skip
-    return None
-
-
-@_mrotary_embedding_op.register_fake
-def _mrotary_embedding_fake(
-    positions, query, key, head_size, cos_sin_cache, is_neox, mrope_section, mrope_interleaved
-) -> None:
-    return None  # in place: shapes and strides unchanged

@@ -95,6 +95,54 @@ _REGISTER_LOCK = threading.Lock()
 _OVERRIDES: dict[str, type] = {}  # in-tree class name -> our override class
 
 
+# The ops a covered layer's forward_cuda calls while torch.compile traces it: one opaque op
+# per call in the graph, with a fake implementation, so the graph does not break.
+@torch.library.custom_op("rope_autotune::vllm_rotary_embedding", mutates_args=("query", "key"))
+def _rotary_embedding_op(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    head_size: int,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+) -> None:
+    """In-place RoPE with vLLM's rotary op's signature, through the selector for the call."""
+    rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
+    return None
+
+
+@_rotary_embedding_op.register_fake
+def _rotary_embedding_fake(positions, query, key, head_size, cos_sin_cache, is_neox) -> None:
+    return None  # in place: shapes and strides unchanged
+
+
+@torch.library.custom_op("rope_autotune::vllm_mrotary_embedding", mutates_args=("query", "key"))
+def _mrotary_embedding_op(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    head_size: int,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+    mrope_section: list[int],
+    mrope_interleaved: bool,
+) -> None:
+    """In-place multimodal RoPE (positions ``[3, T]`` or ``[T]``) through the selector for the
+    call, with the layer's sections."""
+    rotary_embedding(
+        positions, query, key, head_size, cos_sin_cache, is_neox,
+        tuple(mrope_section), mrope_interleaved,
+    )  # fmt: skip
+    return None
+
+
+@_mrotary_embedding_op.register_fake
+def _mrotary_embedding_fake(
+    positions, query, key, head_size, cos_sin_cache, is_neox, mrope_section, mrope_interleaved
+) -> None:
+    return None  # in place: shapes and strides unchanged
+
+
 # vLLM's compile passes that fuse its own rotary op with neighbours; they match
 # torch.ops._C.rotary_embedding, so a layer built while one is on keeps vLLM's op.
 FUSION_PASSES: tuple[str, ...] = (
