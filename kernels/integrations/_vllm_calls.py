@@ -113,9 +113,7 @@ def rotary_embedding(
         mrope_section,
         mrope_interleaved,
     )
-    fn = _ROPES.get(sig)
-    if fn is None:
-        fn = _build(sig)
+    fn = rope_for(sig)
     fn(positions, query, key, cos_sin_cache)
     return fn
 
