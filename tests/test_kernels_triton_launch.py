@@ -82,6 +82,39 @@ def test_fast_path_passes_the_kernels_arguments_in_order(case, monkeypatch):
     assert (kernel.public_launches, kernel.fast_launches) == (1, 2)
 
 
+def test_fast_path_never_runs_a_kernel_compiled_for_other_alignment_or_strides(monkeypatch):
+    """The fast path's key holds each pointer's 16-byte alignment and the strides' values: a
+    call that differs in either takes the public launch (Triton compiles or finds its kernel)
+    and gets an entry of its own; a call like an earlier one takes that one's."""
+    monkeypatch.setattr(_triton_launch, "_current_stream", lambda index: 0)
+    spec = RopeSpec(64, 64, 4, 2, True, torch.float32)
+    kernel = RecordingKernel()
+    launcher = TritonLauncher(spec, default_triton_config(spec, 4), kernel=kernel, fast=True)
+    q_width, k_width = 4 * 64, 2 * 64
+    cache = cos_sin_cache(64, 64)
+
+    def fused(offset: int, seed: int):  # q and k: column slices of a qkv buffer at ``offset``
+        g = torch.Generator().manual_seed(seed)
+        qkv = torch.randn(offset + 5 * (q_width + 2 * k_width), generator=g)[offset:]
+        qkv = qkv.view(5, q_width + 2 * k_width)
+        return qkv[:, :q_width], qkv[:, q_width : q_width + k_width]
+
+    def separate(seed: int):  # q and k: tensors of their own (other token strides)
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(5, q_width, generator=g), torch.randn(5, k_width, generator=g)
+
+    calls = [fused(0, 0), fused(0, 1), fused(1, 2), fused(1, 3), separate(4), fused(0, 5)]
+    for seed, (query, key) in enumerate(calls):
+        positions = torch.randint(0, 64, (5,), generator=torch.Generator().manual_seed(seed))
+        expected_q, expected_k = rope_reference(positions, query, key, cache, 64, True)
+        launcher(positions, query, key, cache)
+        assert_rope_close(query, expected_q, spec.dtype, "query")
+        assert_rope_close(key, expected_k, spec.dtype, "key")
+    assert query.data_ptr() % 16 == 0 and calls[2][0].data_ptr() % 16 == 4
+    assert (kernel.public_launches, kernel.fast_launches) == (3, 3)
+    assert len(launcher.compiled) == 3
+
+
 MROPE_SPECS = [
     RopeSpec(64, 64, 4, 2, True, torch.float32, mrope_section=(8, 12, 12)),
     RopeSpec(64, 48, 3, 1, False, torch.float32, mrope_section=(8, 8, 8), mrope_interleaved=True),

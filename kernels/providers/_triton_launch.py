@@ -69,8 +69,9 @@ def launch_hooks_active() -> bool:
 class TritonLauncher:
     """Launches :func:`rope_kernel` for one spec and config on tensors already checked.
 
-    The fast path's cache key mirrors what Triton specializes on: 16-byte alignment of pointers
-    and, for integers, the value 1, divisibility by 16 and 32-bit range; plus the dtypes of
+    The fast path's cache key holds what Triton specializes on: 16-byte alignment of pointers,
+    the integer arguments after the token count (their values: strides, fixed for a layout, so
+    a process meets few; cheaper to key on than Triton's classes of them), the dtypes of
     positions and cache, the device and the key head count (a constexpr).
 
     Args:
@@ -104,6 +105,8 @@ class TritonLauncher:
             BLOCK_H=g.block_h,
             HEAD_SPLIT=g.head_split,
         )
+        self.constexpr_values = tuple(self.constexprs.values())
+        self.block_t = g.block_t  # the fast path's token blocks: -(-num_tokens // block_t)
         self.options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
         if fast is None:
             fast = fast_launch_supported(triton.__version__) and not _interpreting()
@@ -117,16 +120,17 @@ class TritonLauncher:
 
     def _arguments(self, positions, query, key, num_tokens):
         """The kernel's key tensor, its integer arguments after the token count, and Hk."""
+        # Per call, so x.stride()[0], not x.stride(0): the tuple is about half the host time.
         head_size = self.spec.head_size
         if query.dim() == 2:  # [T, H*D], the common case: skip the general layout parse
-            q_stride_t, q_stride_h = query.stride(0), head_size
+            q_stride_t, q_stride_h = query.stride()[0], head_size
         else:
             _, _, q_stride_t, q_stride_h = qk_layout("query", query, head_size, num_tokens)
         if key is None:
             k, k_stride_t, k_stride_h, k_heads = query, 0, 0, 0
-        elif key.dim() == 2:
-            k, k_stride_t, k_stride_h = key, key.stride(0), head_size
-            k_heads = key.shape[1] // head_size
+        elif key.dim() == 2:  # its shape was checked: the spec's Hk heads
+            k, k_stride_t, k_stride_h = key, key.stride()[0], head_size
+            k_heads = self.spec.num_kv_heads
         else:
             k = key
             _, k_heads, k_stride_t, k_stride_h = qk_layout("key", key, head_size, num_tokens)
@@ -137,25 +141,24 @@ class TritonLauncher:
         if num_tokens == 0:
             return
         k, strides, k_heads = self._arguments(positions, query, key, num_tokens)
-        ints = (*strides, cos_sin_cache.stride(0))
+        ints = (*strides, cos_sin_cache.stride()[0])
         # Launch hooks (profilers such as Proton) need Triton's own path and its metadata.
         fast = self.fast and not launch_hooks_active()
         if fast:
+            device = query.get_device()
             specialization = (
-                k_heads, positions.dtype, cos_sin_cache.dtype, query.device.index,
+                k_heads, positions.dtype, cos_sin_cache.dtype, device,
                 positions.data_ptr() % 16 == 0, query.data_ptr() % 16 == 0,
-                k.data_ptr() % 16 == 0, cos_sin_cache.data_ptr() % 16 == 0,
-                *[(v == 1, v % 16 == 0, v < 2**31) for v in ints],
+                k.data_ptr() % 16 == 0, cos_sin_cache.data_ptr() % 16 == 0, ints,
             )  # fmt: skip
             entry = self.compiled.get(specialization)
             if entry is not None:
                 compiled, grid_h = entry
-                grid_t = self.geometry.token_blocks(num_tokens)
                 compiled.run(
-                    grid_t, grid_h, 1, _current_stream(query.device.index),
+                    -(-num_tokens // self.block_t), grid_h, 1, _current_stream(device),
                     compiled.function, compiled.packed_metadata, None, None, None,
                     positions, query, k, cos_sin_cache, num_tokens, *ints,
-                    *self.constexprs.values(), k_heads,
+                    *self.constexpr_values, k_heads,
                 )  # fmt: skip
                 return
         grid = self.grid(num_tokens, k_heads > 0)

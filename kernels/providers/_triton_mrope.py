@@ -66,35 +66,37 @@ class MropeLauncher(TritonLauncher):
         return stream_map
 
     def __call__(self, positions, query, key, cos_sin_cache) -> None:
+        # TritonLauncher.__call__ with this kernel's arguments, written out: a body shared
+        # through a per-kernel argument method cost 3-5% more host time per fast-path call
+        # (benchmarks/NOTES.md, experiments/launcher_host_cpu.py).
         num_tokens = positions.shape[-1]
         if num_tokens == 0:
             return
         k, strides, k_heads = self._arguments(positions, query, key, num_tokens)
-        pos_stride = positions.stride(0) if positions.dim() == 2 else 0
-        ints = (pos_stride, *strides, cos_sin_cache.stride(0))
+        pos_stride = positions.stride()[0] if positions.dim() == 2 else 0  # not specialized on
+        ints = (*strides, cos_sin_cache.stride()[0])
         stream_map = self._stream_map(positions)
         fast = self.fast and not launch_hooks_active()
         if fast:
+            device = query.get_device()
             specialization = (
-                k_heads, positions.dtype, cos_sin_cache.dtype, query.device.index,
+                k_heads, positions.dtype, cos_sin_cache.dtype, device,
                 positions.data_ptr() % 16 == 0, query.data_ptr() % 16 == 0,
-                k.data_ptr() % 16 == 0, cos_sin_cache.data_ptr() % 16 == 0,
-                *[(v == 1, v % 16 == 0, v < 2**31) for v in ints[1:]],  # not pos_stride_s
+                k.data_ptr() % 16 == 0, cos_sin_cache.data_ptr() % 16 == 0, ints,
             )  # fmt: skip
             entry = self.compiled.get(specialization)
             if entry is not None:
                 compiled, grid_h = entry
-                grid_t = self.geometry.token_blocks(num_tokens)
                 compiled.run(
-                    grid_t, grid_h, 1, _current_stream(query.device.index),
+                    -(-num_tokens // self.block_t), grid_h, 1, _current_stream(device),
                     compiled.function, compiled.packed_metadata, None, None, None,
-                    positions, query, k, cos_sin_cache, stream_map, num_tokens, *ints,
-                    *self.constexprs.values(), k_heads,
+                    positions, query, k, cos_sin_cache, stream_map, num_tokens, pos_stride,
+                    *ints, *self.constexpr_values, k_heads,
                 )  # fmt: skip
                 return
         grid = self.grid(num_tokens, k_heads > 0)
         compiled = self.kernel[grid](
-            positions, query, k, cos_sin_cache, stream_map, num_tokens, *ints,
+            positions, query, k, cos_sin_cache, stream_map, num_tokens, pos_stride, *ints,
             NUM_K_HEADS=k_heads, **self.constexprs, **self.options,
         )  # fmt: skip
         if fast and compiled is not None:
