@@ -17,6 +17,7 @@
 #   bash benchmarks/device/device_run.sh defaults      # the untuned Triton default vs FlashInfer/vLLM
 #   bash benchmarks/device/device_run.sh search        # the search against an exhaustive sweep
 #   bash benchmarks/device/device_run.sh eager         # eager entries for vllm_layer.py's models; the vllm provider
+#   bash benchmarks/device/device_run.sh ab            # kernel speed: this tree against .ab/main (carry .ab)
 #   TUNE_SECONDS=400 bash benchmarks/device/device_run.sh tune   # a resumable stretch of tune.sh
 set -u
 . "$(dirname "$0")/site.sh"
@@ -133,9 +134,14 @@ case "$1" in
       | tee "$OUT/selector_overhead.log" | tail -8
     timeout "${LAYER_SECONDS:-240}" python3 benchmarks/vllm_layer.py --device cuda:0 --no-compiled \
       --out "$OUT/vllm_layer" 2>&1 | grep -v "INFO\|WARNING" | tail -30 ;;
+  ab)
+    # Another revision's kernels package, made here with
+    #   mkdir -p .ab/main && git archive main kernels | tar -x -C .ab/main
+    timeout "${AB_SECONDS:-540}" python3 benchmarks/experiments/kernel_ab.py \
+      --old "${AB_OLD:-.ab/main}" --rounds "${AB_ROUNDS:-2}" 2>&1 | grep -v Warning ;;
   tune)
     bash benchmarks/device/tune.sh "${TUNE_SECONDS:-300}" ;;
   *)
-    echo "usage: device_run.sh tests|integrations|block|mrope|aliasing|transfer|untuned|verify|small-tokens|losing|defaults|search|eager|tune" >&2
+    echo "usage: device_run.sh tests|integrations|block|mrope|aliasing|transfer|untuned|verify|small-tokens|losing|defaults|search|eager|ab|tune" >&2
     exit 2 ;;
 esac
