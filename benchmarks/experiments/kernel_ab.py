@@ -6,9 +6,10 @@ Each side is a tree holding a ``kernels`` package (the working tree, and ``--old
 build the Triton provider with the same config (the working tree's table pick where it is a
 Triton one, else the default config), check it against the float64 reference, and time it
 (``kernels.measure.time_rope``: CUDA-graph replay over input sets larger than the L2, median of
-50 rounds). Each side runs in a process of its own, the two alternating ``--rounds`` times;
-per case the report gives each side's median over rounds and their ratio, then the geometric
-mean of the ratios.
+50 rounds). Each side runs in a process of its own with an empty Triton cache, the two alternating
+``--rounds`` times; per case the report gives each side's median over rounds and their ratio,
+then the geometric mean of the ratios, then the seconds of the gate on each config's first
+case (its compiles included) per side.
 
     python benchmarks/experiments/kernel_ab.py --rev main           # where git is
     git archive main kernels | tar -x -C .ab/main                    # for a machine without git:
@@ -71,9 +72,14 @@ def _cases(device: str, tokens_list: tuple[int, ...]) -> list[dict]:
     return cases
 
 
-def _measure(root: str, cases: list[dict], device: str, out: Path | None) -> list[float]:
-    """Median microseconds of each case with ``root``'s ``kernels`` package."""
+def _measure(root: str, cases: list[dict], device: str, out: Path | None) -> dict:
+    """With ``root``'s ``kernels`` package: the median microseconds of each case (``"us"``),
+    and the seconds of the float64 gate on each config's first case (``"gate_s"``: with a key
+    and without, text-only too for mRoPE, as the tuner gates a config; the process starts with
+    an empty Triton cache, so these include the config's compiles)."""
     sys.path.insert(0, root)
+    import time
+
     import torch
 
     from kernels import RopeSpec, get_provider, parse_dtype
@@ -82,21 +88,31 @@ def _measure(root: str, cases: list[dict], device: str, out: Path | None) -> lis
     assert Path(sys.modules["kernels"].__file__).is_relative_to(root)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else device
     print(f"{root}: {name}", file=sys.stderr)
-    results = []
+    results: dict = {"us": [], "gate_s": []}
+    gated = set()
     for case in cases:
         spec = _spec(case["spec"], parse_dtype, RopeSpec)
         provider = get_provider("triton_mrope" if spec.is_mrope else "triton")
         fn = provider.callable_for(spec, case["config"])
-        check_correct(fn, spec, case["tokens"], device, keyless=not case["with_key"])
+        config = json.dumps([case["spec"], case["config"]], sort_keys=True)
+        start = time.perf_counter()
+        check_correct(fn, spec, case["tokens"], device, keyless=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        if config not in gated:
+            gated.add(config)
+            results["gate_s"].append(time.perf_counter() - start)
         timing = time_rope(fn, spec, case["tokens"], device, with_key=case["with_key"])
-        results.append(timing.median_us)
+        results["us"].append(timing.median_us)
         if out is not None:
             out.write_text(json.dumps(results))
     return results
 
 
-def _report(cases: list[dict], sides: dict[str, list[list[float]]]) -> str:
-    (old_name, old_runs), (new_name, new_runs) = sides.items()
+def _report(cases: list[dict], sides: dict[str, list[dict]]) -> str:
+    (old_name, old_results), (new_name, new_results) = sides.items()
+    old_runs = [r["us"] for r in old_results]
+    new_runs = [r["us"] for r in new_results]
     lines = [f"us per call (median over {len(new_runs)} processes per side of each one's graph-"
              f"replay median); ratio = {new_name} / {old_name}"]  # fmt: skip
     ratios = []
@@ -109,6 +125,11 @@ def _report(cases: list[dict], sides: dict[str, list[list[float]]]) -> str:
                      f"{old:9.2f} {new:9.2f}  {new / old:.3f}  {case['config']}")  # fmt: skip
     geomean = math.exp(statistics.fmean(math.log(r) for r in ratios))
     lines.append(f"geomean ratio {geomean:.4f}; min {min(ratios):.3f}, max {max(ratios):.3f}")
+    for name, results in sides.items():
+        gates = [r["gate_s"] for r in results]
+        lines.append(f"gate, first case of each of {len(gates[0])} configs (cold Triton cache): "
+                     f"{name}: median {statistics.median(g for run in gates for g in run):.3f} s, "
+                     f"total per process {[round(sum(run), 1) for run in gates]} s")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -141,15 +162,17 @@ def main() -> None:
             cases = _cases(args.device, tuple(args.tokens))
             cases_file = Path(tmp) / "cases.json"
             cases_file.write_text(json.dumps(cases))
-            sides: dict[str, list[list[float]]] = {args.rev or args.old: [], "working tree": []}
+            sides: dict[str, list[dict]] = {args.rev or args.old: [], "working tree": []}
             for r in range(args.rounds):
                 for runs, root in zip(sides.values(), (old, str(ROOT)), strict=True):
                     name = "old" if root == old else "new"
                     out = "" if out_dir is None else str(out_dir / f"kernel_ab_{name}_{r}.json")
+                    cache_dir = Path(tmp) / f"triton_cache_{name}_{r}"  # cold: compiles count
                     done = subprocess.run(
                         [sys.executable, __file__, "--device", args.device,
                          "--child", str(Path(root).resolve()), str(cases_file), out],
                         check=True, stdout=subprocess.PIPE, text=True,
+                        env={**os.environ, "TRITON_CACHE_DIR": str(cache_dir)},
                     )  # fmt: skip
                     runs.append(json.loads(done.stdout.splitlines()[-1]))
         finally:
