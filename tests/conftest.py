@@ -9,6 +9,7 @@ import importlib.util
 import os
 import platform
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
@@ -252,3 +253,41 @@ def read_only_dir(tmp_path):
         pytest.skip("running as root without chattr +i: no directory is read-only here")
     yield path
     subprocess.run([chattr, "-i", path], check=True)
+
+
+# -- vLLM's layers (optional: the modules that use these skip without vLLM) ----------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_plugin():
+    """The vLLM plugin registered for the requesting module's tests, unregistered after."""
+    from kernels.integrations import vllm as plugin
+
+    plugin.register()
+    yield plugin
+    plugin.unregister()
+
+
+@pytest.fixture
+def fresh_rope_layers(monkeypatch):
+    """vLLM's ``get_rope`` memoizes layers process-wide: each test builds its own."""
+    from vllm.model_executor.layers import rotary_embedding
+
+    monkeypatch.setattr(rotary_embedding, "_ROPE_DICT", {})
+
+
+@contextmanager
+def vllm_config(custom_ops=None, device="cpu", fusion_passes=()):
+    """A vLLM config current in the block, yielded: ``custom_ops`` (vLLM's list of switches;
+    None: vLLM's default) and the compile passes named in ``fusion_passes`` on."""
+    from vllm.config import CompilationConfig, DeviceConfig, VllmConfig, set_current_vllm_config
+
+    compilation = {} if custom_ops is None else {"custom_ops": list(custom_ops)}
+    config = VllmConfig(
+        device_config=DeviceConfig(device=device),
+        compilation_config=CompilationConfig(**compilation),
+    )
+    for name in fusion_passes:  # set after construction: on the CPU vLLM turns them off
+        setattr(config.compilation_config.pass_config, name, True)
+    with set_current_vllm_config(config):
+        yield config

@@ -9,30 +9,24 @@ import logging
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
 
 rope_module = pytest.importorskip("vllm.model_executor.layers.rotary_embedding")
-from vllm.config import (  # noqa: E402
-    CompilationConfig,
-    DeviceConfig,
-    VllmConfig,
-    set_current_vllm_config,
-)
+from conftest import ROOT, vllm_config  # noqa: E402
 from vllm.model_executor.custom_op import op_registry_oot  # noqa: E402
 
 from kernels import RopeSelector, get_provider  # noqa: E402
 from kernels.integrations import vllm as plugin  # noqa: E402
 from kernels.testing import TOLERANCES, assert_rope_close, rope_reference  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-HAS_CUDA = torch.cuda.is_available()
 MAX_POSITION = 512
 # No tuning table for the CPU: select_rope warns once per spec and runs the torch provider.
-pytestmark = pytest.mark.filterwarnings("ignore::kernels.RopeTableWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::kernels.RopeTableWarning"),
+    pytest.mark.usefixtures("vllm_plugin", "fresh_rope_layers"),
+]
 
 # rope_parameters for get_rope -> the class it builds, one per covered class.
 COVERED = {
@@ -71,29 +65,6 @@ NOT_COVERED = {
     },
     "XDRotaryEmbedding": {"rope_type": "xdrope", "alpha": 2.0, "xdrope_section": [8, 8, 8, 8]},
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def plugin_registered():
-    plugin.register()
-    yield
-    plugin.unregister()
-
-
-@pytest.fixture(autouse=True)
-def fresh_rope_cache(monkeypatch):
-    # get_rope memoizes layers process-wide; each test builds its own.
-    monkeypatch.setattr(rope_module, "_ROPE_DICT", {})
-
-
-@contextmanager
-def vllm_config(custom_ops, device="cpu"):
-    config = VllmConfig(
-        device_config=DeviceConfig(device=device),
-        compilation_config=CompilationConfig(custom_ops=custom_ops),
-    )
-    with set_current_vllm_config(config):
-        yield
 
 
 def make_rope(params, head_size=64, is_neox=True, dtype=torch.bfloat16, custom_ops=("all",)):
@@ -144,11 +115,11 @@ def check_against_native(rope, positions, query, key):
 
 def test_pyproject_declares_the_entry_point():
     tomllib = pytest.importorskip("tomllib")
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     target = project["entry-points"]["vllm.general_plugins"]["rope_autotune"]
     module, _, attr = target.partition(":")
     assert (module, attr) == ("kernels.integrations.vllm", "register")
-    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert "kernels.integrations" in setuptools["packages"]
 
 
@@ -228,9 +199,8 @@ def test_vllms_default_config_runs_the_override_when_on_by_default(monkeypatch, 
     """A VllmConfig with nothing set: vLLM compiles (mode VLLM_COMPILE) with custom_ops
     "none", where the override runs only because of ON_BY_DEFAULT."""
     monkeypatch.setattr(plugin, "ON_BY_DEFAULT", on_by_default)
-    config = VllmConfig(device_config=DeviceConfig("cpu"))
-    assert config.compilation_config.custom_ops == ["none"]
-    with set_current_vllm_config(config):
+    with vllm_config() as config:
+        assert config.compilation_config.custom_ops == ["none"]
         params = dict(COVERED["RotaryEmbedding"])
         rope = rope_module.get_rope(64, MAX_POSITION, True, params, torch.bfloat16)
     forward = rope._forward_method.__func__
@@ -259,12 +229,7 @@ def test_the_log_says_whether_the_op_is_on_and_why(monkeypatch, caplog):
 @pytest.mark.parametrize("fusion", plugin.FUSION_PASSES)
 def test_a_fusion_pass_on_keeps_vllms_own_op(fusion):
     """vLLM turns the custom op on for these passes, which match its own op: the layer keeps it."""
-    config = VllmConfig(
-        device_config=DeviceConfig(device="cpu"),
-        compilation_config=CompilationConfig(custom_ops=["none", "+rotary_embedding"]),
-    )
-    setattr(config.compilation_config.pass_config, fusion, True)  # the CPU turns them off
-    with set_current_vllm_config(config):
+    with vllm_config(["none", "+rotary_embedding"], fusion_passes=(fusion,)):
         rope = rope_module.get_rope(64, MAX_POSITION, True, dict(COVERED["RotaryEmbedding"]))
     assert type(rope) is plugin.registered_overrides()["RotaryEmbedding"]
     forward = rope._forward_method
@@ -276,7 +241,7 @@ def test_vllm_loads_the_plugin_through_its_entry_point(tmp_path):
     """vLLM's own load_general_plugins, in a fresh process, finds the entry point pyproject.toml
     declares (a dist-info holding it is put on the path) and honours VLLM_PLUGINS."""
     tomllib = pytest.importorskip("tomllib")
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     target = project["entry-points"]["vllm.general_plugins"]["rope_autotune"]
     dist = tmp_path / "rope_autotune_probe-0.dist-info"
     dist.mkdir()
@@ -295,7 +260,7 @@ def test_vllm_loads_the_plugin_through_its_entry_point(tmp_path):
         env = dict(
             os.environ,
             PYTHONPATH=os.pathsep.join(
-                [str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]
+                [str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")]
             ),
             VLLM_PLUGINS=allowed,
         )

@@ -8,28 +8,24 @@ against vLLM's own ``forward_cuda`` (NeoX; its Triton kernel is wrong for GPT-J)
 ``forward_native``, eagerly and under CUDA graph capture.
 """
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 
 rope_module = pytest.importorskip("vllm.model_executor.layers.rotary_embedding")
-from vllm.config import (  # noqa: E402
-    CompilationConfig,
-    DeviceConfig,
-    VllmConfig,
-    set_current_vllm_config,
-)
+
+from conftest import vllm_config  # noqa: E402
 
 from kernels import RopeSelector  # noqa: E402
 from kernels.integrations import vllm as plugin  # noqa: E402
 from kernels.integrations._vllm_mrope import mrope_native_reason  # noqa: E402
 from kernels.testing import TOLERANCES, assert_rope_close, rope_reference  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available()
 MAX_POSITION = 128  # MRotaryEmbedding keeps 4x the rows (video positions run past it)
 # No tuning table for the CPU: select_rope warns once per spec and runs the torch provider.
-pytestmark = pytest.mark.filterwarnings("ignore::kernels.RopeTableWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::kernels.RopeTableWarning"),
+    pytest.mark.usefixtures("vllm_plugin", "fresh_rope_layers"),
+]
 
 # name -> (head_size, rope_parameters for get_rope): every one builds an MRotaryEmbedding.
 LAYOUTS = {
@@ -81,29 +77,6 @@ LAYOUTS = {
         },
     ),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def plugin_registered():
-    plugin.register()
-    yield
-    plugin.unregister()
-
-
-@pytest.fixture(autouse=True)
-def fresh_rope_cache(monkeypatch):
-    # get_rope memoizes layers process-wide; each test builds its own.
-    monkeypatch.setattr(rope_module, "_ROPE_DICT", {})
-
-
-@contextmanager
-def vllm_config(custom_ops, device="cpu"):
-    config = VllmConfig(
-        device_config=DeviceConfig(device=device),
-        compilation_config=CompilationConfig(custom_ops=custom_ops),
-    )
-    with set_current_vllm_config(config):
-        yield
 
 
 def make_rope(layout, is_neox=True, dtype=torch.bfloat16, custom_ops=("all",), params=None):
@@ -227,13 +200,7 @@ def test_the_rotary_embedding_switch_turns_the_override_on_and_off(
 
 def test_fusion_passes_do_not_touch_mrope():
     """vLLM's fusion passes match its base rotary op only: an mRoPE layer keeps the override."""
-    config = VllmConfig(
-        device_config=DeviceConfig(device="cpu"),
-        compilation_config=CompilationConfig(custom_ops=["none", "+rotary_embedding"]),
-    )
-    for fusion in plugin.FUSION_PASSES:
-        setattr(config.compilation_config.pass_config, fusion, True)
-    with set_current_vllm_config(config):
+    with vllm_config(["none", "+rotary_embedding"], fusion_passes=plugin.FUSION_PASSES):
         rope = rope_module.get_rope(64, MAX_POSITION, True, dict(LAYOUTS["chunked"][1]))
     assert rope._forward_method.__func__ is plugin._SelectedMrope.forward_cuda
 
