@@ -291,3 +291,19 @@ def vllm_config(custom_ops=None, device="cpu", fusion_passes=()):
         setattr(config.compilation_config.pass_config, name, True)
     with set_current_vllm_config(config):
         yield config
+
+
+def vllm_qk(num_tokens, num_heads, num_kv_heads, head_size, dtype, device, layout, generator):
+    """Random query and key as vLLM's layers receive them; ``layout`` is "packed" ([T, H*D]),
+    "heads" ([T, H, D]) or "fused" (column slices of one qkv tensor)."""
+    q_width, k_width = num_heads * head_size, num_kv_heads * head_size
+    if layout == "fused":
+        qkv = torch.randn(num_tokens, q_width + 2 * k_width, generator=generator)
+        qkv = qkv.to(device, dtype)
+        return qkv[:, :q_width], qkv[:, q_width : q_width + k_width]
+    query = torch.randn(num_tokens, q_width, generator=generator).to(device, dtype)
+    key = torch.randn(num_tokens, k_width, generator=generator).to(device, dtype)
+    if layout == "heads":
+        query = query.view(num_tokens, num_heads, head_size)
+        key = key.view(num_tokens, num_kv_heads, head_size)
+    return query, key

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 rope_module = pytest.importorskip("vllm.model_executor.layers.rotary_embedding")
-from conftest import ROOT, vllm_config  # noqa: E402
+from conftest import ROOT, vllm_config, vllm_qk  # noqa: E402
 from vllm.model_executor.custom_op import op_registry_oot  # noqa: E402
 
 from kernels import RopeSelector, get_provider  # noqa: E402
@@ -73,19 +73,10 @@ def make_rope(params, head_size=64, is_neox=True, dtype=torch.bfloat16, custom_o
 
 
 def make_inputs(num_tokens, num_heads, num_kv_heads, head_size, dtype, device, layout, seed=0):
-    """positions, query, key as vLLM passes them; ``layout`` is "packed" ([T, H*D]), "heads"
-    ([T, H, D]) or "fused" (column slices of one qkv tensor)."""
+    """positions, query, key as vLLM passes them (``layout``: :func:`conftest.vllm_qk`)."""
     gen = torch.Generator().manual_seed(seed)
     positions = torch.randint(0, MAX_POSITION, (num_tokens,), generator=gen).to(device)
-    q_width, k_width = num_heads * head_size, num_kv_heads * head_size
-    if layout == "fused":
-        qkv = torch.randn(num_tokens, q_width + 2 * k_width, generator=gen).to(device, dtype)
-        return positions, qkv[:, :q_width], qkv[:, q_width : q_width + k_width]
-    query = torch.randn(num_tokens, q_width, generator=gen).to(device, dtype)
-    key = torch.randn(num_tokens, k_width, generator=gen).to(device, dtype)
-    if layout == "heads":
-        query = query.view(num_tokens, num_heads, head_size)
-        key = key.view(num_tokens, num_kv_heads, head_size)
+    query, key = vllm_qk(num_tokens, num_heads, num_kv_heads, head_size, dtype, device, layout, gen)
     return positions, query, key
 
 

@@ -13,7 +13,7 @@ import torch
 
 rope_module = pytest.importorskip("vllm.model_executor.layers.rotary_embedding")
 
-from conftest import vllm_config  # noqa: E402
+from conftest import vllm_config, vllm_qk  # noqa: E402
 
 from kernels import RopeSelector  # noqa: E402
 from kernels.integrations import vllm as plugin  # noqa: E402
@@ -86,21 +86,13 @@ def make_rope(layout, is_neox=True, dtype=torch.bfloat16, custom_ops=("all",), p
 
 
 def make_inputs(rope, num_tokens, num_heads, num_kv_heads, dtype, device, layout, seed=0):
-    """positions ``[3, T]`` (three distinct streams), query, key as vLLM passes them; ``layout``
-    is "packed" ([T, H*D]), "heads" ([T, H, D]) or "fused" (column slices of one qkv tensor)."""
+    """positions ``[3, T]`` (three distinct streams), query, key as vLLM passes them
+    (``layout``: :func:`conftest.vllm_qk`)."""
     gen = torch.Generator().manual_seed(seed)
     head_size = rope.head_size
     rows = rope.cos_sin_cache.shape[0]
     positions = torch.randint(0, rows, (3, num_tokens), generator=gen).to(device)
-    q_width, k_width = num_heads * head_size, num_kv_heads * head_size
-    if layout == "fused":
-        qkv = torch.randn(num_tokens, q_width + 2 * k_width, generator=gen).to(device, dtype)
-        return positions, qkv[:, :q_width], qkv[:, q_width : q_width + k_width]
-    query = torch.randn(num_tokens, q_width, generator=gen).to(device, dtype)
-    key = torch.randn(num_tokens, k_width, generator=gen).to(device, dtype)
-    if layout == "heads":
-        query = query.view(num_tokens, num_heads, head_size)
-        key = key.view(num_tokens, num_kv_heads, head_size)
+    query, key = vllm_qk(num_tokens, num_heads, num_kv_heads, head_size, dtype, device, layout, gen)
     return positions, query, key
 
 
