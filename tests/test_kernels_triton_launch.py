@@ -115,6 +115,29 @@ def test_fast_path_never_runs_a_kernel_compiled_for_other_alignment_or_strides(m
     assert len(launcher.compiled) == 3
 
 
+def test_strides_varying_per_call_keep_the_fast_path_cache_bounded(monkeypatch):
+    """``[1, S, H, D]`` views of a ``[1, H, S, D]`` tensor: the head stride is S * D, so each
+    sequence length is a fast-path entry of its own; past MAX_FAST_ENTRIES the cache starts
+    over, and every call stays right."""
+    monkeypatch.setattr(_triton_launch, "_current_stream", lambda index: 0)
+    monkeypatch.setattr(_triton_launch, "MAX_FAST_ENTRIES", 3)
+    spec = RopeSpec(16, 16, 2, 1, True, torch.float32)
+    kernel = RecordingKernel()
+    launcher = TritonLauncher(spec, default_triton_config(spec, 4), kernel=kernel, fast=True)
+    cache = cos_sin_cache(64, 16)
+    for seq in (3, 4, 5, 6, 7, 3):
+        g = torch.Generator().manual_seed(seq)
+        query = torch.randn(1, 2, seq, 16, generator=g).transpose(1, 2)
+        key = torch.randn(1, 1, seq, 16, generator=g).transpose(1, 2)
+        positions = torch.randint(0, 64, (1, seq), generator=g)
+        expected_q, expected_k = rope_reference(positions, query, key, cache, 16, True)
+        launcher(positions, query, key, cache)
+        assert_rope_close(query, expected_q, spec.dtype, "query")
+        assert_rope_close(key, expected_k, spec.dtype, "key")
+        assert len(launcher.compiled) <= 3
+    assert kernel.public_launches == 6  # the last S=3 was dropped when the cache started over
+
+
 MROPE_SPECS = [
     RopeSpec(64, 64, 4, 2, True, torch.float32, mrope_section=(8, 12, 12)),
     RopeSpec(64, 48, 3, 1, False, torch.float32, mrope_section=(8, 8, 8), mrope_interleaved=True),

@@ -23,6 +23,7 @@ from ._triton_kernel import rope_kernel
 
 __all__ = [
     "FAST_LAUNCH_VERSIONS",
+    "MAX_FAST_ENTRIES",
     "TritonLauncher",
     "fast_launch_supported",
     "launch_hooks_active",
@@ -34,6 +35,10 @@ __all__ = [
 # exit_hook, *kernel arguments in signature order, constexprs included), as their own
 # JITFunction.run passes them (docs/DESIGN.md#fast-launch).
 FAST_LAUNCH_VERSIONS = ("3.6", "3.9")
+
+# Fast-path entries one launcher keeps at most (a serving process needs a handful: one per
+# layout, with and without a key).
+MAX_FAST_ENTRIES = 64
 
 
 def fast_launch_supported(version: str) -> bool:
@@ -167,7 +172,16 @@ class TritonLauncher:
             NUM_K_HEADS=k_heads, **self.constexprs, **self.options,
         )  # fmt: skip
         if fast and compiled is not None:
-            self.compiled[specialization] = compiled, grid[1]
+            self._keep(specialization, compiled, grid[1])
+
+    def _keep(self, specialization: tuple, compiled: Any, grid_h: int) -> None:
+        """Remember a public launch's compiled kernel for the fast path. Strides are keyed by
+        value, so a caller whose strides change from call to call (a ``[B, H, S, D]`` tensor of
+        its own with S varying) adds an entry per value: past :data:`MAX_FAST_ENTRIES` the
+        cache starts over, bounding its memory (each entry costs one public launch)."""
+        if len(self.compiled) >= MAX_FAST_ENTRIES:
+            self.compiled.clear()
+        self.compiled[specialization] = compiled, grid_h
 
     def compile_for(self, positions, query, key, cos_sin_cache) -> None:
         """Compile the kernel a call on these tensors runs, without running it (Triton's

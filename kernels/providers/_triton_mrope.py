@@ -100,7 +100,7 @@ class MropeLauncher(TritonLauncher):
             NUM_K_HEADS=k_heads, **self.constexprs, **self.options,
         )  # fmt: skip
         if fast and compiled is not None:
-            self.compiled[specialization] = compiled, grid[1]
+            self._keep(specialization, compiled, grid[1])
 
     def compile_for(self, positions, query, key, cos_sin_cache) -> None:
         """Compile the kernel a call on these tensors runs, without running it (as
