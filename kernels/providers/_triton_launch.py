@@ -74,10 +74,11 @@ def launch_hooks_active() -> bool:
 class TritonLauncher:
     """Launches :func:`rope_kernel` for one spec and config on tensors already checked.
 
-    The fast path's cache key holds what Triton specializes on: 16-byte alignment of pointers,
-    the integer arguments after the token count (their values: strides, fixed for a layout, so
-    a process meets few; cheaper to key on than Triton's classes of them), the dtypes of
-    positions and cache, the device and the key head count (a constexpr).
+    The fast path's cache key holds what decides the compiled kernel: each pointer's 16-byte
+    alignment, the dtypes of positions and cache, the device, the key head count (a constexpr)
+    and the strides. Strides are keyed by value, not by Triton's classes of them (1, divisible
+    by 16, 32-bit): a layer's strides do not change between calls, and a tuple of values costs
+    less to hash than the classes cost to compute.
 
     Args:
         spec: The spec the tensors follow.
