@@ -82,14 +82,18 @@ def test_fast_path_passes_the_kernels_arguments_in_order(case, monkeypatch):
     assert (kernel.public_launches, kernel.fast_launches) == (1, 2)
 
 
-def test_fast_path_never_runs_a_kernel_compiled_for_other_alignment_or_strides(monkeypatch):
+@pytest.mark.parametrize("mrope", [False, True], ids=["rope", "mrope"])
+def test_fast_path_never_runs_a_kernel_compiled_for_other_alignment_or_strides(mrope, monkeypatch):
     """The fast path's key holds each pointer's 16-byte alignment and the strides' values: a
     call that differs in either takes the public launch (Triton compiles or finds its kernel)
     and gets an entry of its own; a call like an earlier one takes that one's."""
     monkeypatch.setattr(_triton_launch, "_current_stream", lambda index: 0)
-    spec = RopeSpec(64, 64, 4, 2, True, torch.float32)
-    kernel = RecordingKernel()
-    launcher = TritonLauncher(spec, default_triton_config(spec, 4), kernel=kernel, fast=True)
+    monkeypatch.setattr(_triton_mrope, "_current_stream", lambda index: 0)
+    section = (8, 12, 12) if mrope else None
+    spec = RopeSpec(64, 64, 4, 2, True, torch.float32, mrope_section=section)
+    kernel = RecordingKernel(mrope_kernel if mrope else rope_kernel)
+    launcher_class = MropeLauncher if mrope else TritonLauncher
+    launcher = launcher_class(spec, default_triton_config(spec, 4), kernel=kernel, fast=True)
     q_width, k_width = 4 * 64, 2 * 64
     cache = cos_sin_cache(64, 64)
 
@@ -105,8 +109,11 @@ def test_fast_path_never_runs_a_kernel_compiled_for_other_alignment_or_strides(m
 
     calls = [fused(0, 0), fused(0, 1), fused(1, 2), fused(1, 3), separate(4), fused(0, 5)]
     for seed, (query, key) in enumerate(calls):
-        positions = torch.randint(0, 64, (5,), generator=torch.Generator().manual_seed(seed))
-        expected_q, expected_k = rope_reference(positions, query, key, cache, 64, True)
+        shape = (3, 5) if mrope else (5,)
+        positions = torch.randint(0, 64, shape, generator=torch.Generator().manual_seed(seed))
+        expected_q, expected_k = rope_reference(
+            positions, query, key, cache, 64, True, mrope_section=section
+        )
         launcher(positions, query, key, cache)
         assert_rope_close(query, expected_q, spec.dtype, "query")
         assert_rope_close(key, expected_k, spec.dtype, "key")
