@@ -309,7 +309,7 @@ def test_the_vllm_plugin_tunes_on_first_use_by_the_variable(dirs, timings, monke
     monkeypatch.setenv(fu.TUNE_ENV, "first-use")
     sig = (*ARGS, torch.device("cpu"), None, False)  # no mRoPE sections
     monkeypatch.setattr(_vllm_calls, "_ROPES", {})
-    rope = _vllm_calls.rope_for(sig)
+    rope = _vllm_calls.rope_for(*sig)
     assert len(timings) == len(QUICK_BUCKETS)
     assert "tuned on first use by this process" in rope.explain(4).why
 

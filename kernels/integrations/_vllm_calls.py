@@ -102,23 +102,27 @@ def rotary_embedding(
     token_dims = positions.dim() if mrope_section is None else 1
     num_heads = _num_heads(query, token_dims, head_size)
     num_kv_heads = num_heads if key is None else _num_heads(key, token_dims, head_size)
-    sig = (
-        head_size,
-        cos_sin_cache.shape[-1],
-        num_heads,
-        num_kv_heads,
-        is_neox,
-        query.dtype,
-        query.device,
-        mrope_section,
-        mrope_interleaved,
-    )
-    fn = rope_for(sig)
+    fn = rope_for(
+        head_size, cos_sin_cache.shape[-1], num_heads, num_kv_heads, is_neox, query.dtype,
+        query.device, mrope_section, mrope_interleaved,
+    )  # fmt: skip
     fn(positions, query, key, cos_sin_cache)
     return fn
 
 
-def rope_for(sig: tuple) -> RopeCall:
-    """The rope callable for a call signature (``(head_size, rotary_dim, num_heads,
-    num_kv_heads, is_neox, dtype, device, mrope_section, mrope_interleaved)``), built if new."""
+def rope_for(
+    head_size: int,
+    rotary_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    is_neox: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+    mrope_section: tuple[int, ...] | None = None,
+    mrope_interleaved: bool = False,
+) -> RopeCall:
+    """The rope callable for a call signature, built if new (``mrope_section`` None: plain
+    RoPE)."""
+    sig = (head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, device,
+           mrope_section, mrope_interleaved)  # fmt: skip
     return _ROPES.get(sig) or _build(sig)

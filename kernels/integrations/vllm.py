@@ -408,7 +408,7 @@ def selector_for(
         section, interleaved = None, False
     cache = layer.cos_sin_cache
     device = normalize_device(device if device is not None else cache.device)
-    sig = (
+    fn = rope_for(
         layer.head_size,
         cache.shape[-1],
         num_heads,
@@ -419,5 +419,4 @@ def selector_for(
         section,
         interleaved,
     )
-    fn = rope_for(sig)
     return fn if isinstance(fn, RopeSelector) else None
