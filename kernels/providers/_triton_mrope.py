@@ -55,7 +55,8 @@ class MropeLauncher(TritonLauncher):
         self._stream_maps: dict[int, torch.Tensor] = {}  # by device index (-1: the CPU)
 
     def _stream_map(self, positions: torch.Tensor) -> torch.Tensor:
-        # One dict lookup per call: the map's tuple is hashed only on a device's first call.
+        """The stream map on the positions' device, made there on its first call. A call looks
+        it up by the device index it has read already, and comes here on a miss."""
         index = positions.get_device()
         stream_map = self._stream_maps.get(index)
         if stream_map is None:
@@ -75,10 +76,12 @@ class MropeLauncher(TritonLauncher):
         k, strides, k_heads = self._arguments(positions, query, key, num_tokens)
         pos_stride = positions.stride()[0] if positions.dim() == 2 else 0  # not specialized on
         ints = (*strides, cos_sin_cache.stride()[0])
-        stream_map = self._stream_map(positions)
+        device = query.get_device()  # the positions' too (checked)
+        stream_map = self._stream_maps.get(device)
+        if stream_map is None:
+            stream_map = self._stream_map(positions)
         fast = self.fast and not launch_hooks_active()
         if fast:
-            device = query.get_device()
             specialization = (
                 k_heads, positions.dtype, cos_sin_cache.dtype, device,
                 positions.data_ptr() % 16 == 0, query.data_ptr() % 16 == 0,
