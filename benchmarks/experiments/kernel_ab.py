@@ -34,30 +34,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENS = (1, 16, 256, 4096, 16384)
-# (name, head_size, rotary_dim, num_heads, num_kv_heads, is_neox, dtype, mrope_section)
-SPECS = [
-    ("Llama-3-8B", 128, 128, 32, 8, True, "bfloat16", None),
-    ("Qwen2.5-7B", 128, 128, 28, 4, True, "bfloat16", None),
-    ("Phi-2", 80, 32, 32, 32, True, "float16", None),
-    ("GPT-J-6B", 256, 64, 16, 16, False, "float16", None),
-    ("Qwen2.5-VL-7B", 128, 128, 28, 4, True, "bfloat16", (16, 24, 24)),
-]
-
-
-def _spec(row, parse_dtype, spec_class):
-    _, head, rot, hq, hk, neox, dtype, section = row
-    return spec_class(head, rot, hq, hk, neox, parse_dtype(dtype),
-                      mrope_section=None if section is None else tuple(section))  # fmt: skip
+# Model presets (autotune.models), bf16, one GPU's heads: GQA, partial rotary (Phi-2: 32 of
+# 80), GPT-J style (rotary 64 of 256) and mRoPE.
+MODELS = ("llama-3-8b", "qwen2.5-7b", "phi-2", "gpt-j-6b", "qwen2.5-vl-7b")
 
 
 def _cases(device: str, tokens_list: tuple[int, ...]) -> list[dict]:
     """Every case with the config both sides run (picked here, in the working tree)."""
-    from kernels import RopeSpec, parse_dtype, select_rope
+    import torch
+
+    from autotune.models import model_specs
+    from kernels import select_rope
     from kernels.providers import default_triton_config
 
     cases = []
-    for row in SPECS:
-        spec = _spec(row, parse_dtype, RopeSpec)
+    specs = model_specs(MODELS, [], tensor_parallel_size=1, dtypes=[torch.bfloat16])
+    for name, spec in zip(MODELS, specs, strict=True):
         selector = select_rope(
             spec.head_size, spec.rotary_dim, spec.num_heads, spec.num_kv_heads, spec.is_neox,
             spec.dtype, device, mrope_section=spec.mrope_section,
@@ -67,8 +59,9 @@ def _cases(device: str, tokens_list: tuple[int, ...]) -> list[dict]:
                 pick = selector.explain(tokens, has_key=with_key)
                 triton_pick = pick.provider in ("triton", "triton_mrope")
                 config = dict(pick.config) if triton_pick else default_triton_config(spec, tokens)
-                cases.append(dict(spec=row, tokens=tokens, with_key=with_key, config=config,
-                                  source="table" if triton_pick else "default"))  # fmt: skip
+                source = "table" if triton_pick else "default"
+                cases.append(dict(model=name, spec=spec.key, tokens=tokens, with_key=with_key,
+                                  config=config, source=source))  # fmt: skip
     return cases
 
 
@@ -82,7 +75,7 @@ def _measure(root: str, cases: list[dict], device: str, out: Path | None) -> dic
 
     import torch
 
-    from kernels import RopeSpec, get_provider, parse_dtype
+    from kernels import RopeSpec, get_provider
     from kernels.measure import check_correct, time_rope
 
     assert Path(sys.modules["kernels"].__file__).is_relative_to(root)
@@ -91,10 +84,10 @@ def _measure(root: str, cases: list[dict], device: str, out: Path | None) -> dic
     results: dict = {"us": [], "gate_s": []}
     gated = set()
     for case in cases:
-        spec = _spec(case["spec"], parse_dtype, RopeSpec)
+        spec = RopeSpec.from_key(case["spec"])
         provider = get_provider("triton_mrope" if spec.is_mrope else "triton")
         fn = provider.callable_for(spec, case["config"])
-        config = json.dumps([case["spec"], case["config"]], sort_keys=True)
+        config = (case["spec"], json.dumps(case["config"], sort_keys=True))
         start = time.perf_counter()
         check_correct(fn, spec, case["tokens"], device, keyless=True)
         if device.startswith("cuda"):
@@ -121,7 +114,7 @@ def _report(cases: list[dict], sides: dict[str, list[dict]]) -> str:
         new = statistics.median(run[i] for run in new_runs)
         ratios.append(new / old)
         key = "key" if case["with_key"] else "no key"
-        lines.append(f"{case['spec'][0]:14s} {case['tokens']:6d} {key:6s} {case['source']:7s} "
+        lines.append(f"{case['model']:14s} {case['tokens']:6d} {key:6s} {case['source']:7s} "
                      f"{old:9.2f} {new:9.2f}  {new / old:.3f}  {case['config']}")  # fmt: skip
     geomean = math.exp(statistics.fmean(math.log(r) for r in ratios))
     lines.append(f"geomean ratio {geomean:.4f}; min {min(ratios):.3f}, max {max(ratios):.3f}")
